@@ -1,0 +1,127 @@
+"""The one module that knows transformers' internals.
+
+transformers >= 5 routes every attention call through `AttentionInterface` and every cache write through
+`Cache.update`. evalkv registers an attention function named "evalkv" and passes a `Cache` whose layers store into
+the active `Session`; with those two seams a method sees, for every layer of every model family that uses the
+interface (Llama, Qwen2, Mistral, ...), the queries, the keys and values after RoPE and the attention output, and
+the cache it shrinks is the one the model reads. No model class is patched.
+
+Contract pinned by tests/test_adapter.py on tiny Llama, Qwen2 and Mistral configs:
+- the model calls `past_key_values.update(key, value, layer_idx)` with post-RoPE keys, then the attention function
+  with `module.layer_idx`, the query after RoPE and `scaling=`; it returns `[B, q, H, d]`;
+- explicit `position_ids` set RoPE positions (so positions stay true after eviction);
+- an attention implementation absent from the mask registry gets `attention_mask=None` (no n x n mask is built);
+- `logits_to_keep=1` computes the last position's logits only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+
+from evalkv.errors import EvalkvError
+from evalkv.kv.session import Session
+from evalkv.kv.view import ModelGeometry
+
+ATTENTION_NAME = "evalkv"
+_ACTIVE: contextvars.ContextVar[Session | None] = contextvars.ContextVar("evalkv_session", default=None)
+
+
+def _evalkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    session = _ACTIVE.get()
+    if session is None:
+        raise RuntimeError("the evalkv attention ran outside an evalkv session; use evalkv.kv.engine.Engine")
+    output = session.attention(module.layer_idx, query, scaling if scaling is not None else module.scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _evalkv_attention)
+
+
+class _SessionLayer(DynamicLayer):
+    """A cache layer whose storage is the session's shrinking `LayerCache`."""
+
+    def __init__(self, session: Session, layer_idx: int):
+        super().__init__()
+        self._session, self._layer_idx = session, layer_idx
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self._session.append(self._layer_idx, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self._session.cache.layers[self._layer_idx].length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
+def make_cache(session: Session) -> Cache:
+    return Cache(layers=[_SessionLayer(session, i) for i in range(session.geometry.num_layers)])
+
+
+def geometry(model) -> ModelGeometry:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    num_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return ModelGeometry(
+        num_layers=config.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+    )
+
+
+def _sliding_window_layers(config) -> bool:
+    layer_types = getattr(config, "layer_types", None) or []
+    if "sliding_attention" in layer_types:
+        return True
+    return config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None
+
+
+def install(model) -> None:
+    """Route the model's attention through evalkv; raise a clear error for models the engine cannot serve."""
+    config = model.config
+    if _sliding_window_layers(config):
+        raise EvalkvError(
+            f"{config.model_type} model with sliding-window attention layers is not supported: evalkv's cache "
+            "serves full-attention layers only (set the config's sliding_window to null if the model allows it)"
+        )
+    if not getattr(model, "_supports_attention_backend", False):
+        raise EvalkvError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
+            "so evalkv cannot hook it (supported: Llama, Qwen2, Mistral and other families that do)"
+        )
+    if config._attn_implementation != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+
+
+@contextlib.contextmanager
+def activated(session: Session) -> Iterator[None]:
+    token = _ACTIVE.set(session)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def forward(model, input_ids: Tensor, positions: Tensor, cache: Cache) -> Tensor:
+    """One forward pass over `input_ids` at true `positions`; returns the last position's logits `[B, vocab]`."""
+    output = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return output.logits[:, -1, :]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

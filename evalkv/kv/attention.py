@@ -1,0 +1,162 @@
+"""Attention over a (possibly compressed) cache, and the scoring blocks eviction methods read.
+
+Everything here works on plain tensors in the layout transformers uses, `[batch, heads, tokens, head_dim]`, and
+never materialises an n x n attention matrix: scoring recomputes small blocks (specs/methods.md §0.2, §0.7).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("sdpa", "eager", "flash_attention_2")
+
+# Scoring blocks are computed in pieces of at most this many fp32 elements (256 MiB).
+_BLOCK_ELEMENTS = 1 << 26
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """Repeat each KV head `groups` times: `[B, H_kv, m, d]` -> `[B, H_kv * groups, m, d]` (GQA expansion)."""
+    if groups == 1:
+        return x
+    batch, heads, length, dim = x.shape
+    return x[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+
+
+def _bottom_right_causal(q_len: int, kv_len: int, device: torch.device) -> Tensor:
+    """Boolean mask, True = may attend: query i sees cache entries up to `kv_len - q_len + i`."""
+    rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    return torch.arange(kv_len, device=device)[None, :] <= rows
+
+
+def attend(query: Tensor, keys: Tensor, values: Tensor, scaling: float, backend: str = "sdpa") -> Tensor:
+    """Causal attention of the `q` newest tokens over the cache; returns `[B, H, q, d]`.
+
+    The new tokens are the last `q` cache entries and every other entry is older (eviction never reorders time),
+    so the causal mask is aligned bottom-right whatever was evicted before.
+    """
+    q_len, kv_len = query.shape[-2], keys.shape[-2]
+    groups = query.shape[1] // keys.shape[1]
+    if backend == "flash_attention_2":
+        from flash_attn import flash_attn_func
+
+        out = flash_attn_func(
+            query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            softmax_scale=scaling, causal=q_len > 1,
+        )
+        return out.transpose(1, 2)
+    if backend == "eager":
+        keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
+        logits = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scaling
+        if q_len > 1:
+            logits = logits.masked_fill(~_bottom_right_causal(q_len, kv_len, query.device), float("-inf"))
+        probs = torch.softmax(logits, dim=-1).to(values.dtype)
+        return torch.matmul(probs, values)
+    if backend != "sdpa":
+        raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(BACKENDS)}")
+    mask, is_causal = None, False
+    if q_len == kv_len and q_len > 1:
+        is_causal = True
+    elif q_len > 1:
+        mask = _bottom_right_causal(q_len, kv_len, query.device)
+    return F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=groups > 1
+    )
+
+
+def _masked_probs(
+    query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float
+) -> Tensor:
+    """fp32 softmax of `query @ keys^T` where a key later than the query (by true position) is masked.
+
+    The product runs in the model's dtype and the softmax in fp32, as the reference codes do (specs §0.1).
+    """
+    logits = torch.matmul(query, keys.transpose(-1, -2)).float() * scaling
+    future = key_positions[..., None, :] > query_positions[..., :, None]
+    logits = logits.masked_fill(future, torch.finfo(torch.float32).min)
+    return torch.softmax(logits, dim=-1)
+
+
+def _head_chunks(num_heads: int, rows: int, length: int, batch: int) -> int:
+    per_head = max(1, batch * rows * length)
+    return max(1, min(num_heads, _BLOCK_ELEMENTS // per_head))
+
+
+def window_attention(
+    query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float
+) -> Tensor:
+    """Attention probabilities of a few query rows over the whole cache (specs/methods.md §0.2).
+
+    query `[B, H, w, d]`, query_positions `[B, w]`, keys `[B, H_c, m, d]` (H_c divides H), key_positions
+    `[B, H_c, m]`. Returns fp32 `[B, H, w, m]`, normalised over all m keys, keys after a query masked.
+    """
+    groups = query.shape[1] // keys.shape[1]
+    keys = repeat_kv(keys, groups)
+    key_positions = key_positions.repeat_interleave(groups, dim=1) if groups > 1 else key_positions
+    return _masked_probs(query, query_positions[:, None, :], keys, key_positions, scaling)
+
+
+def attention_column_sums(
+    query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float
+) -> Tensor:
+    """Sum over query rows of the causal attention probabilities: `[B, H, m]` fp32, computed block by block.
+
+    This is the H2O accumulated score of a forward (specs/methods.md §3.1, class F in §0.7): one extra pass of
+    attention FLOPs, `O(block x m)` memory, never the full matrix.
+    """
+    batch, num_heads, q_len, _ = query.shape
+    length = keys.shape[-2]
+    groups = num_heads // keys.shape[1]
+    sums = torch.zeros(batch, num_heads, length, dtype=torch.float32, device=query.device)
+    heads_per_block = _head_chunks(num_heads, q_len, length, batch)
+    rows_per_block = max(1, _BLOCK_ELEMENTS // max(1, batch * heads_per_block * length))
+    for h0 in range(0, num_heads, heads_per_block):
+        h1 = min(num_heads, h0 + heads_per_block)
+        kv_heads = torch.arange(h0, h1, device=query.device) // groups
+        head_keys = keys.index_select(1, kv_heads)
+        head_positions = key_positions.index_select(1, kv_heads)
+        for r0 in range(0, q_len, rows_per_block):
+            r1 = min(q_len, r0 + rows_per_block)
+            probs = _masked_probs(
+                query[:, h0:h1, r0:r1], query_positions[:, None, r0:r1], head_keys, head_positions, scaling
+            )
+            sums[:, h0:h1] += probs.sum(dim=-2)
+    return sums
+
+
+def reduce_query_heads(scores: Tensor, num_kv_heads: int, how: str = "mean") -> Tensor:
+    """`[B, H, ...]` per query head -> `[B, H_kv, ...]` per KV head (GQA granularity, specs/methods.md §0.4)."""
+    batch, num_heads = scores.shape[:2]
+    if num_heads == num_kv_heads:
+        return scores
+    grouped = scores.reshape(batch, num_kv_heads, num_heads // num_kv_heads, *scores.shape[2:])
+    if how == "mean":
+        return grouped.mean(dim=2)
+    if how == "max":
+        return grouped.amax(dim=2)
+    raise ValueError(f"unknown GQA reduction {how!r}; known: mean, max")
+
+
+def pool_scores(scores: Tensor, kernel_size: int, pooling: str) -> Tensor:
+    """Pool scores along positions with stride 1 and `padding = kernel_size // 2` (SnapKV, §4).
+
+    `max` pads with -inf; `avg` pads with zeros that count in the average (edge scores are diluted), as the reference.
+    """
+    if kernel_size <= 1:
+        return scores
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    if pooling == "max":
+        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
+    elif pooling == "avg":
+        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}; known: max, avg")
+    return pooled.reshape(shape)
+
+
+__all__ = [
+    "BACKENDS", "attend", "attention_column_sums", "pool_scores", "reduce_query_heads", "repeat_kv",
+    "window_attention",
+]

@@ -1,0 +1,104 @@
+"""The KV cache that really shrinks: evicted entries leave memory, every entry remembers its true position.
+
+Layout per layer: keys/values `[B, H_c, m, d]`, positions `[B, H_c, m]` (int64, the token's index in the sequence),
+entries in position order. `H_c` is the model's KV-head count, or the query-head count once a method with
+query-head granularity has selected per query head (the GQA expansion then costs real memory, and is reported).
+Methods may attach per-entry state (`extras`, e.g. H2O's accumulated scores) that is gathered with the entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from evalkv.kv.attention import repeat_kv
+
+
+@dataclass
+class LayerCache:
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    positions: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def num_heads(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values held (positions and method state are bookkeeping, reported apart)."""
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Add new entries at the end; positions `[B, q]` are the tokens' true positions."""
+        if self.keys is not None and self.keys.shape[1] != keys.shape[1]:
+            groups = self.keys.shape[1] // keys.shape[1]
+            keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
+        new_positions = positions[:, None, :].expand(keys.shape[0], keys.shape[1], positions.shape[-1])
+        if self.keys is None:
+            self.keys, self.values = keys, values
+            self.positions = new_positions.contiguous()
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+            self.positions = torch.cat([self.positions, new_positions], dim=-1)
+
+    def expand_heads(self, num_heads: int) -> None:
+        """Give every query head its own copy of its KV head (query-head granularity, specs/methods.md §0.4)."""
+        old = self.num_heads
+        groups = num_heads // old
+        if groups == 1:
+            return
+        self.keys, self.values = repeat_kv(self.keys, groups), repeat_kv(self.values, groups)
+        self.positions = self.positions.repeat_interleave(groups, dim=1)
+        # Per-KV-head state is copied to each query head; state already per query head (or shared) stays.
+        self.extras = {
+            name: value.repeat_interleave(groups, dim=1) if value.shape[1] == old > 1 else value
+            for name, value in self.extras.items()
+        }
+
+    def keep(self, indices: Tensor) -> None:
+        """Keep the entries at `indices` `[B, h, k]` (h = 1 for one set shared by all heads) and free the rest."""
+        if indices.shape[1] > self.num_heads:
+            self.expand_heads(indices.shape[1])
+        shared = indices.shape[1] == 1
+        if not shared and indices.shape[1] != self.num_heads:
+            raise ValueError(f"keep indices have {indices.shape[1]} heads, the cache has {self.num_heads}")
+        for name, value in self.extras.items():
+            if value.shape[-1] != self.length or not (value.shape[1] == self.num_heads or shared):
+                raise ValueError(f"method state {name!r} {tuple(value.shape)} does not match the cache entries")
+        indices = indices.to(self.keys.device).expand(self.keys.shape[0], self.num_heads, indices.shape[-1])
+        gather = indices[..., None].expand(*indices.shape, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, gather)
+        self.values = self.values.gather(2, gather)
+        self.positions = self.positions.gather(2, indices)
+        self.extras = {name: value.gather(2, indices[:, : value.shape[1]]) for name, value in self.extras.items()}
+
+
+class KVCache:
+    """One `LayerCache` per model layer, plus the accounting that records report."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int):
+        self.layers = [LayerCache() for _ in range(num_layers)]
+        self.num_kv_heads = num_kv_heads
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def kept_tokens(self) -> float:
+        """Mean entries per layer and KV head; a query-head cache counts its repeated heads at their real memory."""
+        entries = [layer.num_heads * layer.length / self.num_kv_heads for layer in self.layers]
+        return sum(entries) / len(entries) if entries else 0.0
+
+    def lengths(self) -> list[int]:
+        return [layer.length for layer in self.layers]

@@ -1,0 +1,40 @@
+"""Choosing which cache entries to keep: the one place with the tie rule (specs/methods.md §0.6).
+
+All functions return indices into the cache's entries, ascending; entries are stored in position order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def top_k_positions(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k best scores along the last dim, returned in ascending index order.
+
+    Ties rank by (score desc, index asc) through a stable sort (specs/methods.md §0.6 [evalkv choice]); cache
+    entries are kept in position order, so the index order is the position order.
+    """
+    k = max(0, min(k, scores.shape[-1]))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return order.sort(dim=-1).values
+
+
+def keep_best_and_tail(candidate_scores: Tensor, k: int, length: int) -> Tensor:
+    """The best `k` candidates plus every entry after them.
+
+    candidate_scores `[B, h, c]` score the first c entries; entries `c .. length-1` (an observation window, a recent
+    window) are always kept. Returns indices `[B, h, min(k, c) + length - c]`.
+    """
+    best = top_k_positions(candidate_scores, k)
+    tail = torch.arange(candidate_scores.shape[-1], length, device=candidate_scores.device)
+    return torch.cat([best, tail.expand(*best.shape[:-1], tail.numel())], dim=-1)
+
+
+def keep_sink_and_recent(length: int, sink: int, recent: int, device: torch.device) -> Tensor:
+    """The first `sink` and the last `recent` entries, `[1, 1, k]` (shared by all heads)."""
+    sink = min(sink, length)
+    recent = min(recent, length - sink)
+    head = torch.arange(sink, device=device)
+    tail = torch.arange(length - recent, length, device=device)
+    return torch.cat([head, tail])[None, None, :]

@@ -1,0 +1,71 @@
+"""One sample's pass through the model: the shrinking cache, the method's state, and the per-layer attention hook.
+
+The transformers adapter calls `append` when a layer stores new keys/values and `attention` in place of the
+model's attention function; everything a method needs (queries, keys after RoPE, true positions, the output)
+passes through here, with no knowledge of transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from evalkv.kv.attention import attend
+from evalkv.kv.cache import KVCache
+from evalkv.kv.view import AttentionView, ModelGeometry, Phase, SampleState
+
+
+class Session:
+    def __init__(
+        self, method, geometry: ModelGeometry, input_ids: Tensor, backend: str = "sdpa", trace: bool = False
+    ):
+        self.method = method
+        self.geometry = geometry
+        self.backend = backend
+        self.cache = KVCache(geometry.num_layers, geometry.num_kv_heads)
+        self.layer_state: list[dict] = [{} for _ in range(geometry.num_layers)]
+        self.sample = SampleState(input_ids=input_ids, prompt_length=input_ids.shape[-1])
+        self.query_positions: Tensor | None = None
+        # With trace=True, the positions each layer attended to in each forward: [forward][layer] -> [B, H_c, m].
+        self.trace: list[list[Tensor | None]] | None = [] if trace else None
+
+    def begin_forward(self, phase: Phase, positions: Tensor, last_chunk: bool = True) -> None:
+        self.sample.phase = phase
+        self.sample.last_chunk = last_chunk
+        if phase is Phase.DECODE:
+            self.sample.decode_step += 1
+        self.query_positions = positions
+        if self.trace is not None:
+            self.trace.append([None] * self.geometry.num_layers)
+
+    def append(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        layer = self.cache.layers[layer_idx]
+        layer.append(keys, values, self.query_positions)
+        return layer.keys, layer.values
+
+    def attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor:
+        """Run the method's hooks around the model's attention for one layer; returns `[B, H, q, d]`."""
+        layer = self.cache.layers[layer_idx]
+        view = AttentionView(
+            layer_idx=layer_idx, geometry=self.geometry, sample=self.sample, query=query,
+            query_positions=self.query_positions, scaling=scaling, cache=layer, state=self.layer_state[layer_idx],
+        )
+        keep = self.method.before_attention(view)
+        if keep is not None:
+            layer.keep(keep)
+            self._check_new_tokens_kept(layer_idx, query.shape[-2])
+        output = attend(query, layer.keys, layer.values, scaling, self.backend)
+        if self.trace is not None:
+            self.trace[-1][layer_idx] = layer.positions.clone()
+        view.output = output
+        keep = self.method.after_attention(view)
+        if keep is not None:
+            layer.keep(keep)
+        return output
+
+    def _check_new_tokens_kept(self, layer_idx: int, num_new: int) -> None:
+        tail = self.cache.layers[layer_idx].positions[..., -num_new:]
+        if not torch.equal(tail, self.query_positions[:, None, :].expand_as(tail)):
+            raise RuntimeError(
+                f"{self.method.name}: an eviction before attention in layer {layer_idx} dropped the tokens being fed"
+            )

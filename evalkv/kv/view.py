@@ -1,0 +1,80 @@
+"""The per-layer view of one attention call that the engine hands to a method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from torch import Tensor
+
+from evalkv.kv.cache import LayerCache
+
+
+class Phase(str, Enum):
+    PREFILL = "prefill"  # prompt tokens: one forward, or one chunk of a chunked prefill
+    SUFFIX = "suffix"  # tokens appended after the prompt was compressed (query-agnostic question), no eviction
+    DECODE = "decode"  # one generated token
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def gqa_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class SampleState:
+    """Where one sample's generation stands; shared by all layers."""
+
+    input_ids: Tensor  # [B, n] the prompt
+    prompt_length: int
+    phase: Phase = Phase.PREFILL
+    last_chunk: bool = True  # this prefill forward ends the prompt
+    decode_step: int = 0  # s-th decode forward (feeding the s-th generated token); 0 during prefill
+    state: dict[str, Any] = field(default_factory=dict)  # method state shared across layers
+
+
+@dataclass
+class AttentionView:
+    """One layer's attention call as a method sees it."""
+
+    layer_idx: int
+    geometry: ModelGeometry
+    sample: SampleState
+    query: Tensor  # [B, H, q, d], after RoPE
+    query_positions: Tensor  # [B, q] true positions of the new tokens
+    scaling: float
+    cache: LayerCache  # already holds the q new entries at its end
+    state: dict[str, Any]  # the method's per-layer state for this sample
+    output: Tensor | None = None  # [B, H, q, d] attention output before o_proj (after_attention only)
+
+    @property
+    def phase(self) -> Phase:
+        return self.sample.phase
+
+    @property
+    def keys(self) -> Tensor:
+        return self.cache.keys
+
+    @property
+    def values(self) -> Tensor:
+        return self.cache.values
+
+    @property
+    def positions(self) -> Tensor:
+        return self.cache.positions
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    @property
+    def num_new(self) -> int:
+        return self.query.shape[-2]

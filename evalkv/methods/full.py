@@ -1,0 +1,16 @@
+"""Full cache: the reference every method is compared against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from evalkv.methods.base import Method
+from evalkv.methods.registry import register
+
+
+@register("full")
+@dataclass
+class FullCache(Method):
+    """Full KV cache, nothing evicted. `budget` and `compression_ratio` are ignored."""
+
+    needs_budget = False

@@ -1,0 +1,29 @@
+"""Sliding window: the most recent tokens only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from evalkv.kv.select import keep_sink_and_recent
+from evalkv.methods.base import AttentionView, Method
+from evalkv.methods.registry import register
+
+
+@register("sliding_window")
+@dataclass
+class SlidingWindow(Method):
+    """Sliding window: keep the last `budget` tokens (no sinks), after the prompt and after every decode step.
+
+    Based on the seed-004 `SlidingWindowCache` (specs/methods.md §9.2). Deviation: eviction runs after the step's
+    attention (the seed evicts inside `update()`, before it), as every other decode-time method here does.
+    """
+
+    evicts_while_decoding = True
+
+    def after_attention(self, view: AttentionView) -> Tensor | None:
+        capacity = self.capacity(view.sample.prompt_length)
+        if view.length <= capacity:
+            return None
+        return keep_sink_and_recent(view.length, 0, capacity, view.keys.device)

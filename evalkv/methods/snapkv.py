@@ -1,0 +1,81 @@
+"""SnapKV: an observation window of the last prompt queries votes for the prefix tokens to keep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from evalkv.errors import EvalkvError
+from evalkv.kv.attention import attention_column_sums, pool_scores, reduce_query_heads
+from evalkv.kv.select import keep_best_and_tail
+from evalkv.methods.base import AttentionView, Method, Phase, require_choice
+from evalkv.methods.registry import register
+
+
+@register("snapkv")
+@dataclass
+class SnapKV(Method):
+    """SnapKV (observation window + pooling + per-head top-k, prompt only).
+
+    Based on "SnapKV: LLM Knows What You are Looking for Before Generation", Li et al., NeurIPS 2024
+    (arXiv 2404.14469), reference code FasterDecoding/SnapKV@e216ddc (`SnapKVCluster.update_kv`).
+
+    After the prompt's attention in each layer, if the prompt has at least `budget` tokens: the last `window_size`
+    queries attend over all prompt keys (causal inside the window, softmax in fp32 over all keys); a prefix token's
+    score is the sum of its attention over the window rows, pooled along positions; each head keeps its
+    `budget - window_size` best prefix tokens plus the window. Generated tokens are appended, never evicted.
+
+    Deviations: by default one selection per KV head (scores reduced over the GQA group with `gqa_reduce`, before
+    pooling), which frees memory on GQA models; `granularity=query_head` selects per query head as the reference
+    does (the cache then holds one copy per query head). Ties rank by position (specs/methods.md §0.6); kept
+    entries are stored in position order (the reference keeps top-k order; attention is order-invariant).
+
+    window_size: observation window W (paper's LongBench runs: 32; KVCache-Factory: 8).
+    kernel_size: pooling kernel (paper: 7; reference code default 5).
+    pooling: `max` (paper) or `avg` (zero padding counted, as the reference).
+    granularity: `kv_head` (default) or `query_head` (reference).
+    gqa_reduce: `mean` or `max` over the query heads of a KV head.
+    gqa_order: `reduce_then_pool` (AdaKV, KVCache-Factory) or `pool_then_reduce` (kvpress).
+    """
+
+    window_size: int = 32
+    kernel_size: int = 7
+    pooling: str = "max"
+    granularity: str = "kv_head"
+    gqa_reduce: str = "mean"
+    gqa_order: str = "reduce_then_pool"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice(self.name, "pooling", self.pooling, ("max", "avg"))
+        require_choice(self.name, "granularity", self.granularity, ("kv_head", "query_head"))
+        require_choice(self.name, "gqa_reduce", self.gqa_reduce, ("mean", "max"))
+        require_choice(self.name, "gqa_order", self.gqa_order, ("reduce_then_pool", "pool_then_reduce"))
+        if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise EvalkvError(f"snapkv: window_size must be >= 1 and kernel_size odd, got {self.window_size}, "
+                              f"{self.kernel_size}")
+        if self.budget is not None and self.budget < self.window_size:
+            raise EvalkvError(f"snapkv: budget {self.budget} is smaller than window_size {self.window_size}")
+
+    def after_attention(self, view: AttentionView) -> Tensor | None:
+        if view.phase is not Phase.PREFILL or not view.sample.last_chunk:
+            return None
+        length = view.length
+        capacity = self.capacity(length)
+        if length <= capacity:
+            return None
+        window = min(self.window_size, view.num_new, capacity)
+        scores = attention_column_sums(
+            view.query[:, :, -window:], view.query_positions[:, -window:], view.keys, view.positions, view.scaling
+        )[..., : length - window]
+        scores = self._per_selection_head(scores, view.geometry.num_kv_heads)
+        return keep_best_and_tail(scores, capacity - window, length)
+
+    def _per_selection_head(self, scores: Tensor, num_kv_heads: int) -> Tensor:
+        if self.granularity == "query_head":
+            return pool_scores(scores, self.kernel_size, self.pooling)
+        if self.gqa_order == "reduce_then_pool":
+            return pool_scores(reduce_query_heads(scores, num_kv_heads, self.gqa_reduce), self.kernel_size,
+                               self.pooling)
+        return reduce_query_heads(pool_scores(scores, self.kernel_size, self.pooling), num_kv_heads, self.gqa_reduce)

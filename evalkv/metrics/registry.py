@@ -1,0 +1,81 @@
+"""Which metric scores which benchmark task, and how a run's records become `scores.json`.
+
+A record's `task` field (the benchmark's own task name) picks its metric. Task scores are the mean per-sample score
+x 100 rounded to 2 decimals (the LongBench and RULER scripts' scale); the average is the unweighted mean of the
+task scores.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from evalkv.errors import EvalkvError
+
+SampleScore = Callable[[dict], float]  # a record -> score in [0, 1]
+Breakdown = Callable[[list[dict], list[float]], dict]  # records, their scores -> extra views (per length, ...)
+
+
+@dataclass(frozen=True)
+class TaskMetric:
+    metric: str
+    score: SampleScore
+    breakdown: Breakdown | None = None
+
+
+METRICS: dict[str, TaskMetric] = {}
+
+
+def register_metric(task: str, metric: TaskMetric) -> None:
+    METRICS[task] = metric
+
+
+def metric_for(task: str) -> TaskMetric:
+    if task not in METRICS:
+        raise EvalkvError(f"no metric for task {task!r}; known tasks: {', '.join(sorted(METRICS))}")
+    return METRICS[task]
+
+
+def percent(values: list[float]) -> float:
+    return round(100 * sum(values) / len(values), 2) if values else float("nan")
+
+
+def _group_key(value) -> tuple:
+    return (0, float(value), "") if isinstance(value, (int, float)) else (1, 0.0, str(value))
+
+
+def mean_by(records: list[dict], scores: list[float], key: str) -> dict[str, float]:
+    """Scores grouped by a record field, as percentages, numeric keys in numeric order (`50.0` shows as `50`)."""
+    groups: dict = defaultdict(list)
+    for record, score in zip(records, scores):
+        groups[record.get(key)].append(score)
+    return {f"{k:g}" if isinstance(k, float) else str(k): percent(groups[k]) for k in sorted(groups, key=_group_key)}
+
+
+def check_record(record: dict, number: int) -> None:
+    for required in ("task", "pred", "answers"):
+        if required not in record:
+            raise EvalkvError(f"record {number} has no {required!r} field (a record needs task, pred and answers)")
+    if not isinstance(record["answers"], list):
+        raise EvalkvError(f"record {number}: 'answers' must be a list of strings")
+
+
+def score_records(records: list[dict]) -> dict:
+    """The scores.json content for a run's records."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for number, record in enumerate(records, start=1):
+        check_record(record, number)
+        by_task[record["task"]].append(record)
+    task_scores, counts, metrics, breakdowns = {}, {}, {}, {}
+    for task in sorted(by_task):
+        metric = metric_for(task)
+        rows = by_task[task]
+        scores = [float(metric.score(record)) for record in rows]
+        task_scores[task] = percent(scores)
+        counts[task] = len(rows)
+        metrics[task] = metric.metric
+        if metric.breakdown is not None:
+            breakdowns[task] = metric.breakdown(rows, scores)
+    average = round(sum(task_scores.values()) / len(task_scores), 2) if task_scores else None
+    return {"task_scores": task_scores, "n": counts, "average": average, "metric": metrics, "breakdown": breakdowns}

@@ -1,0 +1,30 @@
+"""The typed model config (configs/model/*.yaml extend it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    """A model to load.
+
+    source: `hub` (path = hub id or local folder of safetensors), `gguf` (path = a .gguf file), `embedded` (the
+    default small model, from the `evalkv[model]` part packages), `random` (architecture = a preset; random weights).
+    max_prompt_length: LongBench's middle-truncation length for this model (model2maxlen).
+    attn_implementation: the attention kernel evalkv runs inside its hook: sdpa, eager or flash_attention_2.
+    """
+
+    name: str = "unnamed"
+    source: str = "hub"
+    path: Optional[str] = None
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    architecture: Optional[str] = None
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    max_prompt_length: Optional[int] = None
+    trust_remote_code: bool = False

@@ -1,0 +1,185 @@
+"""Load a model and its tokenizer from a model config: hub id or local folder, GGUF file, the embedded model, or a
+random-init architecture preset. Weights load from safetensors or GGUF only (never pickles); remote code runs only
+when the config asks for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evalkv.errors import EvalkvError
+from evalkv.kv.attention import BACKENDS
+from evalkv.models.config import ModelConfig
+from evalkv.models.embedded import embedded_gguf, sha256_of
+from evalkv.models.presets import build_random_model, byte_tokenizer
+from evalkv.paths import cache_dir
+
+# End-of-turn tokens of common chat templates; those present in a tokenizer's vocabulary stop generation.
+END_OF_TURN_TOKENS = (
+    "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>", "<end_of_turn>",
+    "<|end|>", "<|eos|>",
+)
+
+SOURCES = ("hub", "gguf", "embedded", "random")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    backend: str  # attention backend inside evalkv's attention: sdpa | eager | flash_attention_2
+    max_prompt_length: int | None
+    stop_token_ids: list[int]
+    description: str  # what was loaded, for run.json
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_prompt(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of `text`, wrapped as one user turn with the model's chat template when `chat`."""
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise EvalkvError(f"model {self.name} has no chat template; set the task's chat_template=false")
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalkvError(f"model.device={device} but no CUDA GPU is visible; use model.device=cpu or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise EvalkvError(f"unknown dtype {dtype!r}; known: auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """Every end-of-turn token: the generation config's and tokenizer's EOS plus known end-of-turn tokens."""
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        ids.extend(value if isinstance(value, list) else [value] if value is not None else [])
+    vocab = tokenizer.get_vocab()
+    ids.extend(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    return sorted(set(int(i) for i in ids))
+
+
+def _hub_kwargs(cfg: ModelConfig) -> dict:
+    return {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
+
+
+def _load_pretrained(path: str, cfg: ModelConfig, dtype, device, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, device_map=str(device) if device.type != "cpu" else None,
+        attn_implementation="sdpa", **kwargs,
+    )
+
+
+def _converted_gguf(gguf: Path, cfg: ModelConfig) -> Path:
+    """A safetensors copy of a GGUF model's de-quantised weights, made once and cached by the file's sha256.
+
+    De-quantising a GGUF file takes about a minute on two CPU cores; the copy loads in seconds.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = sha256_of(gguf)
+    target = cache_dir() / "converted" / digest[:32]
+    if (target / "evalkv-source.json").is_file():
+        return target
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer.save_pretrained(partial)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (partial / "config.json").write_text(json.dumps(config, indent=2))
+        model.generation_config.save_pretrained(partial)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, partial / "model.safetensors")
+        (partial / "evalkv-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}))
+        if target.exists():
+            shutil.rmtree(partial)
+        else:
+            os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    if cfg.source not in SOURCES:
+        raise EvalkvError(f"model {cfg.name}: unknown source {cfg.source!r}; known: {', '.join(SOURCES)}")
+    if cfg.attn_implementation not in BACKENDS:
+        raise EvalkvError(f"unknown attn_implementation {cfg.attn_implementation!r}; known: {', '.join(BACKENDS)}")
+    if cfg.attn_implementation == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise EvalkvError(
+                "attn_implementation=flash_attention_2 needs flash-attn: pip install 'evalkv[flash]'"
+            ) from None
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+
+    if cfg.source == "random":
+        if not cfg.architecture:
+            raise EvalkvError(f"model {cfg.name}: source=random needs model.architecture (evalkv list models)")
+        model = build_random_model(cfg.architecture, dtype, device, cfg.seed)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer) if cfg.tokenizer else byte_tokenizer()
+        description = f"random-init {cfg.architecture} (seed {cfg.seed})"
+    elif cfg.source in ("gguf", "embedded"):
+        gguf = embedded_gguf() if cfg.source == "embedded" else Path(cfg.path or "")
+        if not gguf.is_file():
+            raise EvalkvError(f"model {cfg.name}: GGUF file {str(gguf)!r} not found (set model.path)")
+        folder = _converted_gguf(gguf, cfg)
+        model = _load_pretrained(str(folder), cfg, dtype, device, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        description = f"GGUF {gguf.name} (sha256 {sha256_of(gguf) if cfg.source == 'gguf' else 'verified'})"
+    else:
+        if not cfg.path:
+            raise EvalkvError(f"model {cfg.name}: source=hub needs model.path (a hub id or a local folder)")
+        if cfg.path.startswith((".", "/")) and not Path(cfg.path).exists():
+            raise EvalkvError(f"model {cfg.name}: local model folder {cfg.path!r} does not exist")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path, **_hub_kwargs(cfg))
+            model = _load_pretrained(cfg.path, cfg, dtype, device, use_safetensors=True, **_hub_kwargs(cfg))
+        except OSError as error:
+            raise EvalkvError(f"model {cfg.name}: cannot load {cfg.path!r}: {error}") from None
+        description = f"{cfg.path}" + (f"@{cfg.revision}" if cfg.revision else "")
+    model.eval()
+    if model.device != device:
+        model.to(device)
+    return LoadedModel(
+        name=cfg.name, model=model, tokenizer=tokenizer, backend=cfg.attn_implementation,
+        max_prompt_length=cfg.max_prompt_length, stop_token_ids=stop_token_ids(tokenizer, model),
+        description=f"{description}, {str(dtype).removeprefix('torch.')} on {device}",
+    )

@@ -1,0 +1,228 @@
+"""`evalkv pred`: run one model x method x task and append one record per sample, resumably."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import evalkv
+from evalkv.config import options
+from evalkv.errors import EvalkvError
+from evalkv.kv.engine import Engine
+from evalkv.methods import build_method
+from evalkv.methods.base import Method
+from evalkv.models.config import ModelConfig
+from evalkv.models.loader import LoadedModel, load_model
+from evalkv.run.records import (
+    CONFIG,
+    PREDICTIONS,
+    RUN_INFO,
+    RecordWriter,
+    drop_torn_tail,
+    read_json,
+    read_records,
+    write_json_atomic,
+    write_text_atomic,
+)
+from evalkv.tasks import Sample, Task, build_task
+
+# Keys that may change between a run and its resumption; everything else must match the stored config.
+_RESUMABLE_KEYS = {"task.n_samples", "progress", "output_dir", "run_dir", "model.device"}
+
+_loaded: dict[str, LoadedModel] = {}
+
+
+def cached_model(cfg: ModelConfig) -> LoadedModel:
+    """Load a model once per process (a Hydra --multirun sweep reuses it across jobs)."""
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = load_model(cfg)
+    return _loaded[key]
+
+
+def _non_default(obj) -> dict:
+    skip = {"budget", "compression_ratio", "n_samples"}
+    return {
+        f.name: getattr(obj, f.name)
+        for f in dataclasses.fields(obj)
+        if f.name not in skip and getattr(obj, f.name) != _default(f)
+    }
+
+
+def _default(field: dataclasses.Field):
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+def _compact(value) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, list) else (
+        f"{value:g}" if isinstance(value, float) else str(value))
+
+
+def method_label(method: Method) -> str:
+    """`snapkv_128`, or `snapkv_128-window_size=8` when options differ from the defaults."""
+    extras = [f"{k}={_compact(v)}" for k, v in _non_default(method).items()]
+    return "-".join([method.describe(), *extras])
+
+
+def task_label(task: Task) -> str:
+    extras = [f"{k}={_compact(v)}" for k, v in _non_default(task).items()]
+    return "-".join([task.name, *extras])
+
+
+def run_directory(cfg: DictConfig, method: Method, task: Task) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    return Path(cfg.output_dir) / task_label(task) / cfg.model.name / method_label(method)
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        flat = {}
+        for key, inner in value.items():
+            flat.update(_flatten(inner, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
+def check_resumable(run_dir: Path, composed: dict) -> None:
+    stored_path = run_dir / CONFIG
+    if not stored_path.exists():
+        return
+    stored = _flatten(OmegaConf.to_container(OmegaConf.load(stored_path), resolve=True))
+    current = _flatten(composed)
+    differing = sorted(
+        key for key in set(stored) | set(current)
+        if key not in _RESUMABLE_KEYS and stored.get(key) != current.get(key)
+    )
+    if differing:
+        shown = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in differing[:6])
+        raise EvalkvError(
+            f"{run_dir} holds a run with a different config ({shown}); choose another output_dir= or run_dir=, "
+            "or delete that folder to start over"
+        )
+
+
+def _git_hash() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(evalkv.__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def make_record(sample: Sample, model: LoadedModel, method: Method, generation) -> dict:
+    return {
+        "id": sample.id,
+        "task": sample.task,
+        "pred": model.decode(generation.token_ids),
+        "answers": sample.answers,
+        "all_classes": sample.all_classes,
+        "length": sample.length,
+        "prompt_tokens": generation.prompt_tokens,
+        "new_tokens": len(generation.token_ids),
+        "kept_tokens": round(generation.kept_tokens, 3),
+        "final_kept_tokens": round(generation.final_kept_tokens, 3),
+        "kv_bytes": generation.kv_bytes,
+        "prefill_s": round(generation.prefill_s, 4),
+        "decode_s": round(generation.decode_s, 4),
+        "method": method.name,
+        **sample.metadata,
+    }
+
+
+def run_pred(cfg: DictConfig) -> Path:
+    """Run (or resume) one prediction run; returns its directory."""
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    method = build_method(cfg.method.name, options(cfg.method))
+    task = build_task(cfg.task.name, options(cfg.task))
+    model_cfg = ModelConfig(**options(cfg.model), name=cfg.model.name)
+    run_dir = run_directory(cfg, method, task)
+    check_resumable(run_dir, composed)
+
+    predictions = run_dir / PREDICTIONS
+    done: set[str] = set()
+    if predictions.exists():
+        if drop_torn_tail(predictions):
+            print(f"{predictions}: removed a last line cut short by an interrupted write", file=sys.stderr)
+        done = {str(record.get("id")) for record in read_records(predictions)}
+
+    model = cached_model(model_cfg)
+    engine = Engine(model.model, method, model.backend)
+    samples = task.samples(model)
+    if task.n_samples is not None:
+        samples = itertools.islice(samples, task.n_samples)
+    first = next(samples, None)  # builds the first sample before anything is written (bad data fails here)
+    if first is None:
+        raise EvalkvError(f"task {task.name} produced no samples")
+
+    if not (run_dir / CONFIG).exists():
+        write_text_atomic(run_dir / CONFIG, OmegaConf.to_yaml(composed))
+    info_path = run_dir / RUN_INFO
+    history = read_json(info_path).get("invocations", []) if info_path.exists() else []
+    invocation = {"started": _now(), "command": " ".join(sys.argv), "git": _git_hash(), "new_samples": 0}
+    info = {
+        "evalkv": evalkv.__version__, "torch": torch.__version__, "transformers": _transformers_version(),
+        "python": platform.python_version(), "device": _device_name(model.device), "model": model.description,
+        "method": method_label(method), "task": task_label(task), "status": "running",
+        "invocations": [*history, invocation],
+    }
+    write_json_atomic(info_path, info)
+
+    began = time.perf_counter()
+    total = task.size()
+    if total is not None and task.n_samples is not None:
+        total = min(total, task.n_samples)
+    totals = {"prefill_s": 0.0, "decode_s": 0.0}
+    progress = tqdm(
+        itertools.chain([first], samples), total=total, desc=f"{method_label(method)} {task.name}",
+        unit="sample", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True,
+    )
+    with RecordWriter(predictions) as writer:
+        for sample in progress:
+            if sample.id in done:
+                continue
+            generation = engine.generate(
+                sample.prompt_ids, sample.max_new_tokens,
+                stop_token_ids=[*model.stop_token_ids, *sample.stop_token_ids], suffix_ids=sample.suffix_ids,
+            )
+            writer.write(make_record(sample, model, method, generation))
+            done.add(sample.id)
+            invocation["new_samples"] += 1
+            totals["prefill_s"] += generation.prefill_s
+            totals["decode_s"] += generation.decode_s
+
+    invocation.update(finished=_now(), wall_s=round(time.perf_counter() - began, 2),
+                      prefill_s=round(totals["prefill_s"], 3), decode_s=round(totals["decode_s"], 3))
+    info.update(status="finished", samples=len(read_records(predictions)))
+    write_json_atomic(info_path, info)
+    return run_dir
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__

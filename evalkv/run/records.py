@@ -1,0 +1,100 @@
+"""The one place that reads and writes run files: per-sample JSONL records (appended and flushed one by one, so a
+killed run resumes) and whole-file JSON/YAML outputs (written to a temporary file, then renamed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from evalkv.errors import EvalkvError
+
+PREDICTIONS = "predictions.jsonl"
+CONFIG = "config.yaml"
+RUN_INFO = "run.json"
+SCORES = "scores.json"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise EvalkvError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every record of a JSONL file. A corrupt line is an error naming its line number; a last line without its
+    newline is a write cut short by a kill and is ignored (`drop_torn_tail` removes it before appending)."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.readlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        torn = number == len(lines) and not line.endswith("\n")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if torn:
+                break
+            raise EvalkvError(
+                f"{path}:{number}: corrupt record ({error.msg}); repair or delete that line and run again"
+            ) from None
+        if not isinstance(record, dict):
+            raise EvalkvError(f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def drop_torn_tail(path: Path) -> bool:
+    """Cut a last line that lacks its newline (a write interrupted by a kill). Returns whether one was cut."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        if data.endswith(b"\n"):
+            return False
+        handle.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
+class RecordWriter:
+    """Appends one JSON line per record and forces it to disk before returning."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,7 @@
+"""Benchmark tasks; importing this package registers the built-ins."""
+
+from evalkv.tasks import passkey  # noqa: F401
+from evalkv.tasks.base import Sample, Task
+from evalkv.tasks.registry import TASKS, build_task, register_task, task_class, task_names
+
+__all__ = ["TASKS", "Sample", "Task", "build_task", "register_task", "task_class", "task_names"]

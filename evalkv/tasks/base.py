@@ -1,0 +1,45 @@
+"""What a task is: deterministic samples (token ids ready to feed, answers, metadata) and the benchmark task name
+that picks the metric. Tasks register by name; each has a typed config in configs/task/."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from evalkv.errors import EvalkvError
+
+
+@dataclass
+class Sample:
+    id: str  # stable across runs: resuming skips ids already recorded
+    task: str  # the benchmark's task name (picks the metric), e.g. "passkey", "hotpotqa", "niah_single_1"
+    prompt_ids: list[int]  # fed (and compressed) before decoding
+    answers: list[str]
+    max_new_tokens: int
+    suffix_ids: list[int] | None = None  # fed after the prompt was compressed (query-agnostic mode)
+    all_classes: list[str] | None = None
+    length: int | None = None  # the dataset's length field; synthetic tasks: prompt tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-turn tokens
+    metadata: dict[str, Any] = field(default_factory=dict)  # written into the record (context_length, depth, ...)
+
+
+@dataclass
+class Task:
+    """Base of every task config. n_samples caps how many samples a run takes (in the task's order)."""
+
+    n_samples: Optional[int] = None
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if self.n_samples is not None and self.n_samples < 1:
+            raise EvalkvError(f"task {self.name}: n_samples must be >= 1 (or null for all), got {self.n_samples}")
+
+    def samples(self, model) -> Iterator[Sample]:
+        """Every sample of the task for this model (a `evalkv.models.loader.LoadedModel`), in a fixed order."""
+        raise NotImplementedError
+
+    def size(self) -> int | None:
+        """How many samples `samples` yields, when known without building them (for progress bars)."""
+        return None

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sourced by demo.sh and test.sh: create .venv (once) and install evalkv with the given extras into it.
+#   EVALKV_VENV   where the virtual environment lives (default: <repo>/.venv)
+#   EVALKV_TORCH  the torch requirement installed first when no torch is importable (default: torch==2.13.0, the
+#                 CPU build these machines carry; a plain "torch" would pull several GB of CUDA packages)
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${EVALKV_VENV:-$repo/.venv}
+extras=${1:-model}
+if [[ ! -x $venv/bin/python ]]; then
+  python3 -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+source "$venv/bin/activate"
+python -m pip install -q --upgrade pip >&2
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install -q "${EVALKV_TORCH:-torch==2.13.0}" >&2
+fi
+python -m pip install -q -e "$repo[$extras]" >&2

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random-weight models built from configs (no network), the byte tokenizer, shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import evalkv.methods  # noqa: F401  (registers the methods)
+from evalkv.models.loader import LoadedModel, stop_token_ids
+from evalkv.models.presets import build_random_model, byte_tokenizer
+
+TINY_ARCHITECTURES = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
+SHARED_DATA = Path(os.environ.get("EVALKV_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+_models: dict[str, torch.nn.Module] = {}
+
+
+def tiny_model(architecture: str = "tiny-llama", seed: int = 0):
+    key = f"{architecture}-{seed}"
+    if key not in _models:
+        _models[key] = build_random_model(architecture, torch.float32, torch.device("cpu"), seed)
+    return _models[key]
+
+
+def tiny_loaded(architecture: str = "tiny-llama") -> LoadedModel:
+    model, tok = tiny_model(architecture), byte_tokenizer()
+    return LoadedModel(
+        name=f"random-{architecture}", model=model, tokenizer=tok, backend="sdpa", max_prompt_length=None,
+        stop_token_ids=stop_token_ids(tok, model), description="test",
+    )
+
+
+@pytest.fixture(params=TINY_ARCHITECTURES)
+def architecture(request) -> str:
+    return request.param
+
+
+def prompt_ids(tokenizer, repeats: int = 12) -> list[int]:
+    return tokenizer("The quick brown fox jumps over the lazy dog. " * repeats)["input_ids"]
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """A private EVALKV_CACHE so tests never touch the user's cache."""
+    monkeypatch.setenv("EVALKV_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -1,0 +1,86 @@
+"""The contract between evalkv and transformers (evalkv/kv/adapter.py), on tiny Llama, Qwen2 and Mistral."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import prompt_ids, tiny_model
+
+from evalkv.errors import EvalkvError
+from evalkv.kv import adapter
+from evalkv.kv.engine import Engine
+from evalkv.methods import build_method
+
+
+def _hf_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding with transformers' own cache and sdpa attention: the ground truth for the full cache."""
+    model.set_attn_implementation("sdpa")
+    tokens, logits_seen = [], []
+    with torch.inference_mode():
+        out = model(torch.tensor([ids]), use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1]
+        for _ in range(steps):
+            token = int(logits.argmax(-1))
+            tokens.append(token)
+            logits_seen.append(logits.float())
+            out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+    return tokens, logits_seen
+
+
+def test_full_cache_matches_transformers_generation(architecture, tokenizer):
+    model = tiny_model(architecture)
+    ids = prompt_ids(tokenizer, repeats=4)
+    expected_tokens, expected_logits = _hf_greedy(model, ids, steps=6)
+    generation = Engine(model, build_method("full", {})).generate(ids, max_new_tokens=6, trace=True)
+    assert generation.token_ids == expected_tokens
+    for (_, _, logits), expected in zip(generation.forwards, expected_logits):
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_cache_holds_post_rope_keys_at_true_positions(tokenizer):
+    """The keys a method sees are the model's keys after RoPE: recomputing k_proj + RoPE at the recorded positions
+    reproduces them exactly, also after eviction shrank the cache."""
+    model = tiny_model("tiny-llama")
+    ids = prompt_ids(tokenizer, repeats=4)
+    method = build_method("streaming_llm", {"budget": 40})
+    generation = Engine(model, method).generate(ids, max_new_tokens=5, keep_session=True)
+    layer0 = generation.session.cache.layers[0]
+    sequence = torch.tensor([ids + generation.token_ids[:-1]])
+    positions = layer0.positions[0, 0]
+    attention = model.model.layers[0].self_attn
+    with torch.inference_mode():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(sequence[:, positions]))
+        keys = attention.k_proj(hidden).view(1, len(positions), -1, attention.head_dim).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(hidden, positions[None, :])
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        _, rotated = apply_rotary_pos_emb(keys, keys, cos, sin)
+    torch.testing.assert_close(layer0.keys, rotated, atol=1e-5, rtol=0)
+    assert positions[:4].tolist() == [0, 1, 2, 3]
+    assert positions[-1].item() == len(ids) + len(generation.token_ids) - 2
+
+
+def test_prefill_computes_last_position_logits_only(tokenizer):
+    model = tiny_model("tiny-qwen2")
+    engine = Engine(model, build_method("full", {}))
+    generation = engine.generate(prompt_ids(tokenizer, repeats=2), max_new_tokens=1, trace=True)
+    assert generation.forwards[0][2].shape == (1, model.config.vocab_size)
+
+
+def test_sliding_window_models_are_refused():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=300, sliding_window=16)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(EvalkvError, match="sliding-window"):
+        adapter.install(model)
+
+
+def test_attention_outside_a_session_is_an_error(tokenizer):
+    model = tiny_model("tiny-llama")
+    adapter.install(model)
+    with pytest.raises(RuntimeError, match="outside an evalkv session"), torch.inference_mode():
+        model(torch.tensor([prompt_ids(tokenizer, 1)]))

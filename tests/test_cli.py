@@ -1,0 +1,211 @@
+"""The `evalkv` command: runs, resumption (also after SIGKILL), scoring, tables and every bad-input path."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from evalkv.cli import main
+from evalkv.run.records import read_records
+
+TINY = ["model=random-tiny-llama", "model.device=cpu", "progress=false"]
+TIMING = {"prefill_s", "decode_s"}
+
+
+def _pred(tmp_path: Path, *overrides: str) -> int:
+    return main(["pred", *TINY, f"output_dir={tmp_path / 'results'}", *overrides])
+
+
+def _only_run_dir(root: Path) -> Path:
+    runs = [p.parent for p in root.rglob("predictions.jsonl")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def _without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k not in TIMING} for record in records]
+
+
+def test_pred_writes_the_contract_files_and_prints_the_run_dir(tmp_path, capsys):
+    assert _pred(tmp_path, "method=snapkv", "budget=64", "method.window_size=8", "task.lengths=[256]") == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    run = Path(printed)
+    assert run == _only_run_dir(tmp_path / "results")
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "predictions.jsonl", "run.json"}
+    records = read_records(run / "predictions.jsonl")
+    assert len(records) == 5
+    required = {"id", "task", "pred", "answers", "all_classes", "length", "prompt_tokens", "new_tokens",
+                "kept_tokens", "prefill_s", "decode_s", "context_length", "depth"}
+    assert all(required <= set(record) for record in records)
+    assert all(record["kept_tokens"] == 64 for record in records)
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["samples"] == 5 and info["transformers"]
+    assert "snapkv" in (run / "config.yaml").read_text()
+
+
+def test_rerun_resumes_and_skips_finished_samples(tmp_path):
+    args = ["method=tova", "budget=32", "task.lengths=[256]"]
+    assert _pred(tmp_path, *args, "task.n_samples=2") == 0
+    run = _only_run_dir(tmp_path / "results")
+    first = read_records(run / "predictions.jsonl")
+    assert _pred(tmp_path, *args) == 0
+    records = read_records(run / "predictions.jsonl")
+    assert len(records) == 5 and records[:2] == first
+    assert _pred(tmp_path, *args) == 0
+    assert read_records(run / "predictions.jsonl") == records
+    invocations = json.loads((run / "run.json").read_text())["invocations"]
+    assert [i["new_samples"] for i in invocations] == [2, 3, 0]
+
+
+def test_run_killed_with_sigkill_resumes_to_identical_records(tmp_path):
+    overrides = [*TINY, "method=h2o", "budget=48", "task.lengths=[512,1024]",
+                 "task.depths=[0,10,20,30,40,50,60,70,80,90,100]"]
+    command = [sys.executable, "-m", "evalkv.cli", "pred", *overrides]
+    reference = tmp_path / "reference"
+    subprocess.run([*command, f"output_dir={reference}"], check=True, capture_output=True)
+    expected = read_records(_only_run_dir(reference) / "predictions.jsonl")
+    assert len(expected) == 22
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*command, f"output_dir={killed}"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    predictions = None
+    while time.monotonic() < deadline:
+        found = list(killed.rglob("predictions.jsonl"))
+        if found and found[0].read_text().count("\n") >= 5:
+            predictions = found[0]
+            break
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert predictions is not None, "the run never wrote 5 records"
+    partial = predictions.read_text().count("\n")
+    assert 5 <= partial < 22, "the run finished before it could be killed"
+
+    subprocess.run([*command, f"output_dir={killed}"], check=True, capture_output=True)
+    assert _without_timing(read_records(predictions)) == _without_timing(expected)
+
+
+def test_score_and_table(tmp_path, capsys):
+    for method in ("full", "snapkv", "streaming_llm"):
+        assert _pred(tmp_path, f"method={method}", "budget=64", "task.lengths=[256]", "task.depths=[0,100]",
+                     *(["method.window_size=8"] if method == "snapkv" else [])) == 0
+    runs = sorted(p.parent for p in (tmp_path / "results").rglob("predictions.jsonl"))
+    capsys.readouterr()
+    assert main(["score", *map(str, runs)]) == 0
+    assert capsys.readouterr().out.count("passkey_accuracy") == 3
+    expected = {}
+    for run in runs:
+        scores = json.loads((run / "scores.json").read_text())
+        records = read_records(run / "predictions.jsonl")
+        hits = [re.search(r"\d+", r["pred"]) for r in records]
+        correct = [float(h is not None and int(h.group()) == int(r["answers"][0])) for h, r in zip(hits, records)]
+        assert scores["task_scores"]["passkey"] == round(100 * sum(correct) / len(correct), 2)
+        assert scores["n"] == {"passkey": 2}
+        assert set(scores["breakdown"]["passkey"]["by_depth"]) == {"0", "100"}
+        expected[run.name.split("_")[0]] = scores["task_scores"]["passkey"]
+
+    assert main(["table", str(tmp_path / "results"), "--format", "csv"]) == 0
+    csv = capsys.readouterr().out.strip().splitlines()
+    assert csv[0] == "model,method,budget,passkey,average"
+    rows = [line.split(",") for line in csv[1:]]
+    assert [(row[1], row[2]) for row in rows] == [("full", "-"), ("snapkv-window_size=8", "64"),
+                                                  ("streaming_llm", "64")]
+    assert [float(row[3]) for row in rows] == [expected["full"], expected["snapkv"], expected["streaming"]]
+
+
+def test_score_accepts_a_foreign_predictions_file(tmp_path, capsys):
+    path = tmp_path / "elsewhere.jsonl"
+    path.write_text('{"task": "passkey", "pred": " 42.", "answers": ["42"]}\n'
+                    '{"task": "passkey", "pred": "41", "answers": ["42"]}\n')
+    assert main(["score", str(path)]) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["task_scores"] == {"passkey": 50.0} and scores["average"] == 50.0
+
+
+def test_table_shows_missing_cells_as_missing(tmp_path, capsys):
+    for name, tasks in (("a", {"passkey": 50.0}), ("b", {"passkey": 25.0, "other": 10.0})):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "scores.json").write_text(json.dumps({"task_scores": tasks}))
+    assert main(["table", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| ? | a | - | - | 50.00 | - |"
+    assert lines[3] == "| ? | b | - | 10.00 | 25.00 | 17.50 |"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["pred", "method=snapkvv"], "unknown method 'snapkvv'; known: full, h2o"),
+    (["pred", "model=llama9"], "unknown model 'llama9'; known:"),
+    (["pred", "task=passkee"], "unknown task 'passkee'; known: passkey"),
+    (["pred", *TINY, "method=snapkv", "budget=0"], "budget must be a positive number"),
+    (["pred", *TINY, "method=snapkv", "budget=-3"], "budget must be a positive number"),
+    (["pred", *TINY, "method=snapkv"], "needs a budget"),
+    (["pred", "model=hf", "model.path=./no/such/folder"], "does not exist"),
+    (["pred", "model=gguf", "model.path=/no/such/model.gguf"], "not found"),
+    (["pred", *TINY, "method=snapkv", "budget=64", "method.window=3"], None),
+    (["frobnicate"], "unknown command 'frobnicate'"),
+    (["score", "/no/such/run"], "does not exist"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, args, message):
+    if args[0] == "pred":
+        args = [*args, f"output_dir={tmp_path / 'results'}"]
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # Hydra's own composition errors exit through SystemExit
+        code = exit_.code
+    assert code not in (0, None)
+    if message:
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_corrupt_record_stops_resume_and_score_with_its_line_number(tmp_path, capsys):
+    assert _pred(tmp_path, "method=full", "task.lengths=[256]", "task.n_samples=3") == 0
+    run = _only_run_dir(tmp_path / "results")
+    lines = (run / "predictions.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = '{"id": "broken",\n'
+    (run / "predictions.jsonl").write_text("".join(lines))
+    before = (run / "predictions.jsonl").read_bytes()
+    capsys.readouterr()
+    assert _pred(tmp_path, "method=full", "task.lengths=[256]") == 2
+    assert "predictions.jsonl:2: corrupt record" in capsys.readouterr().err
+    assert (run / "predictions.jsonl").read_bytes() == before
+    assert main(["score", str(run)]) == 2
+    assert "predictions.jsonl:2: corrupt record" in capsys.readouterr().err
+    assert not (run / "scores.json").exists()
+
+
+def test_resuming_with_a_different_config_is_refused(tmp_path, capsys):
+    assert _pred(tmp_path, "method=snapkv", "budget=64", "task.lengths=[256]", "task.n_samples=1",
+                 "run_dir=" + str(tmp_path / "run")) == 0
+    assert _pred(tmp_path, "method=snapkv", "budget=96", "task.lengths=[256]", "run_dir=" + str(tmp_path / "run")) == 2
+    assert "holds a run with a different config" in capsys.readouterr().err
+    assert len(read_records(tmp_path / "run" / "predictions.jsonl")) == 1
+
+
+def test_list_prints_one_name_per_line(capsys):
+    assert main(["list", "methods"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert {"full", "snapkv", "streaming_llm", "h2o", "tova", "sliding_window", "sink_recent_uniform"} <= set(names)
+    assert main(["list", "models"]) == 0
+    assert "qwen2.5-coder-0.5b-instruct" in [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.mark.parametrize("command", ["pred", "score", "table", "list", "demo"])
+def test_every_command_has_help(command, capsys):
+    try:
+        code = main([command, "--help"])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 0
+    assert "usage" in capsys.readouterr().out.lower()

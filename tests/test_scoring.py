@@ -1,0 +1,82 @@
+"""The shared scoring and selection blocks against brute force (specs/methods.md §12.3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evalkv.kv import attention
+from evalkv.kv.attention import attend, attention_column_sums, pool_scores, reduce_query_heads, window_attention
+from evalkv.kv.select import keep_best_and_tail, keep_sink_and_recent, top_k_positions
+
+
+def _eager_probs(query, keys, scaling):
+    """Full causal attention matrix, queries aligned to the last keys."""
+    groups = query.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(groups, dim=1)
+    q_len, kv_len = query.shape[-2], keys.shape[-2]
+    logits = (query @ keys.transpose(-1, -2)).double() * scaling
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+@pytest.fixture
+def qkv():
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 40, 8, generator=generator)
+    keys = torch.randn(2, 2, 40, 8, generator=generator)
+    values = torch.randn(2, 2, 40, 8, generator=generator)
+    positions = torch.arange(40).expand(2, 2, 40)
+    return query, keys, values, positions
+
+
+def test_column_sums_equal_eager_column_sums(qkv, monkeypatch):
+    query, keys, _, positions = qkv
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 64)  # force many blocks
+    sums = attention_column_sums(query, torch.arange(40).expand(2, 40), keys, positions, 0.35)
+    torch.testing.assert_close(sums.double(), _eager_probs(query, keys, 0.35).sum(dim=-2), atol=1e-5, rtol=0)
+
+
+def test_window_attention_equals_eager_rows(qkv):
+    query, keys, _, positions = qkv
+    window = window_attention(query[:, :, -6:], torch.arange(34, 40).expand(2, 6), keys, positions, 0.35)
+    torch.testing.assert_close(window.double(), _eager_probs(query, keys, 0.35)[:, :, -6:], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("q_len", [1, 7, 40])
+def test_attend_backends_agree_with_bottom_right_causality(qkv, q_len):
+    query, keys, values, _ = qkv
+    expected = _eager_probs(query[:, :, -q_len:], keys, 0.35).float() @ values.repeat_interleave(2, dim=1)
+    for backend in ("sdpa", "eager"):
+        out = attend(query[:, :, -q_len:], keys, values, 0.35, backend)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_max_pooling_spreads_a_spike_to_its_neighbours():
+    scores = torch.zeros(1, 1, 20)
+    scores[..., 10] = 1.0
+    pooled = pool_scores(scores, 7, "max")
+    assert pooled[0, 0].nonzero().flatten().tolist() == list(range(7, 14))
+
+
+def test_avg_pooling_counts_zero_padding():
+    pooled = pool_scores(torch.ones(1, 1, 10), 5, "avg")
+    assert pooled[0, 0, 0].item() == pytest.approx(3 / 5) and pooled[0, 0, 5].item() == pytest.approx(1.0)
+
+
+def test_gqa_reduction():
+    scores = torch.arange(8.0).reshape(1, 4, 2)
+    assert reduce_query_heads(scores, 2, "mean").tolist() == [[[1.0, 2.0], [5.0, 6.0]]]
+    assert reduce_query_heads(scores, 2, "max").tolist() == [[[2.0, 3.0], [6.0, 7.0]]]
+
+
+def test_top_k_ties_prefer_earlier_positions_and_come_back_sorted():
+    scores = torch.tensor([[[1.0, 3.0, 3.0, 2.0, 3.0, 0.5]]])
+    assert top_k_positions(scores, 2).tolist() == [[[1, 2]]]
+    assert top_k_positions(scores, 4).tolist() == [[[1, 2, 3, 4]]]
+
+
+def test_keep_best_and_tail_and_sink_recent():
+    scores = torch.tensor([[[5.0, 1.0, 4.0, 2.0]]])
+    assert keep_best_and_tail(scores, 2, 7).tolist() == [[[0, 2, 4, 5, 6]]]
+    assert keep_sink_and_recent(10, 2, 3, torch.device("cpu")).tolist() == [[[0, 1, 7, 8, 9]]]
