@@ -36,8 +36,9 @@ class Generation:
 class Engine:
     """Runs one model with one method; `generate` handles one prompt (batch of one)."""
 
-    def __init__(self, model, method: Method, backend: str = "sdpa"):
+    def __init__(self, model, method: Method, backend: str = "sdpa", tokenizer=None):
         adapter.install(model)
+        method.prepare(tokenizer)
         self.model = model
         self.method = method
         self.backend = backend

@@ -62,6 +62,9 @@ class Method:
             return max(1, int(prompt_length * (1.0 - self.compression_ratio)))
         return prompt_length
 
+    def prepare(self, tokenizer) -> None:
+        """Called once before a run with the model's tokenizer (for methods that derive token sets from it)."""
+
     def prefill_chunk_size(self) -> int | None:
         """Feed the prompt in chunks of this many tokens, evicting between chunks (None: one forward)."""
         return None

@@ -171,7 +171,7 @@ def run_pred(cfg: DictConfig) -> Path:
         done = {str(record.get("id")) for record in read_records(predictions)}
 
     model = cached_model(model_cfg)
-    engine = Engine(model.model, method, model.backend)
+    engine = Engine(model.model, method, model.backend, model.tokenizer)
     samples = task.samples(model)
     if task.n_samples is not None:
         samples = itertools.islice(samples, task.n_samples)
