@@ -4,10 +4,15 @@ Layout per layer: keys/values `[B, H_c, m, d]`, positions `[B, H_c, m]` (int64, 
 entries in position order. `H_c` is the model's KV-head count, or the query-head count once a method with
 query-head granularity has selected per query head (the GQA expansion then costs real memory, and is reported).
 Methods may attach per-entry state (`extras`, e.g. H2O's accumulated scores) that is gathered with the entries.
+
+When heads keep different numbers of entries (AdaKV, CateKV), `keep_per_head` turns the layer ragged: it then holds
+one single-head `LayerCache` per head in `heads`, so memory falls head by head (nothing is padded or masked).
+Ragged layers serve batch size 1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,24 +27,49 @@ class LayerCache:
     values: Tensor | None = None
     positions: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    heads: list[LayerCache] | None = None  # ragged layers: one single-head cache per head
+
+    @property
+    def is_ragged(self) -> bool:
+        return self.heads is not None
 
     @property
     def length(self) -> int:
+        """Entries per head (the longest head's count in a ragged layer)."""
+        if self.heads is not None:
+            return max(head.length for head in self.heads)
         return 0 if self.keys is None else self.keys.shape[-2]
 
     @property
     def num_heads(self) -> int:
+        if self.heads is not None:
+            return len(self.heads)
         return 0 if self.keys is None else self.keys.shape[1]
+
+    @property
+    def entries(self) -> int:
+        """Entries held over all heads, for one batch row."""
+        if self.heads is not None:
+            return sum(head.length for head in self.heads)
+        return self.num_heads * self.length
 
     @property
     def nbytes(self) -> int:
         """Bytes of keys and values held (positions and method state are bookkeeping, reported apart)."""
+        if self.heads is not None:
+            return sum(head.nbytes for head in self.heads)
         if self.keys is None:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
         """Add new entries at the end; positions `[B, q]` are the tokens' true positions."""
+        if self.heads is not None:
+            groups = len(self.heads) // keys.shape[1]
+            for index, head in enumerate(self.heads):
+                source = slice(index // groups, index // groups + 1)
+                head.append(keys[:, source], values[:, source], positions)
+            return
         if self.keys is not None and self.keys.shape[1] != keys.shape[1]:
             groups = self.keys.shape[1] // keys.shape[1]
             keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
@@ -68,6 +98,9 @@ class LayerCache:
 
     def keep(self, indices: Tensor) -> None:
         """Keep the entries at `indices` `[B, h, k]` (h = 1 for one set shared by all heads) and free the rest."""
+        if self.heads is not None:
+            self.keep_per_head([indices[0, min(h, indices.shape[1] - 1)] for h in range(self.num_heads)])
+            return
         if indices.shape[1] > self.num_heads:
             self.expand_heads(indices.shape[1])
         shared = indices.shape[1] == 1
@@ -84,6 +117,29 @@ class LayerCache:
         self.extras = {name: value.gather(2, indices[:, : value.shape[1]]) for name, value in self.extras.items()}
 
 
+    def keep_per_head(self, indices: Sequence[Tensor]) -> None:
+        """Head h keeps `indices[h]` (1-D, ascending) of its entries; heads may keep different numbers.
+
+        `len(indices)` is the KV-head count, or the query-head count (query-head granularity). Batch size 1.
+        """
+        if self.heads is None:
+            if self.keys.shape[0] != 1:
+                raise ValueError("per-head budgets (a ragged cache) need batch size 1")
+            if self.extras:
+                raise ValueError("a ragged cache does not carry method state; drop it before keep_per_head")
+            if len(indices) > self.num_heads:
+                self.expand_heads(len(indices))
+            self.heads = [
+                LayerCache(self.keys[:, h : h + 1], self.values[:, h : h + 1], self.positions[:, h : h + 1])
+                for h in range(self.num_heads)
+            ]
+            self.keys = self.values = self.positions = None
+        if len(indices) != len(self.heads):
+            raise ValueError(f"keep_per_head got {len(indices)} index sets for {len(self.heads)} heads")
+        for head, kept in zip(self.heads, indices):
+            head.keep(kept.reshape(1, 1, -1))
+
+
 class KVCache:
     """One `LayerCache` per model layer, plus the accounting that records report."""
 
@@ -97,7 +153,7 @@ class KVCache:
 
     def kept_tokens(self) -> float:
         """Mean entries per layer and KV head; a query-head cache counts its repeated heads at their real memory."""
-        entries = [layer.num_heads * layer.length / self.num_kv_heads for layer in self.layers]
+        entries = [layer.entries / self.num_kv_heads for layer in self.layers]
         return sum(entries) / len(entries) if entries else 0.0
 
     def lengths(self) -> list[int]:

@@ -37,9 +37,10 @@ class _MaskedSession(Session):
         keys = layer.keys.repeat_interleave(num_heads // layer.num_heads, dim=1)
         values = layer.values.repeat_interleave(num_heads // layer.num_heads, dim=1)
         key_positions = layer.positions[:, :1, :]  # the full cache: same positions in every head
-        seen = self.visible[self.forward_index][layer_idx]  # [B, H_c, k]
-        seen = seen.repeat_interleave(num_heads // seen.shape[1], dim=1)
-        allowed = (key_positions[:, :, None, :] == seen[..., None]).any(dim=-2)  # [B, H, m]
+        seen = self.visible[self.forward_index][layer_idx]  # [B, H_c, k], or per head [B, 1, k_h] (ragged)
+        per_head = seen if isinstance(seen, list) else list(seen.split(1, dim=1))
+        allowed = torch.cat([(key_positions[:, :, None, :] == head[..., None]).any(dim=-2) for head in per_head], 1)
+        allowed = allowed.repeat_interleave(num_heads // allowed.shape[1], dim=1)  # [B, H, m]
         causal = key_positions[:, :, None, :] <= self.query_positions[:, None, :, None]  # [B, 1, q, m]
         logits = torch.matmul(query.double(), keys.double().transpose(-1, -2)) * scaling
         logits = logits.masked_fill(~(allowed[:, :, None, :] & causal), float("-inf"))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from evalkv.kv.attention import attend
-from evalkv.kv.cache import KVCache
+from evalkv.kv.cache import KVCache, LayerCache
 from evalkv.kv.view import AttentionView, ModelGeometry, Phase, SampleState
 
 
@@ -41,7 +41,7 @@ class Session:
     def append(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         layer = self.cache.layers[layer_idx]
         layer.append(keys, values, self.query_positions)
-        return layer.keys, layer.values
+        return (keys, values) if layer.is_ragged else (layer.keys, layer.values)
 
     def attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor:
         """Run the method's hooks around the model's attention for one layer; returns `[B, H, q, d]`."""
@@ -54,18 +54,32 @@ class Session:
         if keep is not None:
             layer.keep(keep)
             self._check_new_tokens_kept(layer_idx, query.shape[-2])
-        output = attend(query, layer.keys, layer.values, scaling, self.backend)
+        output = self._attend(layer, query, scaling)
         if self.trace is not None:
-            self.trace[-1][layer_idx] = layer.positions.clone()
+            self.trace[-1][layer_idx] = (
+                [head.positions.clone() for head in layer.heads] if layer.is_ragged else layer.positions.clone()
+            )
         view.output = output
         keep = self.method.after_attention(view)
         if keep is not None:
             layer.keep(keep)
         return output
 
+    def _attend(self, layer: LayerCache, query: Tensor, scaling: float) -> Tensor:
+        if not layer.is_ragged:
+            return attend(query, layer.keys, layer.values, scaling, self.backend)
+        groups = query.shape[1] // layer.num_heads
+        return torch.cat([
+            attend(query[:, h * groups : (h + 1) * groups], head.keys, head.values, scaling, self.backend)
+            for h, head in enumerate(layer.heads)
+        ], dim=1)
+
     def _check_new_tokens_kept(self, layer_idx: int, num_new: int) -> None:
-        tail = self.cache.layers[layer_idx].positions[..., -num_new:]
-        if not torch.equal(tail, self.query_positions[:, None, :].expand_as(tail)):
-            raise RuntimeError(
-                f"{self.method.name}: an eviction before attention in layer {layer_idx} dropped the tokens being fed"
-            )
+        layer = self.cache.layers[layer_idx]
+        for positions in [head.positions for head in layer.heads] if layer.is_ragged else [layer.positions]:
+            tail = positions[..., -num_new:]
+            if not torch.equal(tail, self.query_positions[:, None, :].expand_as(tail)):
+                raise RuntimeError(
+                    f"{self.method.name}: an eviction before attention in layer {layer_idx} dropped the tokens "
+                    "being fed"
+                )

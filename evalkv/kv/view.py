@@ -61,15 +61,22 @@ class AttentionView:
 
     @property
     def keys(self) -> Tensor:
-        return self.cache.keys
+        return self._dense().keys
 
     @property
     def values(self) -> Tensor:
-        return self.cache.values
+        return self._dense().values
 
     @property
     def positions(self) -> Tensor:
-        return self.cache.positions
+        return self._dense().positions
+
+    def _dense(self) -> LayerCache:
+        if self.cache.is_ragged:
+            raise RuntimeError(
+                f"layer {self.layer_idx} keeps a different number of entries per head; read view.cache.heads"
+            )
+        return self.cache
 
     @property
     def length(self) -> int:

@@ -1,0 +1,67 @@
+"""The shrinking cache's bookkeeping: dense and ragged (per-head) layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evalkv.kv.cache import KVCache, LayerCache
+
+
+def _layer(heads: int = 2, length: int = 10) -> LayerCache:
+    layer = LayerCache()
+    keys = torch.arange(heads * length * 4, dtype=torch.float32).reshape(1, heads, length, 4)
+    layer.append(keys, -keys, torch.arange(length)[None, :])
+    return layer
+
+
+def test_keep_gathers_entries_positions_and_state():
+    layer = _layer()
+    layer.extras["score"] = torch.arange(20.0).reshape(1, 2, 10)
+    layer.keep(torch.tensor([[[1, 4], [0, 9]]]))
+    assert layer.positions.tolist() == [[[1, 4], [0, 9]]]
+    assert layer.extras["score"].tolist() == [[[1.0, 4.0], [10.0, 19.0]]]
+    assert torch.equal(layer.values, -layer.keys)
+
+
+def test_query_head_selection_expands_the_cache():
+    layer = _layer()
+    layer.keep(torch.tensor([[[0], [1], [2], [3]]]))
+    assert layer.num_heads == 4 and layer.positions.flatten().tolist() == [0, 1, 2, 3]
+    assert torch.equal(layer.keys[0, 1, 0], _layer().keys[0, 0, 1])  # query head 1 reads KV head 0
+
+
+def test_ragged_layer_frees_memory_head_by_head_and_appends():
+    layer = _layer()
+    dense_bytes = layer.nbytes
+    layer.keep_per_head([torch.tensor([0, 5, 9]), torch.tensor([2])])
+    assert layer.is_ragged and layer.entries == 4 and layer.length == 3
+    assert layer.nbytes == dense_bytes * 4 // 20
+    assert [h.positions.flatten().tolist() for h in layer.heads] == [[0, 5, 9], [2]]
+    layer.append(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), torch.tensor([[10]]))
+    assert [h.positions.flatten().tolist() for h in layer.heads] == [[0, 5, 9, 10], [2, 10]]
+    layer.keep(torch.tensor([[[0]]]))  # a shared keep on a ragged layer applies per head
+    assert [h.positions.flatten().tolist() for h in layer.heads] == [[0], [2]]
+
+
+def test_ragged_from_query_heads_reads_the_right_kv_head():
+    layer = _layer()
+    layer.keep_per_head([torch.tensor([1]), torch.tensor([2]), torch.tensor([3, 4]), torch.tensor([5])])
+    assert len(layer.heads) == 4
+    assert torch.equal(layer.heads[2].keys[0, 0, 0], _layer().keys[0, 1, 3])
+    layer.append(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4), torch.tensor([[10]]))
+    assert layer.heads[3].length == 2
+
+
+def test_ragged_needs_batch_one():
+    layer = LayerCache()
+    layer.append(torch.zeros(2, 2, 5, 4), torch.zeros(2, 2, 5, 4), torch.arange(5).expand(2, 5))
+    with pytest.raises(ValueError, match="batch size 1"):
+        layer.keep_per_head([torch.tensor([0]), torch.tensor([1])])
+
+
+def test_kept_tokens_counts_real_entries_per_kv_head():
+    cache = KVCache(num_layers=2, num_kv_heads=2)
+    cache.layers = [_layer(), _layer()]
+    cache.layers[0].keep_per_head([torch.tensor([0, 1, 2, 3]), torch.tensor([5, 6])])
+    assert cache.kept_tokens() == pytest.approx((3 + 10) / 2)
