@@ -16,6 +16,11 @@ CASES = {
     "h2o": {"budget": BUDGET},
     "h2o-query_head": {"budget": BUDGET, "granularity": "query_head", "recent_size": 16},
     "tova": {"budget": BUDGET},
+    "pyramidkv": {"budget": BUDGET, "window_size": 8},
+    "pyramidkv-query_head": {"budget": 200, "window_size": 8, "granularity": "query_head"},
+    "adakv": {"budget": BUDGET, "window_size": 8},
+    "adakv-query_head-pyramid": {"budget": BUDGET, "window_size": 8, "granularity": "query_head", "pyramid": True,
+                                 "normalize": True},
 }
 
 

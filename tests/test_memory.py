@@ -22,9 +22,10 @@ def test_bytes_held_match_kept_entries(case, tokenizer):
     cache = generation.session.cache
     expected = 0
     for layer in cache.layers:
-        entries = layer.keys.shape[0] * layer.num_heads * layer.length
-        assert _storage_bytes(layer.keys) == _storage_bytes(layer.values) == entries * 16 * 4  # head_dim 16, fp32
-        expected += 2 * entries * 16 * 4
+        for part in layer.heads if layer.is_ragged else [layer]:  # ragged layers store each head on its own
+            entries = part.keys.shape[0] * part.num_heads * part.length
+            assert _storage_bytes(part.keys) == _storage_bytes(part.values) == entries * 16 * 4  # head_dim 16, fp32
+            expected += 2 * entries * 16 * 4
     assert generation.kv_bytes == cache.nbytes == expected
     assert generation.kept_tokens == pytest.approx(expected / (2 * 16 * 4 * 2 * len(cache.layers)))
 

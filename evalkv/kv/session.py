@@ -52,7 +52,7 @@ class Session:
         )
         keep = self.method.before_attention(view)
         if keep is not None:
-            layer.keep(keep)
+            _apply(layer, keep)
             self._check_new_tokens_kept(layer_idx, query.shape[-2])
         output = self._attend(layer, query, scaling)
         if self.trace is not None:
@@ -62,7 +62,7 @@ class Session:
         view.output = output
         keep = self.method.after_attention(view)
         if keep is not None:
-            layer.keep(keep)
+            _apply(layer, keep)
         return output
 
     def _attend(self, layer: LayerCache, query: Tensor, scaling: float) -> Tensor:
@@ -83,3 +83,11 @@ class Session:
                     f"{self.method.name}: an eviction before attention in layer {layer_idx} dropped the tokens "
                     "being fed"
                 )
+
+
+def _apply(layer: LayerCache, keep: Tensor | list[Tensor]) -> None:
+    """A method's decision: indices `[B, h, k]`, or one 1-D index tensor per head (per-head budgets)."""
+    if isinstance(keep, list):
+        layer.keep_per_head(keep)
+    else:
+        layer.keep(keep)

@@ -3,7 +3,8 @@
 The engine owns the cache surgery. A method implements `before_attention` and/or `after_attention`; each receives an
 `AttentionView` of one layer in one forward pass and returns the indices of the cache entries to keep
 (`[batch, heads, k]`, heads = 1 for one set shared by all heads, the KV-head count, or the query-head count for
-query-head granularity), or None to keep everything.
+query-head granularity), or a list with one 1-D index tensor per head when heads keep different numbers of entries
+(batch size 1), or None to keep everything.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ class SnapKV(Method):
     Based on "SnapKV: LLM Knows What You are Looking for Before Generation", Li et al., NeurIPS 2024
     (arXiv 2404.14469), reference code FasterDecoding/SnapKV@e216ddc (`SnapKVCluster.update_kv`).
 
-    After the prompt's attention in each layer, if the prompt has at least `budget` tokens: the last `window_size`
+    After the prompt's attention in each layer, if the prompt has more than `budget` tokens: the last `window_size`
     queries attend over all prompt keys (causal inside the window, softmax in fp32 over all keys); a prefix token's
     score is the sum of its attention over the window rows, pooled along positions; each head keeps its
     `budget - window_size` best prefix tokens plus the window. Generated tokens are appended, never evicted.
@@ -53,28 +53,36 @@ class SnapKV(Method):
         require_choice(self.name, "gqa_reduce", self.gqa_reduce, ("mean", "max"))
         require_choice(self.name, "gqa_order", self.gqa_order, ("reduce_then_pool", "pool_then_reduce"))
         if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise EvalkvError(f"snapkv: window_size must be >= 1 and kernel_size odd, got {self.window_size}, "
+            raise EvalkvError(f"{self.name}: window_size must be >= 1 and kernel_size odd, got {self.window_size}, "
                               f"{self.kernel_size}")
         if self.budget is not None and self.budget < self.window_size:
-            raise EvalkvError(f"snapkv: budget {self.budget} is smaller than window_size {self.window_size}")
+            raise EvalkvError(f"{self.name}: budget {self.budget} is smaller than window_size {self.window_size}")
 
-    def after_attention(self, view: AttentionView) -> Tensor | None:
+    def after_attention(self, view: AttentionView) -> Tensor | list[Tensor] | None:
         if view.phase is not Phase.PREFILL or not view.sample.last_chunk:
             return None
-        length = view.length
-        capacity = self.capacity(length)
-        if length <= capacity:
+        capacity = self.layer_capacity(view)
+        if capacity is None or view.length <= capacity:
             return None
         window = min(self.window_size, view.num_new, capacity)
+        return self.select(view, self.prefix_scores(view, window), capacity - window)
+
+    def layer_capacity(self, view: AttentionView) -> int | None:
+        """Entries this layer keeps per head, window included (None: leave the layer alone)."""
+        return self.capacity(view.length)
+
+    def select(self, view: AttentionView, scores: Tensor, keep: int) -> Tensor | list[Tensor]:
+        """Indices to keep from the prefix scores `[B, h, n - W]`: the best `keep` per head, then the window."""
+        return keep_best_and_tail(scores, keep, view.length)
+
+    def prefix_scores(self, view: AttentionView, window: int) -> Tensor:
+        """Pooled window-attention score of every prefix token, per selection head: `[B, h, n - window]`."""
         scores = attention_column_sums(
             view.query[:, :, -window:], view.query_positions[:, -window:], view.keys, view.positions, view.scaling
-        )[..., : length - window]
-        scores = self._per_selection_head(scores, view.geometry.num_kv_heads)
-        return keep_best_and_tail(scores, capacity - window, length)
-
-    def _per_selection_head(self, scores: Tensor, num_kv_heads: int) -> Tensor:
+        )[..., : view.length - window]
         if self.granularity == "query_head":
             return pool_scores(scores, self.kernel_size, self.pooling)
+        num_kv_heads = view.geometry.num_kv_heads
         if self.gqa_order == "reduce_then_pool":
             return pool_scores(reduce_query_heads(scores, num_kv_heads, self.gqa_reduce), self.kernel_size,
                                self.pooling)
