@@ -16,6 +16,7 @@ commands:
   table  PATH ... [--format]   one table of every run under the paths (md, csv, latex, json)
   list   methods|tasks|models  what is registered, one name per line
   demo                         the README's main job: passkey on the embedded model, full vs SnapKV vs StreamingLLM
+  bench                        speed and memory per method x context length (prefill, overhead, decode, peak)
 
 `evalkv COMMAND --help` explains each command.
 """
@@ -177,7 +178,69 @@ def cmd_demo(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"pred": cmd_pred, "score": cmd_score, "table": cmd_table, "list": cmd_list, "demo": cmd_demo}
+def _parse_option(text: str) -> tuple[str, str, object]:
+    """`snapkv.window_size=8` -> ("snapkv", "window_size", 8) (values parsed as YAML scalars)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    method, dot, option = key.partition(".")
+    if not sep or not dot:
+        raise EvalkvError(f"--option {text!r}: expected METHOD.OPTION=VALUE, e.g. snapkv.window_size=8")
+    return method, option, yaml.safe_load(value)
+
+
+def cmd_bench(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="evalkv bench", description="Measure prefill time, eviction overhead (vs the full cache), decode "
+        "tokens/s, time to first token, peak GPU memory and KV bytes held, per method and context length. Prompts "
+        "are random token ids and generation has a fixed length (EOS ignored): a random-weight architecture "
+        "(e.g. --model random-llama-3.1-8b) measures speed and memory honestly.")
+    parser.add_argument("--model", default="random-llama-3.1-8b", help="a model config (evalkv list models)")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="model config override, e.g. dtype=bfloat16 (repeatable)")
+    parser.add_argument("--methods", default="full,snapkv", help="comma-separated method names")
+    parser.add_argument("--budget", type=int, default=1024, help="budget of every method but full")
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
+                        help="a method option, e.g. snapkv.window_size=8 (repeatable)")
+    parser.add_argument("--lengths", default="8192,32768", help="comma-separated context lengths")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (EOS ignored)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("-o", "--output", help="write the JSON report here")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print a torch.profiler table of one run of the first method and length")
+    options = parser.parse_args(args)
+    from evalkv.config import compose_run
+    from evalkv.config import options as group_options
+    from evalkv.models.config import ModelConfig
+    from evalkv.models.loader import load_model
+    from evalkv.run.bench import format_rows, profile_once, run_bench
+
+    _check_group_choices([f"model={options.model}"])
+    cfg = compose_run([f"model={options.model}", *(f"model.{o}" for o in options.model_option)])
+    model = load_model(ModelConfig(**group_options(cfg.model), name=cfg.model.name))
+    extra: dict[str, dict] = {}
+    for text in options.option:
+        method, option, value = _parse_option(text)
+        extra.setdefault(method, {})[option] = value
+    methods = []
+    for name in [m for m in options.methods.split(",") if m]:
+        settings = {} if name == "full" else {"budget": options.budget}
+        methods.append((name, {**settings, **extra.get(name, {})}))
+    lengths = [int(x) for x in options.lengths.split(",") if x]
+    if options.profile:
+        print(profile_once(model, methods[0], lengths[0], options.new_tokens))
+    report = run_bench(model, methods, lengths, options.new_tokens, options.repeats, options.warmup)
+    if options.output:
+        from evalkv.run.records import write_json_atomic
+
+        write_json_atomic(Path(options.output), report)
+    print(f"{report['device']}, {report['model']}; {report['note']}\n{format_rows(report)}", end="")
+    return 0
+
+
+COMMANDS = {"pred": cmd_pred, "score": cmd_score, "table": cmd_table, "list": cmd_list, "demo": cmd_demo,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,17 @@ def register_configs() -> None:
         store.store(group="schema/task", name=name, node=_schema(cls, name))
 
 
+def compose_run(overrides: list[str]) -> DictConfig:
+    """The composed `evalkv pred` config for these overrides, without running Hydra's app machinery."""
+    from hydra import compose, initialize_config_dir
+
+    from evalkv.paths import configs_dir
+
+    register_configs()
+    with initialize_config_dir(str(configs_dir()), version_base=None):
+        return compose("config", overrides=overrides)
+
+
 def options(section: DictConfig) -> dict[str, Any]:
     """A composed group config as plain keyword arguments (without its `name`)."""
     values = OmegaConf.to_container(section, resolve=True)

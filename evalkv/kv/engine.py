@@ -26,6 +26,7 @@ class Generation:
     kept_tokens: float  # mean entries per layer and KV head once the prompt was processed
     kv_bytes: int  # bytes of keys and values held at that moment
     final_kept_tokens: float  # the same after the last decode step
+    final_kv_bytes: int
     prefill_s: float  # prompt (and suffix) forwards, eviction included, up to the first token
     decode_s: float
     trace: list | None = None  # Session.trace when asked for
@@ -106,6 +107,7 @@ class Engine:
             kept_tokens=kept_tokens,
             kv_bytes=kv_bytes,
             final_kept_tokens=session.cache.kept_tokens(),
+            final_kv_bytes=session.cache.nbytes,
             prefill_s=prefill_s,
             decode_s=decode_s,
             trace=session.trace,

@@ -27,7 +27,7 @@ def adaptive_head_budgets(scores: Tensor, base: int, floor_alpha: float, normali
         scores = scores * (top[:, :base].sum(-1, keepdim=True) / top.sum(-1, keepdim=True))
     heads, length = scores.shape
     best = top_k_positions(scores.reshape(1, 1, -1), heads * base)[0, 0]
-    counts = torch.bincount(best // length, minlength=heads).float()  # float32 and half-to-even rounding, as the reference
+    counts = torch.bincount(best // length, minlength=heads).float()  # float32, half-to-even rounding: the reference
     floor = int(base * floor_alpha)
     return [min(length, int(c)) for c in torch.round(counts * (1 - floor_alpha) + floor).tolist()]
 

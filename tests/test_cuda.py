@@ -1,0 +1,46 @@
+"""The engine on a CUDA GPU (skipped without one): masked-reference equivalence for every method case, in fp32,
+and a bf16 run that keeps the compressed cache's shape. On the GPU machine: `python -m pytest tests/test_cuda.py`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import prompt_ids
+from method_cases import CASES, method_name
+
+from evalkv.kv.engine import Engine
+from evalkv.kv.reference import masked_reference_logits
+from evalkv.methods import build_method
+from evalkv.models.presets import build_random_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+_models: dict = {}
+
+
+def _model(architecture: str, dtype: torch.dtype):
+    key = (architecture, dtype)
+    if key not in _models:
+        _models[key] = build_random_model(architecture, dtype, torch.device("cuda"), seed=0)
+    return _models[key]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("architecture", ["tiny-llama", "tiny-qwen2"])
+def test_cuda_equivalence_fp32(case, architecture, tokenizer):
+    model = _model(architecture, torch.float32)
+    generation = Engine(model, build_method(method_name(case), CASES[case])).generate(
+        prompt_ids(tokenizer), max_new_tokens=6, trace=True
+    )
+    reference = masked_reference_logits(
+        model, [f[0] for f in generation.forwards], [f[1] for f in generation.forwards], generation.trace
+    )
+    for (_, _, logits), expected in zip(generation.forwards, reference):
+        torch.testing.assert_close(logits, expected.float(), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["snapkv", "h2o", "adakv", "streaming_llm"])
+def test_cuda_bf16_runs_and_shrinks(case, tokenizer):
+    model = _model("tiny-llama", torch.bfloat16)
+    generation = Engine(model, build_method(method_name(case), CASES[case])).generate(prompt_ids(tokenizer), 4)
+    assert abs(generation.kept_tokens - 64) <= 1 and len(generation.token_ids) == 4  # AdaKV rounds head budgets
