@@ -122,9 +122,11 @@ def cmd_table(args: list[str]) -> int:
         "budget, columns the tasks and their average (missing scores show as '-').")
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--format", default="md", choices=FORMATS)
+    parser.add_argument("--view", default="scores", help="scores (default), timing (mean cost per sample), or a "
+                        "metric's breakdown such as by_context_length or by_depth")
     parser.add_argument("-o", "--output", help="write the table to this file instead of stdout")
     options = parser.parse_args(args)
-    text = table(options.paths, options.format)
+    text = table(options.paths, options.format, options.view)
     if options.output:
         from evalkv.run.records import write_text_atomic
 

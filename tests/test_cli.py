@@ -212,3 +212,22 @@ def test_every_command_has_help(command, capsys):
         code = exit_.code
     assert code == 0
     assert "usage" in capsys.readouterr().out.lower()
+
+
+def test_table_views_show_timing_and_breakdowns(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"task": "passkey", "pred": "7", "answers": ["7"], "context_length": 1024, "depth": 0.0,
+             "prefill_s": 0.5, "decode_s": 0.25},
+            {"task": "passkey", "pred": "8", "answers": ["7"], "context_length": 2048, "depth": 50.0,
+             "prefill_s": 1.5, "decode_s": 0.75}]
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["table", str(run), "--view", "timing", "--format", "csv"]) == 0
+    timing = capsys.readouterr().out.splitlines()
+    assert timing[0] == "model,method,budget,passkey/decode_s,passkey/prefill_s"
+    assert timing[1].endswith(",0.5,1.0")
+    assert main(["table", str(run), "--view", "by_context_length", "--format", "csv"]) == 0
+    lengths = capsys.readouterr().out.splitlines()
+    assert lengths[0].endswith("passkey/1024,passkey/2048") and lengths[1].endswith(",100.0,0.0")
+    assert main(["table", str(run), "--view", "by_nothing"]) == 2
+    assert "no run has a 'by_nothing' view" in capsys.readouterr().err

@@ -78,4 +78,19 @@ def score_records(records: list[dict]) -> dict:
         if metric.breakdown is not None:
             breakdowns[task] = metric.breakdown(rows, scores)
     average = round(sum(task_scores.values()) / len(task_scores), 2) if task_scores else None
-    return {"task_scores": task_scores, "n": counts, "average": average, "metric": metrics, "breakdown": breakdowns}
+    timing = {task: _mean_fields(rows) for task, rows in sorted(by_task.items())}
+    return {"task_scores": task_scores, "n": counts, "average": average, "metric": metrics, "breakdown": breakdowns,
+            "timing": {task: values for task, values in timing.items() if values}}
+
+
+TIMING_FIELDS = ("prompt_tokens", "new_tokens", "kept_tokens", "prefill_s", "decode_s")
+
+
+def _mean_fields(records: list[dict]) -> dict[str, float]:
+    """Means of the cost fields evalkv records (absent from predictions written elsewhere)."""
+    means = {}
+    for field in TIMING_FIELDS:
+        values = [record[field] for record in records if isinstance(record.get(field), (int, float))]
+        if values:
+            means[field] = round(sum(values) / len(values), 4)
+    return means
