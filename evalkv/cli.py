@@ -1,4 +1,4 @@
-"""The `evalkv` command: pred, score, table, list, demo."""
+"""The `evalkv` command: pred, score, table, plot, list, demo, bench."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ commands:
   pred   KEY=VALUE ...         run a model x method x task (Hydra overrides; --multirun sweeps)
   score  PATH ...              score run directories or predictions .jsonl files, write scores.json
   table  PATH ... [--format]   one table of every run under the paths (md, csv, latex, json)
+  plot   needle RUN ... -o PNG  the needle-in-a-haystack heatmap (depth x context length) of runs
   list   methods|tasks|models  what is registered, one name per line
   demo                         the README's main job: passkey on the embedded model, full vs SnapKV vs StreamingLLM
   bench                        speed and memory per method x context length (prefill, overhead, decode, peak)
@@ -136,6 +137,21 @@ def cmd_table(args: list[str]) -> int:
     return 0
 
 
+def cmd_plot(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="evalkv plot", description="Plot runs. `needle`: the needle-in-a-haystack heatmap (rows depth percent, "
+        "columns context length, cells mean needle recall 0-1 with KVCache-Factory's colours); several runs stack.")
+    parser.add_argument("kind", choices=("needle",))
+    parser.add_argument("paths", nargs="+", metavar="RUN", help="run directories or predictions .jsonl files")
+    parser.add_argument("-o", "--output", default="needle_heatmap.png", help="PNG file (default needle_heatmap.png)")
+    parser.add_argument("--title", help="title above each heatmap (default: Needle In A Haystack)")
+    options = parser.parse_args(args)
+    from evalkv.report.heatmap import plot_needle
+
+    print(plot_needle(options.paths, options.output, options.title))
+    return 0
+
+
 def _first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
 
@@ -241,8 +257,8 @@ def cmd_bench(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"pred": cmd_pred, "score": cmd_score, "table": cmd_table, "list": cmd_list, "demo": cmd_demo,
-            "bench": cmd_bench}
+COMMANDS = {"pred": cmd_pred, "score": cmd_score, "table": cmd_table, "plot": cmd_plot, "list": cmd_list,
+            "demo": cmd_demo, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """Which metric scores which benchmark task, and how a run's records become `scores.json`.
 
 A record's `task` field (the benchmark's own task name) picks its metric. Task scores are the mean per-sample score
-x 100 rounded to 2 decimals (the LongBench and RULER scripts' scale); the average is the unweighted mean of the
-task scores.
+x 100 rounded to 2 decimals (the LongBench and RULER scripts' scale), or the metric's own `aggregate` where the
+reference computes it in another order; the average is the unweighted mean of the task scores. Suites (RULER) add a
+benchmark-level view under `suites`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from evalkv.errors import EvalkvError
 
 SampleScore = Callable[[dict], float]  # a record -> score in [0, 1]
 Breakdown = Callable[[list[dict], list[float]], dict]  # records, their scores -> extra views (per length, ...)
+Aggregate = Callable[[list[float]], float]  # per-sample scores -> the task score (0-100)
+Suite = Callable[[dict[str, float], dict[str, dict]], "dict | None"]  # task scores, breakdowns -> a suite's view
 
 
 @dataclass(frozen=True)
@@ -22,13 +25,20 @@ class TaskMetric:
     metric: str
     score: SampleScore
     breakdown: Breakdown | None = None
+    aggregate: Aggregate | None = None  # default: `percent`
 
 
 METRICS: dict[str, TaskMetric] = {}
+SUITES: dict[str, Suite] = {}
 
 
 def register_metric(task: str, metric: TaskMetric) -> None:
     METRICS[task] = metric
+
+
+def register_suite(name: str, summary: Suite) -> None:
+    """A benchmark-level summary over several tasks' scores, written to scores.json `suites[name]` when not None."""
+    SUITES[name] = summary
 
 
 def metric_for(task: str) -> TaskMetric:
@@ -45,12 +55,12 @@ def _group_key(value) -> tuple:
     return (0, float(value), "") if isinstance(value, (int, float)) else (1, 0.0, str(value))
 
 
-def mean_by(records: list[dict], scores: list[float], key: str) -> dict[str, float]:
+def mean_by(records: list[dict], scores: list[float], key: str, aggregate: Aggregate = percent) -> dict[str, float]:
     """Scores grouped by a record field, as percentages, numeric keys in numeric order (`50.0` shows as `50`)."""
     groups: dict = defaultdict(list)
     for record, score in zip(records, scores):
         groups[record.get(key)].append(score)
-    return {f"{k:g}" if isinstance(k, float) else str(k): percent(groups[k]) for k in sorted(groups, key=_group_key)}
+    return {f"{k:g}" if isinstance(k, float) else str(k): aggregate(groups[k]) for k in sorted(groups, key=_group_key)}
 
 
 def check_record(record: dict, number: int) -> None:
@@ -72,15 +82,19 @@ def score_records(records: list[dict]) -> dict:
         metric = metric_for(task)
         rows = by_task[task]
         scores = [float(metric.score(record)) for record in rows]
-        task_scores[task] = percent(scores)
+        task_scores[task] = (metric.aggregate or percent)(scores)
         counts[task] = len(rows)
         metrics[task] = metric.metric
         if metric.breakdown is not None:
             breakdowns[task] = metric.breakdown(rows, scores)
     average = round(sum(task_scores.values()) / len(task_scores), 2) if task_scores else None
-    timing = {task: _mean_fields(rows) for task, rows in sorted(by_task.items())}
-    return {"task_scores": task_scores, "n": counts, "average": average, "metric": metrics, "breakdown": breakdowns,
-            "timing": {task: values for task, values in timing.items() if values}}
+    timing = {task: values for task, rows in sorted(by_task.items()) if (values := _mean_fields(rows))}
+    scores = {"task_scores": task_scores, "n": counts, "average": average, "metric": metrics, "breakdown": breakdowns,
+              "timing": timing}
+    suites = {name: view for name, summary in SUITES.items() if (view := summary(task_scores, breakdowns))}
+    if suites:
+        scores["suites"] = suites
+    return scores
 
 
 TIMING_FIELDS = ("prompt_tokens", "new_tokens", "kept_tokens", "prefill_s", "decode_s")

@@ -77,7 +77,8 @@ def method_label(method: Method) -> str:
 
 
 def task_label(task: Task) -> str:
-    extras = [f"{k}={_compact(v)}" for k, v in _non_default(task).items()]
+    # File locations stay out of the name (config.yaml records them; a resumed run must match them).
+    extras = [f"{k}={_compact(v)}" for k, v in _non_default(task).items() if not k.endswith(("_path", "_dir"))]
     return "-".join([task.name, *extras])
 
 

@@ -63,4 +63,9 @@ def format_scores(scores: dict) -> str:
     lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in
                        enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    for name, suite in scores.get("suites", {}).items():
+        if suite.get("average") is None:
+            continue
+        by_length = " | ".join(f"{length}: {value:.2f}" for length, value in suite.get("by_context_length", {}).items())
+        lines.append(f"{name} by context length: {by_length} | average {suite['average']:.2f}")
     return "\n".join(lines)
