@@ -16,6 +16,7 @@ CASES = {
     "h2o": {"budget": BUDGET},
     "h2o-query_head": {"budget": BUDGET, "granularity": "query_head", "recent_size": 16},
     "tova": {"budget": BUDGET},
+    "knorm": {"budget": BUDGET},
 }
 
 

@@ -3,6 +3,7 @@
 from evalkv.methods import (  # noqa: F401  (importing a method module registers it)
     full,
     h2o,
+    knorm,
     sink_recent_uniform,
     sliding_window,
     snapkv,
