@@ -16,6 +16,8 @@ CASES = {
     "h2o": {"budget": BUDGET},
     "h2o-query_head": {"budget": BUDGET, "granularity": "query_head", "recent_size": 16},
     "tova": {"budget": BUDGET},
+    "lru": {"budget": BUDGET},
+    "lru-kv_head": {"budget": BUDGET, "granularity": "kv_head"},
     "knorm": {"budget": BUDGET},
 }
 
