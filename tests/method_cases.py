@@ -16,6 +16,7 @@ CASES = {
     "h2o": {"budget": BUDGET},
     "h2o-query_head": {"budget": BUDGET, "granularity": "query_head", "recent_size": 16},
     "tova": {"budget": BUDGET},
+    "lacache": {"budget": BUDGET, "span": 1, "start_size": 4},
     "lru": {"budget": BUDGET},
     "lru-kv_head": {"budget": BUDGET, "granularity": "kv_head"},
     "knorm": {"budget": BUDGET},

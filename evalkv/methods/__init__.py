@@ -4,6 +4,7 @@ from evalkv.methods import (  # noqa: F401  (importing a method module registers
     full,
     h2o,
     knorm,
+    lacache,
     lru,
     sink_recent_uniform,
     sliding_window,
