@@ -6,6 +6,7 @@ from evalkv.methods import (  # noqa: F401  (importing a method module registers
     knorm,
     lacache,
     lru,
+    obcache,
     sink_recent_uniform,
     sliding_window,
     snapkv,
