@@ -7,6 +7,7 @@ from evalkv.methods import (  # noqa: F401  (importing a method module registers
     lacache,
     lru,
     obcache,
+    segment_two_stage,
     sink_recent_uniform,
     sliding_window,
     snapkv,
