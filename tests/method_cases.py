@@ -21,6 +21,18 @@ CASES = {
     "adakv": {"budget": BUDGET, "window_size": 8},
     "adakv-query_head-pyramid": {"budget": BUDGET, "window_size": 8, "granularity": "query_head", "pyramid": True,
                                  "normalize": True},
+    "segment_two_stage": {"budget": BUDGET, "window_size": 8, "coarse_budget": 200},
+    "segment_two_stage-kv_head-v2": {"budget": BUDGET, "window_size": 8, "coarse_budget": 200, "lookahead_steps": 3,
+                                     "granularity": "kv_head", "stage2_queries": "lookahead"},
+    "obcache": {"budget": BUDGET},
+    "obcache-kv_head-prompt_only": {"budget": BUDGET, "granularity": "kv_head", "decode_evict": False},
+    "kvcV+tova": {"budget": BUDGET},
+    "kvcK_fullhist": {"budget": BUDGET},
+    "kvcV_p1+maxpool": {"budget": BUDGET, "num_recent": 8},
+    "lacache": {"budget": BUDGET, "span": 1, "start_size": 4},
+    "lru": {"budget": BUDGET},
+    "lru-kv_head": {"budget": BUDGET, "granularity": "kv_head"},
+    "knorm": {"budget": BUDGET},
 }
 
 

@@ -16,7 +16,8 @@ from evalkv.methods import build_method
 def _compressed_and_reference(architecture: str, case: str, tokenizer):
     model = tiny_model(architecture)
     method = build_method(method_name(case), CASES[case])
-    generation = Engine(model, method).generate(prompt_ids(tokenizer), max_new_tokens=8, trace=True)
+    engine = Engine(model, method, tokenizer=tokenizer)
+    generation = engine.generate(prompt_ids(tokenizer), max_new_tokens=8, trace=True)
     forwards = [ids for ids, _, _ in generation.forwards]
     positions = [pos for _, pos, _ in generation.forwards]
     reference = masked_reference_logits(model, forwards, positions, generation.trace)

@@ -31,7 +31,7 @@ def test_budget_covering_the_prompt_generates_what_full_generates(architecture, 
     ids = prompt_ids(tokenizer)
     full = Engine(model, build_method("full", {})).generate(ids, NEW_TOKENS)
     method = build_method(method_name(case), _covering_options(case, len(ids)))
-    generation = Engine(model, method).generate(ids, NEW_TOKENS)
+    generation = Engine(model, method, tokenizer=tokenizer).generate(ids, NEW_TOKENS)
     assert generation.token_ids == full.token_ids
     assert generation.kept_tokens == full.kept_tokens == len(ids)
 

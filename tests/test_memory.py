@@ -18,7 +18,8 @@ def _storage_bytes(tensor) -> int:
 def test_bytes_held_match_kept_entries(case, tokenizer):
     model = tiny_model("tiny-qwen2")
     ids = prompt_ids(tokenizer)
-    generation = Engine(model, build_method(method_name(case), CASES[case])).generate(ids, 1, keep_session=True)
+    method = build_method(method_name(case), CASES[case])
+    generation = Engine(model, method, tokenizer=tokenizer).generate(ids, 1, keep_session=True)
     cache = generation.session.cache
     expected = 0
     for layer in cache.layers:

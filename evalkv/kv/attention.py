@@ -113,6 +113,23 @@ def window_attention(
     return _masked_probs(query, query_positions[:, None, :], keys, key_positions, scaling)
 
 
+def attention_row_blocks(
+    query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float,
+    max_elements: int = _BLOCK_ELEMENTS,
+):
+    """Yield `(rows, probs)`: `window_attention` of the query rows `rows` (a slice) over the whole cache, all heads,
+    in blocks of at most `max_elements` probabilities (one row at least).
+
+    For scores that need more than column sums of every prompt row (OBCache `_fullhist`, LRU access times): one
+    extra attention pass of FLOPs, `O(block)` memory, never the n x n matrix (class F, specs/methods.md §0.7).
+    """
+    batch, num_heads, q_len, _ = query.shape
+    rows_per_block = max(1, max_elements // max(1, batch * num_heads * keys.shape[-2]))
+    for start in range(0, q_len, rows_per_block):
+        rows = slice(start, min(q_len, start + rows_per_block))
+        yield rows, window_attention(query[:, :, rows], query_positions[:, rows], keys, key_positions, scaling)
+
+
 def attention_column_sums(
     query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float
 ) -> Tensor:
@@ -173,6 +190,6 @@ def pool_scores(scores: Tensor, kernel_size: int, pooling: str) -> Tensor:
 
 
 __all__ = [
-    "BACKENDS", "attend", "attention_column_sums", "pool_scores", "reduce_query_heads", "repeat_kv",
-    "window_attention",
+    "BACKENDS", "attend", "attention_column_sums", "attention_row_blocks", "pool_scores", "reduce_query_heads",
+    "repeat_kv", "window_attention",
 ]

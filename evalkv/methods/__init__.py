@@ -1,10 +1,15 @@
 """Eviction methods, one per file; importing this package registers the built-ins."""
 
-from evalkv.methods import (  # noqa: F401
+from evalkv.methods import (  # noqa: F401  (importing a method module registers it)
     adakv,
     full,
     h2o,
+    knorm,
+    lacache,
+    lru,
+    obcache,
     pyramidkv,
+    segment_two_stage,
     sink_recent_uniform,
     sliding_window,
     snapkv,
