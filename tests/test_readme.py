@@ -20,8 +20,8 @@ def test_adding_a_method_example_runs(tokenizer):
     namespace: dict = {}
     try:
         exec(compile(source, "README.md", "exec"), namespace)
-        method = METHODS["knorm_demo"](budget=48)
+        method = METHODS["value_norm_demo"](budget=48)
         generation = Engine(tiny_model(), method).generate(prompt_ids(tokenizer), 3, keep_session=True)
         assert generation.session.cache.lengths() == [48 + 2, 48 + 2]
     finally:
-        METHODS.pop("knorm_demo", None)
+        METHODS.pop("value_norm_demo", None)
