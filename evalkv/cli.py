@@ -1,4 +1,4 @@
-"""The `evalkv` command: pred, score, table, plot, list, demo, bench."""
+"""The `evalkv` command: pred, score, table, plot, list, demo, bench, headmask."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ commands:
   list   methods|tasks|models  what is registered, one name per line
   demo                         the README's main job: passkey on the embedded model, full vs SnapKV vs StreamingLLM
   bench                        speed and memory per method x context length (prefill, overhead, decode, peak)
+  headmask KEY=VALUE ... -o CSV CateKV's head classification (consistent / adaptive) from a reference task
 
 `evalkv COMMAND --help` explains each command.
 """
@@ -257,8 +258,57 @@ def cmd_bench(args: list[str]) -> int:
     return 0
 
 
+HEADMASK_DEFAULTS = ["task=ruler", "task.tasks=[vt]", "task.lengths=[16384]"]
+
+
+def cmd_headmask(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="evalkv headmask", description="CateKV's offline head classification (specs/methods.md §8.2): run a "
+        "reference task with the full cache, measure each layer's KV heads' consistency (CV of per-chunk hit "
+        "counts of the last prompt queries), and write a CSV (one row per layer, one 0/1 column per KV head; "
+        "1 = adaptive, kept full) for `method=catekv method.headmask_path=...`. Overrides pick the model and task "
+        f"as in evalkv pred (default: {' '.join(HEADMASK_DEFAULTS)}; the reference uses 128K-token vt samples).")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model=..., task=..., task.X=...")
+    parser.add_argument("-o", "--output", required=True, help="the headmask CSV to write (+ .json with details)")
+    parser.add_argument("--samples", type=int, default=50, help="reference samples (reference: 50)")
+    parser.add_argument("--cv-threshold", type=float, default=0.4, help="share of heads made adaptive (ref. 0.4)")
+    parser.add_argument("--top-fraction", type=float, default=0.998, help="quantile setting the hit level")
+    parser.add_argument("--top-threshold", type=float, default=1.0)
+    parser.add_argument("--chunk-size", type=int, default=8)
+    parser.add_argument("--init-tokens", type=int, default=64)
+    parser.add_argument("--recent-tokens", type=int, default=256)
+    parser.add_argument("--last-q", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw of sample matrices")
+    options = parser.parse_args(args)
+    from evalkv.config import compose_run
+    from evalkv.config import options as group_options
+    from evalkv.models.config import ModelConfig
+    from evalkv.models.loader import load_model
+    from evalkv.run.headmask import ConsistencyProbe, build_headmask, static_headmask, write_headmask
+    from evalkv.tasks import build_task
+
+    if not 0 < options.cv_threshold < 1 or options.samples < 1:
+        raise EvalkvError("headmask: --cv-threshold must be in (0, 1) and --samples >= 1")
+    overrides = options.overrides if any(o.startswith("task=") for o in options.overrides) else [
+        *HEADMASK_DEFAULTS, *options.overrides]
+    _check_group_choices(overrides)
+    cfg = compose_run(overrides)
+    model = load_model(ModelConfig(**group_options(cfg.model), name=cfg.model.name))
+    task = build_task(cfg.task.name, group_options(cfg.task))
+    probe = ConsistencyProbe(chunk_size=options.chunk_size, init_tokens=options.init_tokens,
+                             recent_tokens=options.recent_tokens, last_q=options.last_q,
+                             top_fraction=options.top_fraction, top_threshold=options.top_threshold)
+    matrices = build_headmask(model, task, options.samples, probe)
+    mask = static_headmask(matrices, options.cv_threshold, seed=options.seed)
+    metadata = {"model": model.description, "task": cfg.task.name, "overrides": overrides,
+                "samples": len(matrices), **{k: v for k, v in vars(options).items() if k not in ("overrides",)}}
+    write_headmask(Path(options.output), mask, metadata, matrices)
+    print(f"{options.output}: {int(mask.sum())} of {mask.numel()} heads adaptive ({len(matrices)} samples)")
+    return 0
+
+
 COMMANDS = {"pred": cmd_pred, "score": cmd_score, "table": cmd_table, "plot": cmd_plot, "list": cmd_list,
-            "demo": cmd_demo, "bench": cmd_bench}
+            "demo": cmd_demo, "bench": cmd_bench, "headmask": cmd_headmask}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,9 @@
 """Method configurations the engine-level tests run on tiny models (prompt of 540 tokens, budget well below)."""
 
+from pathlib import Path
+
 BUDGET = 64
+MIXED_HEADMASK = str(Path(__file__).parent / "data" / "headmask_mixed.csv")  # tiny models: 2 layers x 2 KV heads
 
 CASES = {
     "full": {},
@@ -33,6 +36,7 @@ CASES = {
     "lru": {"budget": BUDGET},
     "lru-kv_head": {"budget": BUDGET, "granularity": "kv_head"},
     "knorm": {"budget": BUDGET},
+    "catekv": {"budget": 96, "init_tokens": 16, "recent_tokens": 32, "headmask_path": MIXED_HEADMASK},
 }
 
 

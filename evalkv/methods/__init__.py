@@ -2,6 +2,7 @@
 
 from evalkv.methods import (  # noqa: F401  (importing a method module registers it)
     adakv,
+    catekv,
     full,
     h2o,
     knorm,
