@@ -16,6 +16,9 @@ CASES = {
     "h2o": {"budget": BUDGET},
     "h2o-query_head": {"budget": BUDGET, "granularity": "query_head", "recent_size": 16},
     "tova": {"budget": BUDGET},
+    "kmeans": {"budget": BUDGET, "window_size": 8},
+    "kmeans-representative": {"budget": BUDGET, "window_size": 8, "selection": "representative"},
+    "kmeans-centroid-decode": {"budget": BUDGET, "window_size": 8, "scoring": "centroid", "cluster_every": 3},
 }
 
 
