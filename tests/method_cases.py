@@ -1,6 +1,12 @@
 """Method configurations the engine-level tests run on tiny models (prompt of 540 tokens, budget well below)."""
 
+import os
+import tempfile
+from pathlib import Path
+
 BUDGET = 64
+# A random-weight learned_mlp policy for the tiny models, written by conftest's session fixture.
+TINY_POLICY = Path(tempfile.gettempdir()) / f"evalkv-tests-{os.getpid()}" / "tiny-policy.safetensors"
 
 CASES = {
     "full": {},
@@ -19,6 +25,8 @@ CASES = {
     "kmeans": {"budget": BUDGET, "window_size": 8},
     "kmeans-representative": {"budget": BUDGET, "window_size": 8, "selection": "representative"},
     "kmeans-centroid-decode": {"budget": BUDGET, "window_size": 8, "scoring": "centroid", "cluster_every": 3},
+    "learned_mlp": {"budget": BUDGET, "window_size": 8, "policy_path": str(TINY_POLICY)},
+    "learned_mlp-chunked": {"budget": BUDGET, "window_size": 8, "chunk_size": 100, "policy_path": str(TINY_POLICY)},
 }
 
 

@@ -4,6 +4,7 @@ from evalkv.methods import (  # noqa: F401
     full,
     h2o,
     kmeans,
+    learned_mlp,
     sink_recent_uniform,
     sliding_window,
     snapkv,
