@@ -1,4 +1,4 @@
-"""The `evalkv` command: pred, score, table, plot, list, demo, bench, headmask."""
+"""The `evalkv` command: pred, score, table, plot, list, demo, bench, headmask, train-policy."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ commands:
   demo                         the README's main job: passkey on the embedded model, full vs SnapKV vs StreamingLLM
   bench                        speed and memory per method x context length (prefill, overhead, decode, peak)
   headmask KEY=VALUE ... -o CSV CateKV's head classification (consistent / adaptive) from a reference task
+  train-policy -o FILE K=V ... train learned_mlp's eviction policy on a model and task's prompts
 
 `evalkv COMMAND --help` explains each command.
 """
@@ -307,8 +308,72 @@ def cmd_headmask(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"pred": cmd_pred, "score": cmd_score, "table": cmd_table, "plot": cmd_plot, "list": cmd_list,
-            "demo": cmd_demo, "bench": cmd_bench, "headmask": cmd_headmask}
+TRAIN_POLICY_EPILOG = """KEY=VALUE overrides pick the model and the training prompts as in evalkv pred (model=,
+task=, task.X=, model.X=, task.n_samples=); the model runs with the full cache. A task with a `seed` option
+(passkey) gets task.seed=1729 unless one is given, so training prompts differ from the evaluation's (passkey's
+default seed is 42); for other tasks choose data disjoint from what you evaluate on. The policy file records the
+task config it was trained on. Use it with: evalkv pred method=learned_mlp method.policy_path=FILE budget=128
+
+examples:
+  evalkv train-policy task.lengths=[1024,2048] task.samples_per_cell=4 -o policies/qwen-passkey.safetensors
+  evalkv train-policy model=llama3.1-8b-instruct task.n_samples=40 --steps 64 --top 256 -o llama.safetensors
+"""
+
+
+def cmd_train_policy(args: list[str]) -> int:
+    from evalkv.run.train_policy import TrainingOptions, compose_config, train_policy
+
+    defaults = TrainingOptions()
+    parser = argparse.ArgumentParser(
+        prog="evalkv train-policy", epilog=TRAIN_POLICY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the learned_mlp eviction policy: run a model with the full cache on a task's prompts, "
+        "record the attention each prompt token receives from the next --steps generated tokens, label the --top "
+        "most attended per layer and KV head, fit one small MLP per layer and KV head (BCE, Adam, fixed seed) and "
+        "write it as safetensors with JSON metadata.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    parser.add_argument("-o", "--output", required=True, help="the policy file to write (.safetensors)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="decode steps observed per prompt")
+    parser.add_argument("--top", type=int, default=defaults.top, help="tokens labelled 1 per layer and KV head")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--hidden", default=",".join(map(str, defaults.hidden)), help="hidden layer sizes")
+    parser.add_argument("--features", default=",".join(defaults.features),
+                        help="comma-separated subset of key, log_position, value_norm")
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and shuffling seed")
+    parser.add_argument("--holdout", type=float, default=defaults.holdout,
+                        help="share of the prompts held out to report the policy's ranking quality")
+    options = parser.parse_intermixed_args(args)
+    for override in options.overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if "=" not in override or key in ("method", "budget", "compression_ratio") or key.startswith("method."):
+            raise EvalkvError(f"train-policy takes model/task overrides (KEY=VALUE), got {override!r}: it always "
+                              "runs the full cache")
+    _check_group_choices(options.overrides)
+    try:
+        hidden = [int(size) for size in options.hidden.split(",") if size]
+    except ValueError:
+        raise EvalkvError(f"--hidden must be comma-separated integers, got {options.hidden!r}") from None
+    training = TrainingOptions(
+        steps=options.steps, top=options.top, epochs=options.epochs, hidden=hidden, lr=options.lr,
+        features=[name for name in options.features.split(",") if name], batch_size=options.batch_size,
+        seed=options.seed, holdout=options.holdout,
+    )
+    metadata = train_policy(compose_config(options.overrides), options.output, training)
+    report = metadata["training"]
+    print(f"trained on {report['prompts']} prompts ({report['tokens_per_head']} tokens per head) of "
+          f"{metadata['model_config']}; final loss {report['final_loss']}")
+    if "held_out_top_overlap" in report:
+        print(f"held-out prompts: the policy's top {training.top} recovers {report['held_out_top_overlap']:.1%} of "
+              f"the most attended tokens (chance {report['chance_top_overlap']:.1%})")
+    print(options.output)
+    return 0
+
+
+COMMANDS = {
+    "pred": cmd_pred, "score": cmd_score, "table": cmd_table, "plot": cmd_plot, "list": cmd_list, "demo": cmd_demo,
+    "bench": cmd_bench, "headmask": cmd_headmask, "train-policy": cmd_train_policy,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

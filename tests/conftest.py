@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from method_cases import TINY_POLICY
 
 import evalkv.methods  # noqa: F401  (registers the methods)
+from evalkv.kv import adapter
+from evalkv.methods.eviction_policy import EvictionPolicy
 from evalkv.models.loader import LoadedModel, stop_token_ids
 from evalkv.models.presets import build_random_model, byte_tokenizer
 
@@ -39,6 +42,16 @@ def tiny_loaded(architecture: str = "tiny-llama") -> LoadedModel:
         name=f"random-{architecture}", model=model, tokenizer=tok, backend="sdpa", max_prompt_length=None,
         stop_token_ids=stop_token_ids(tok, model), description="test",
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_policy():
+    """A random-weight learned_mlp policy for the tiny models' geometry (every feature on), at TINY_POLICY."""
+    geometry = adapter.geometry(tiny_model())
+    EvictionPolicy.initialise(geometry, ["key", "log_position", "value_norm"], [32], seed=0).save(TINY_POLICY)
+    yield TINY_POLICY
+    TINY_POLICY.unlink(missing_ok=True)
+    TINY_POLICY.parent.rmdir()
 
 
 @pytest.fixture(params=TINY_ARCHITECTURES)

@@ -1,9 +1,13 @@
 """Method configurations the engine-level tests run on tiny models (prompt of 540 tokens, budget well below)."""
 
+import os
+import tempfile
 from pathlib import Path
 
 BUDGET = 64
 MIXED_HEADMASK = str(Path(__file__).parent / "data" / "headmask_mixed.csv")  # tiny models: 2 layers x 2 KV heads
+# A random-weight learned_mlp policy for the tiny models, written by conftest's session fixture.
+TINY_POLICY = Path(tempfile.gettempdir()) / f"evalkv-tests-{os.getpid()}" / "tiny-policy.safetensors"
 
 CASES = {
     "full": {},
@@ -37,6 +41,11 @@ CASES = {
     "lru-kv_head": {"budget": BUDGET, "granularity": "kv_head"},
     "knorm": {"budget": BUDGET},
     "catekv": {"budget": 96, "init_tokens": 16, "recent_tokens": 32, "headmask_path": MIXED_HEADMASK},
+    "kmeans": {"budget": BUDGET, "window_size": 8},
+    "kmeans-representative": {"budget": BUDGET, "window_size": 8, "selection": "representative"},
+    "kmeans-centroid-decode": {"budget": BUDGET, "window_size": 8, "scoring": "centroid", "cluster_every": 3},
+    "learned_mlp": {"budget": BUDGET, "window_size": 8, "policy_path": str(TINY_POLICY)},
+    "learned_mlp-chunked": {"budget": BUDGET, "window_size": 8, "chunk_size": 100, "policy_path": str(TINY_POLICY)},
 }
 
 

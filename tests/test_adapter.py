@@ -9,6 +9,7 @@ from conftest import prompt_ids, tiny_model
 from evalkv.errors import EvalkvError
 from evalkv.kv import adapter
 from evalkv.kv.engine import Engine
+from evalkv.kv.view import Phase
 from evalkv.methods import build_method
 
 
@@ -84,3 +85,29 @@ def test_attention_outside_a_session_is_an_error(tokenizer):
     adapter.install(model)
     with pytest.raises(RuntimeError, match="outside an evalkv session"), torch.inference_mode():
         model(torch.tensor([prompt_ids(tokenizer, 1)]))
+
+
+
+def test_keys_before_rope_are_the_models_projected_keys(architecture, tokenizer):
+    """`view.keys_before_rope()` undoes RoPE with the model's own table: it equals k_proj of the layer's input,
+    position-free, also for entries kept at scattered positions after eviction."""
+    from evalkv.methods.streaming_llm import StreamingLLM
+
+    class Recorder(StreamingLLM):
+        def after_attention(self, view):
+            if view.layer_idx == 0 and view.phase is Phase.DECODE:
+                view.state["positions"] = view.positions[0, 0].clone()
+                view.state["keys"] = view.keys_before_rope()
+            return super().after_attention(view)
+
+    model = tiny_model(architecture)
+    ids = prompt_ids(tokenizer, repeats=2)
+    generation = Engine(model, Recorder(budget=24)).generate(ids, max_new_tokens=3, keep_session=True)
+    state = generation.session.layer_state[0]
+    sequence = torch.tensor([ids + generation.token_ids[:-1]])
+    assert state["positions"].tolist() == [0, 1, 2, 3, *range(len(ids) - 19, len(ids) + 2)]
+    attention = model.model.layers[0].self_attn
+    with torch.inference_mode():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(sequence))
+        keys = attention.k_proj(hidden).view(1, sequence.shape[1], -1, attention.head_dim).transpose(1, 2)
+    torch.testing.assert_close(state["keys"], keys[:, :, state["positions"]], atol=1e-5, rtol=0)

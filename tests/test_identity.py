@@ -7,7 +7,7 @@ from conftest import prompt_ids, tiny_model
 from method_cases import CASES, method_name
 
 from evalkv.kv.engine import Engine
-from evalkv.methods import METHODS, build_method
+from evalkv.methods import build_method
 
 NEW_TOKENS = 8
 
@@ -16,8 +16,8 @@ def _covering_options(case: str, prompt_length: int) -> dict:
     """The case's options with a budget of the prompt length (prompt-only methods) or of prompt + generated tokens
     (methods that hold the cache to the budget while decoding)."""
     options = dict(CASES[case])
-    cls = METHODS[method_name(case)]
-    budget = prompt_length + (NEW_TOKENS if cls.evicts_while_decoding else 0)
+    method = build_method(method_name(case), options)
+    budget = prompt_length + (NEW_TOKENS if method.evicts_while_decoding else 0)
     if "uniform_stride" in options:
         options.update(sink=budget, recent=0)
     elif "budget" in options:

@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
 from evalkv.errors import EvalkvError
+from evalkv.kv.rope import RotaryTable
 from evalkv.kv.session import Session
 from evalkv.kv.view import ModelGeometry
 
@@ -81,6 +82,25 @@ def geometry(model) -> ModelGeometry:
         num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
     )
+
+
+def rotary(model) -> RotaryTable | None:
+    """The model's RoPE table, `positions [B, m] -> (cos, sin) [B, m, head_dim]` fp32, or None if it has none.
+
+    Llama, Qwen2, Mistral and most families keep one `rotary_emb` on the decoder and call it with the hidden states
+    (read for their dtype and device only) and the position ids.
+    """
+    embedding = getattr(model.get_decoder(), "rotary_emb", None)
+    if embedding is None:
+        return None
+
+    def table(positions: Tensor) -> tuple[Tensor, Tensor]:
+        probe = torch.empty(0, dtype=torch.float32, device=positions.device)
+        with torch.no_grad():
+            cos, sin = embedding(probe, positions)
+        return cos.float(), sin.float()
+
+    return table
 
 
 def _sliding_window_layers(config) -> bool:

@@ -44,6 +44,7 @@ class Engine:
         self.method = method
         self.backend = backend
         self.geometry = adapter.geometry(model)
+        self.rotary = adapter.rotary(model)
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
@@ -62,7 +63,7 @@ class Engine:
         suffix = None
         if suffix_ids is not None and len(suffix_ids) > 0:
             suffix = torch.as_tensor(suffix_ids, dtype=torch.long, device=self.device).reshape(1, -1)
-        session = Session(self.method, self.geometry, prompt, backend=self.backend, trace=trace)
+        session = Session(self.method, self.geometry, prompt, backend=self.backend, trace=trace, rotary=self.rotary)
         cache = adapter.make_cache(session)
         stops = set(int(t) for t in stop_token_ids)
         forwards = [] if trace else None

@@ -20,6 +20,22 @@ def top_k_positions(scores: Tensor, k: int) -> Tensor:
     return order.sort(dim=-1).values
 
 
+def top_k_by_group(scores: Tensor, groups: Tensor, group_scores: Tensor, k: int) -> Tensor:
+    """k entries taken group by group: whole groups in (group score desc, group index asc) order, the group that
+    would overflow `k` filled with its best entries (score desc, index asc). Ascending indices.
+
+    scores, groups `[..., m]` (groups: int64 in `[0, G)`), group_scores `[..., G]`.
+    """
+    k = max(0, min(k, scores.shape[-1]))
+    by_score = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    group_order = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices
+    group_rank = torch.empty_like(group_order).scatter_(-1, group_order, torch.arange(
+        group_order.shape[-1], device=group_order.device).expand_as(group_order).contiguous())
+    entry_rank = group_rank.gather(-1, groups.gather(-1, by_score))
+    order = by_score.gather(-1, torch.sort(entry_rank, dim=-1, stable=True).indices)
+    return order[..., :k].sort(dim=-1).values
+
+
 def keep_best_and_tail(candidate_scores: Tensor, k: int, length: int) -> Tensor:
     """The best `k` candidates plus every entry after them.
 

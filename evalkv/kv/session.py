@@ -12,16 +12,19 @@ from torch import Tensor
 
 from evalkv.kv.attention import attend
 from evalkv.kv.cache import KVCache, LayerCache
+from evalkv.kv.rope import RotaryTable
 from evalkv.kv.view import AttentionView, ModelGeometry, Phase, SampleState
 
 
 class Session:
     def __init__(
-        self, method, geometry: ModelGeometry, input_ids: Tensor, backend: str = "sdpa", trace: bool = False
+        self, method, geometry: ModelGeometry, input_ids: Tensor, backend: str = "sdpa", trace: bool = False,
+        rotary: RotaryTable | None = None,
     ):
         self.method = method
         self.geometry = geometry
         self.backend = backend
+        self.rotary = rotary
         self.cache = KVCache(geometry.num_layers, geometry.num_kv_heads)
         self.layer_state: list[dict] = [{} for _ in range(geometry.num_layers)]
         self.sample = SampleState(input_ids=input_ids, prompt_length=input_ids.shape[-1])
@@ -49,6 +52,7 @@ class Session:
         view = AttentionView(
             layer_idx=layer_idx, geometry=self.geometry, sample=self.sample, query=query,
             query_positions=self.query_positions, scaling=scaling, cache=layer, state=self.layer_state[layer_idx],
+            rotary=self.rotary,
         )
         keep = self.method.before_attention(view)
         if keep is not None:

@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from evalkv.kv.cache import LayerCache
+from evalkv.kv.rope import RotaryTable, unrotate_keys
 
 
 class Phase(str, Enum):
@@ -54,6 +55,14 @@ class AttentionView:
     cache: LayerCache  # already holds the q new entries at its end
     state: dict[str, Any]  # the method's per-layer state for this sample
     output: Tensor | None = None  # [B, H, q, d] attention output before o_proj (after_attention only)
+    rotary: RotaryTable | None = None  # the model's RoPE table (Engine runs), for keys_before_rope
+
+    def keys_before_rope(self, start: int = 0) -> Tensor:
+        """Cache entries `start:` with RoPE undone (position-free keys), fp32 `[B, H_c, m - start, d]`."""
+        if self.rotary is None:
+            raise RuntimeError(f"layer {self.layer_idx}: no RoPE table in this view (models run through Engine "
+                               "provide the model's)")
+        return unrotate_keys(self.keys[..., start:, :], self.positions[..., start:], self.rotary)
 
     @property
     def phase(self) -> Phase:

@@ -34,7 +34,8 @@ class Method:
     name: ClassVar[str] = ""
     needs_budget: ClassVar[bool] = True
     # True when the cache is held to the budget during decoding too (H2O, TOVA, StreamingLLM); False when only the
-    # prompt is compressed and generated tokens are appended.
+    # prompt is compressed and generated tokens are appended. A method whose options decide it (kmeans'
+    # cluster_every) overrides it with a property: read it from an instance.
     evicts_while_decoding: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

@@ -66,6 +66,8 @@ def _default(field: dataclasses.Field):
 
 
 def _compact(value) -> str:
+    if isinstance(value, str) and "/" in value:  # a file option (policy_path=...): its name, not its folders
+        return Path(value).name
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, list) else (
         f"{value:g}" if isinstance(value, float) else str(value))
 
