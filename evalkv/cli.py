@@ -12,7 +12,7 @@ USAGE = """usage: evalkv COMMAND [ARGS]
 
 commands:
   pred   KEY=VALUE ...         run a model x method x task (Hydra overrides; --multirun sweeps)
-  score  PATH ...              score run directories or predictions .jsonl files, write scores.json
+  score  PATH ...              score run directories (or folders of runs) or predictions .jsonl files
   table  PATH ... [--format]   one table of every run under the paths (md, csv, latex, json)
   plot   needle RUN ... -o PNG  the needle-in-a-haystack heatmap (depth x context length) of runs
   list   methods|tasks|models  what is registered, one name per line

@@ -232,3 +232,13 @@ def test_table_views_show_timing_and_breakdowns(tmp_path, capsys):
     assert lengths[0].endswith("passkey/1024,passkey/2048") and lengths[1].endswith(",100.0,0.0")
     assert main(["table", str(run), "--view", "by_nothing"]) == 2
     assert "no run has a 'by_nothing' view" in capsys.readouterr().err
+
+
+def test_score_a_folder_of_runs_scores_each_run(tmp_path, capsys):
+    for name in ("a", "b/c"):
+        run = tmp_path / name
+        run.mkdir(parents=True)
+        (run / "predictions.jsonl").write_text('{"task": "passkey", "pred": "1", "answers": ["1"]}\n')
+    assert main(["score", "--quiet", str(tmp_path)]) == 0
+    assert sorted(p.parent.name for p in tmp_path.rglob("scores.json")) == ["a", "c"]
+    assert main(["score", str(tmp_path / "b" / "c" / "nothing")]) == 2

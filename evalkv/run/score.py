@@ -20,15 +20,17 @@ def _records_of_file(path: Path) -> list[dict]:
 
 
 def score_targets(paths: list[str]) -> list[tuple[Path, list[Path]]]:
-    """(scores.json path, predictions files) pairs: one per run directory, one per folder of loose files."""
+    """(scores.json path, predictions files) pairs: one per run directory (a folder of runs gives each of them),
+    one per folder of loose predictions files."""
     groups: dict[Path, list[Path]] = defaultdict(list)
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            predictions = path / PREDICTIONS
-            if not predictions.exists():
-                raise EvalkvError(f"{path} is not a run directory: it has no {PREDICTIONS}")
-            groups[path / SCORES].append(predictions)
+            runs = [path / PREDICTIONS] if (path / PREDICTIONS).exists() else sorted(path.rglob(PREDICTIONS))
+            if not runs:
+                raise EvalkvError(f"{path} holds no run: no {PREDICTIONS} in it or below it")
+            for predictions in runs:
+                groups[predictions.parent / SCORES].append(predictions)
         elif path.is_file():
             if path.suffix != ".jsonl":
                 raise EvalkvError(f"{path}: expected a run directory or a predictions .jsonl file")
