@@ -113,6 +113,12 @@ def test_static_headmask_marks_the_most_often_low_cv_heads():
     other = torch.tensor([[0.2, 5.0], [0.3, 6.0]])
     mask = static_headmask([low, low, other], ratio=0.25)  # 1 head of 4: (0, 0) is lowest in every sample
     assert mask.tolist() == [[True, False], [False, False]]
+    # one sample, ratio 0.5: 2 heads selected once, the 2nd largest count is 1 -> exactly those 2
+    assert static_headmask([low], ratio=0.5).tolist() == [[True, False], [True, False]]
+    # one sample, ratio 0.3 wants 2 heads but 1 falls under the quantile: the reference's 2nd largest count is 0,
+    # which would make all heads adaptive; a head never selected stays consistent
+    single = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert static_headmask([single], ratio=0.3).tolist() == [[True, False], [False, False]]
 
 
 def test_headmask_command_writes_a_layers_by_heads_csv(tmp_path, capsys):
@@ -124,6 +130,6 @@ def test_headmask_command_writes_a_layers_by_heads_csv(tmp_path, capsys):
     matrices = [torch.tensor(m) for m in details["cv_per_sample"]]
     assert mask.shape == (2, 2) and len(matrices) == 2
     frequency = sum((m <= torch.quantile(m.flatten(), 0.4)).float() for m in matrices)
-    cutoff = frequency.flatten().sort(descending=True).values[1]  # the ceil(0.4 * 4) = 2nd largest
+    cutoff = max(float(frequency.flatten().sort(descending=True).values[1]), 1.0)  # the ceil(0.4 * 4) = 2nd largest
     assert mask.tolist() == (frequency >= cutoff).tolist()
     assert f"{int(mask.sum())} of 4 heads adaptive" in capsys.readouterr().out

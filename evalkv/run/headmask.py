@@ -82,17 +82,18 @@ class ConsistencyProbe(Method):
         return None
 
 
-def static_headmask(matrices: list[Tensor], ratio: float, draws: int = 50, seed: int = 0) -> Tensor:
+def static_headmask(matrices: list[Tensor], ratio: float, draws: int = 50, seed: int = 42) -> Tensor:
     """The reference's `static.py`: over `draws` randomly chosen sample matrices, count how often each head is among
     the `ratio` lowest-CV heads (`CV <= quantile(M, ratio)`); heads whose count reaches the ceil(ratio * heads)-th
-    largest count are adaptive (ties may add heads)."""
+    largest count are adaptive (ties may add heads). Deviation: when that count is 0 (too few samples for the ties
+    to spread) the reference would make every head adaptive; here a head must have been selected at least once."""
     chosen = random.Random(seed).sample(matrices, min(draws, len(matrices)))
     frequency = torch.zeros_like(chosen[0])
     for matrix in chosen:
         frequency += (matrix <= torch.quantile(matrix.flatten(), ratio)).float()
     wanted = max(1, math.ceil(ratio * frequency.numel()))
     cutoff = frequency.flatten().sort(descending=True).values[wanted - 1]
-    return frequency >= cutoff
+    return frequency >= max(float(cutoff), 1.0)  # a head never among the lowest CVs never becomes adaptive
 
 
 def build_headmask(model: LoadedModel, task: Task, samples: int, probe: ConsistencyProbe) -> list[Tensor]:

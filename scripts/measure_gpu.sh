@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The GPU measurements recorded in docs/results.md, one phase per call; every phase resumes where it stopped.
+# Runs the project's own commands on the embedded model (EVALKV_EMBEDDED_GGUF points at the assembled file).
+#   usage: scripts/measure_gpu.sh PHASE
+#   phases: passkey, prepare, overhead, methods, needle, ruler
+#   env: EVALKV (default: python3 -m evalkv.cli), MODEL (default: the embedded qwen2.5-coder-0.5b-instruct),
+#        RESULTS (runs; default /root/results), OUT (tables; default RESULTS), ESSAYS (RULER's
+#        PaulGrahamEssays.json), RULER_SAMPLES (samples per RULER task and length; default 3)
+set -euo pipefail
+phase=${1:?usage: scripts/measure_gpu.sh PHASE}
+root=${RESULTS:-/root/results}
+out=${OUT:-$root}
+evalkv=${EVALKV:-python3 -m evalkv.cli}
+model=${MODEL:-qwen2.5-coder-0.5b-instruct}
+mkdir -p "$root" "$out"
+
+run() { echo "+ $*" >&2; "$@"; }
+pred() { run $evalkv pred "model=$model" progress=false "$@"; }
+tables() {  # scores of every run under a folder, then its tables into $out
+  local dir=$1 name=$2; shift 2
+  run $evalkv score --quiet "$dir"
+  $evalkv table "$dir" > "$out/$name.md"
+  for view in "$@"; do $evalkv table "$dir" --view "$view" > "$out/$name.$view.md"; done
+}
+
+# every method of the project; sink_recent_uniform, catekv and learned_mlp run apart (they need extra options)
+METHODS=full,snapkv,pyramidkv,adakv,h2o,tova,streaming_llm,sliding_window,segment_two_stage,obcache,lacache,lru,knorm,kmeans
+
+every_method() {  # every_method BUDGET TASK-OVERRIDES...: all methods at one budget
+  local budget=$1; shift
+  local small=$(( budget < 512 ))
+  pred --multirun "$@" method=$METHODS budget=$budget
+  if (( small )); then
+    pred "$@" method=sink_recent_uniform budget=$budget method.sink=32 method.recent=64
+    pred "$@" method=catekv budget=$budget method.init_tokens=16 method.recent_tokens=64 \
+      "method.headmask_path=$root/headmask.csv"
+  else
+    pred "$@" method=sink_recent_uniform budget=$budget method.sink=128 method.recent=256
+    pred "$@" method=catekv budget=$budget "method.headmask_path=$root/headmask.csv"
+  fi
+  pred "$@" method=learned_mlp budget=$budget "method.policy_path=$root/policy.safetensors"
+}
+
+case $phase in
+passkey)  # issue 3: passkey 4K-32K, depths 0-100%, full + four methods at budgets 128 and 1024
+  task=(task=passkey "task.lengths=[4096,8192,16384,32768]" "task.depths=[0,20,40,60,80,100]"
+        "output_dir=$root/passkey")
+  pred "${task[@]}" method=full
+  pred --multirun "${task[@]}" method=snapkv,streaming_llm,h2o,tova budget=128,1024
+  tables "$root/passkey" passkey by_context_length by_depth timing
+  ;;
+prepare)  # catekv's headmask (RULER vt) and learned_mlp's policy (passkey prompts, seed 1729), made once
+  [[ -f $root/headmask.csv ]] || run $evalkv headmask "model=$model" task=ruler "task.tasks=[vt]" "task.lengths=[16384]" \
+    task.num_samples=8 --samples 8 -o "$root/headmask.csv"
+  [[ -f $root/policy.safetensors ]] || run $evalkv train-policy "model=$model" task=passkey "task.lengths=[4096,8192]" \
+    "task.depths=[5,35,65,95]" --steps 16 --top 128 -o "$root/policy.safetensors"
+  ;;
+overhead)  # issue 6: each method's eviction overhead as a fraction of the full cache's prefill time at 32K
+  run $evalkv bench --model "$model" --lengths 32768 --new-tokens 8 --repeats 3 --budget 512 \
+    --methods "$METHODS,sink_recent_uniform,catekv,learned_mlp" \
+    --option sink_recent_uniform.sink=128 --option sink_recent_uniform.recent=256 \
+    --option "catekv.headmask_path=$root/headmask.csv" --option "learned_mlp.policy_path=$root/policy.safetensors" \
+    -o "$out/overhead.json" > "$out/overhead.md"
+  ;;
+methods)  # issue 6: every method at budgets 128 and 512: passkey 8K-32K, RULER niah_single_2 + niah_multikey_1
+  for budget in 128 512; do
+    every_method $budget task=passkey "task.lengths=[8192,16384,32768]" "task.depths=[10,50,90]" \
+      "output_dir=$root/methods"
+    every_method $budget task=ruler "task.tasks=[niah_single_2,niah_multikey_1]" "task.lengths=[8192,16384]" \
+      task.num_samples=3 "task.essay_path=$ESSAYS" "output_dir=$root/methods"
+  done
+  tables "$root/methods" methods by_context_length timing
+  ;;
+needle)  # issue 5: needle heatmaps up to 32K for full and snapkv@256 (the KV-cache papers' form)
+  grid=(task=needle "task.haystack_path=$ESSAYS" "task.lengths=[2048,4096,8192,16384,32000]"
+        "output_dir=$root/needle")
+  pred "${grid[@]}" method=full
+  pred "${grid[@]}" method=snapkv budget=256
+  for run_dir in "$root"/needle/*/*/*/; do
+    name=$(basename "$run_dir")
+    run $evalkv plot needle "$run_dir" -o "$out/needle_$name.png" --title "Qwen2.5-Coder-0.5B-Instruct, $name"
+  done
+  tables "$root/needle" needle by_context_length
+  ;;
+ruler)  # issue 5: RULER 4K/8K/16K (11 tasks) for full, snapkv, streaming_llm, h2o at budgets 256 and 1024
+  spec=(task=ruler "task.essay_path=$ESSAYS" "task.lengths=[4096,8192,16384]"
+        task.num_samples=${RULER_SAMPLES:-3} "output_dir=$root/ruler")
+  pred "${spec[@]}" method=full
+  pred --multirun "${spec[@]}" method=snapkv,streaming_llm,h2o budget=256,1024
+  tables "$root/ruler" ruler by_context_length timing
+  ;;
+*)
+  echo "unknown phase $phase; phases: passkey, prepare, overhead, methods, needle, ruler" >&2
+  exit 2
+  ;;
+esac
