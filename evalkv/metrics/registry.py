@@ -1,8 +1,9 @@
 """Which metric scores which benchmark task, and how a run's records become `scores.json`.
 
 A record's `task` field (the benchmark's own task name) picks its metric. Task scores are the mean per-sample score
-x 100 rounded to 2 decimals (the LongBench and RULER scripts' scale); the average is the unweighted mean of the
-task scores.
+x 100 rounded to 2 decimals (the LongBench and RULER scripts' scale; a metric may aggregate as its benchmark's script
+does); the average is the unweighted mean of the task scores. Group summaries (a benchmark's category averages)
+go under `groups` when a registered summary applies.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from evalkv.errors import EvalkvError
 
 SampleScore = Callable[[dict], float]  # a record -> score in [0, 1]
 Breakdown = Callable[[list[dict], list[float]], dict]  # records, their scores -> extra views (per length, ...)
+Aggregate = Callable[[list[float]], float]  # per-sample scores -> the task score (0-100)
+Groups = Callable[[dict[str, float]], dict]  # task scores -> {group: summary} for the groups present
 
 
 @dataclass(frozen=True)
@@ -22,13 +25,19 @@ class TaskMetric:
     metric: str
     score: SampleScore
     breakdown: Breakdown | None = None
+    aggregate: Aggregate | None = None  # default: `percent`
 
 
 METRICS: dict[str, TaskMetric] = {}
+GROUPS: list[Groups] = []
 
 
 def register_metric(task: str, metric: TaskMetric) -> None:
     METRICS[task] = metric
+
+
+def register_groups(summary: Groups) -> None:
+    GROUPS.append(summary)
 
 
 def metric_for(task: str) -> TaskMetric:
@@ -72,10 +81,14 @@ def score_records(records: list[dict]) -> dict:
         metric = metric_for(task)
         rows = by_task[task]
         scores = [float(metric.score(record)) for record in rows]
-        task_scores[task] = percent(scores)
+        task_scores[task] = (metric.aggregate or percent)(scores)
         counts[task] = len(rows)
         metrics[task] = metric.metric
         if metric.breakdown is not None:
             breakdowns[task] = metric.breakdown(rows, scores)
     average = round(sum(task_scores.values()) / len(task_scores), 2) if task_scores else None
-    return {"task_scores": task_scores, "n": counts, "average": average, "metric": metrics, "breakdown": breakdowns}
+    result = {"task_scores": task_scores, "n": counts, "average": average, "metric": metrics, "breakdown": breakdowns}
+    groups = {name: summary for groups_of in GROUPS for name, summary in groups_of(task_scores).items()}
+    if groups:
+        result["groups"] = groups
+    return result

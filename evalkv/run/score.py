@@ -63,4 +63,7 @@ def format_scores(scores: dict) -> str:
     lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in
                        enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    for group, summary in scores.get("groups", {}).items():
+        categories = ", ".join(f"{name} {value:.2f}" for name, value in summary["categories"].items())
+        lines.append(f"{group} ({summary['tasks']} tasks): average {summary['average']:.2f}; {categories}")
     return "\n".join(lines)
