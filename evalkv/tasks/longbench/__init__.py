@@ -1,0 +1,1 @@
+"""LongBench v1, LongBench-E and MiniLongBench (specs/benchmarks.md §A)."""
