@@ -146,7 +146,7 @@ def test_table_shows_missing_cells_as_missing(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["pred", "method=snapkvv"], "unknown method 'snapkvv'; known: full, h2o"),
     (["pred", "model=llama9"], "unknown model 'llama9'; known:"),
-    (["pred", "task=passkee"], "unknown task 'passkee'; known: passkey"),
+    (["pred", "task=passkee"], "unknown task 'passkee'; known: longbench, minilongbench, passkey"),
     (["pred", *TINY, "method=snapkv", "budget=0"], "budget must be a positive number"),
     (["pred", *TINY, "method=snapkv", "budget=-3"], "budget must be a positive number"),
     (["pred", *TINY, "method=snapkv"], "needs a budget"),
