@@ -1,4 +1,4 @@
-"""The `evalkv` command: pred, score, table, plot, list, demo, bench, headmask, train-policy."""
+"""The `evalkv` command: pred, score, table, plot, list, demo, data, bench, headmask, train-policy."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ commands:
   bench                        speed and memory per method x context length (prefill, overhead, decode, peak)
   headmask KEY=VALUE ... -o CSV CateKV's head classification (consistent / adaptive) from a reference task
   train-policy -o FILE K=V ... train learned_mlp's eviction policy on a model and task's prompts
+  data   longbench|minilongbench-to-jsonl  fetch LongBench's data.zip / convert MiniLongBench to predictions
 
 `evalkv COMMAND --help` explains each command.
 """
@@ -370,9 +371,47 @@ def cmd_train_policy(args: list[str]) -> int:
     return 0
 
 
+
+def cmd_data(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="evalkv data", description="Fetch or convert benchmark data.")
+    kinds = parser.add_subparsers(dest="what", required=True, metavar="longbench|minilongbench-to-jsonl")
+    longbench = kinds.add_parser(
+        "longbench", help="download LongBench's data.zip from the hub and unpack it",
+        description="Download LongBench's data.zip from the hub (THUDM/LongBench, now zai-org/LongBench), or take "
+        "a local copy, check every file's row count, and unpack {task}.jsonl and {task}_e.jsonl into DEST "
+        "(use it as task.data_dir). Nothing is written unless every file checks out.")
+    longbench.add_argument("--dest", default="data/longbench", help="where the files go (default data/longbench)")
+    longbench.add_argument("--from-archive", metavar="PATH", help="a data.zip already downloaded (works offline)")
+    mini = kinds.add_parser(
+        "minilongbench-to-jsonl", help="MiniLongBench's stored predictions as a predictions .jsonl",
+        description="Write the predictions stored in a folder of MiniLongBench_{task}.json files as evalkv "
+        "records (id, task, pred, answers, all_classes), for `evalkv score`.")
+    mini.add_argument("source", metavar="DIR", help="folder of MiniLongBench_{task}.json files")
+    mini.add_argument("output", metavar="FILE", help="the predictions .jsonl to write")
+    options = parser.parse_args(args)
+    if options.what == "longbench":
+        from evalkv.tasks.longbench.data import fetch_longbench
+
+        archive = Path(options.from_archive) if options.from_archive else None
+        counts = fetch_longbench(Path(options.dest), archive)
+        print(f"{len(counts)} files, {sum(counts.values())} rows (every row count as published) in:")
+        print(options.dest)
+    else:
+        import json
+
+        from evalkv.run.records import write_text_atomic
+        from evalkv.tasks.longbench.data import minilongbench_records
+
+        records = minilongbench_records(Path(options.source))
+        write_text_atomic(Path(options.output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        print(f"{len(records)} records over {len({r['task'] for r in records})} tasks")
+        print(options.output)
+    return 0
+
+
 COMMANDS = {
     "pred": cmd_pred, "score": cmd_score, "table": cmd_table, "plot": cmd_plot, "list": cmd_list, "demo": cmd_demo,
-    "bench": cmd_bench, "headmask": cmd_headmask, "train-policy": cmd_train_policy,
+    "data": cmd_data, "bench": cmd_bench, "headmask": cmd_headmask, "train-policy": cmd_train_policy,
 }
 
 

@@ -146,7 +146,7 @@ def test_table_shows_missing_cells_as_missing(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["pred", "method=snapkvv"], "unknown method 'snapkvv'; known: "),
     (["pred", "model=llama9"], "unknown model 'llama9'; known:"),
-    (["pred", "task=passkee"], "unknown task 'passkee'; known: needle, passkey, ruler"),
+    (["pred", "task=passkee"], "unknown task 'passkee'; known: longbench, minilongbench, needle, passkey, ruler"),
     (["pred", *TINY, "method=snapkv", "budget=0"], "budget must be a positive number"),
     (["pred", *TINY, "method=snapkv", "budget=-3"], "budget must be a positive number"),
     (["pred", *TINY, "method=snapkv"], "needs a budget"),
@@ -204,7 +204,7 @@ def test_list_prints_one_name_per_line(capsys):
     assert "qwen2.5-coder-0.5b-instruct" in [line.split()[0] for line in capsys.readouterr().out.splitlines()]
 
 
-@pytest.mark.parametrize("command", ["pred", "score", "table", "plot", "list", "demo", "bench", "headmask",
+@pytest.mark.parametrize("command", ["pred", "score", "table", "plot", "list", "demo", "data", "bench", "headmask",
                                      "train-policy"])
 def test_every_command_has_help(command, capsys):
     try:

@@ -56,5 +56,5 @@ def test_suite_averages_tasks_per_length_then_lengths():
     assert ruler_suite({"passkey": 10.0}, {}) is None
 
 
-def test_scores_without_ruler_tasks_have_no_suite():
-    assert "suites" not in score_records([{"task": "passkey", "pred": "1", "answers": ["1"]}])
+def test_scores_without_ruler_tasks_have_no_ruler_group():
+    assert "groups" not in score_records([{"task": "passkey", "pred": "1", "answers": ["1"]}])

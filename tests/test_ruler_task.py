@@ -138,12 +138,12 @@ def test_pred_and_score_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["score", str(run)]) == 0
     printed = capsys.readouterr().out
-    assert "string_match_all" in printed and "ruler by context length: 1024:" in printed
+    assert "string_match_all" in printed and "ruler (1 task): average " in printed and "1024 " in printed
     scores = json.loads((run / "scores.json").read_text())
     for task in ("fwe",):
         rows = [r for r in records if r["task"] == task]
         expected = round(sum(match_all(postprocess_pred(r["pred"]), r["answers"]) for r in rows) / len(rows) * 100, 2)
         assert scores["task_scores"][task] == expected
         assert set(scores["breakdown"][task]["by_context_length"]) == {"1024", "1280"}
-    suite = scores["suites"]["ruler"]
+    suite = scores["groups"]["ruler"]
     assert suite["tasks"] == ["fwe"] and suite["by_context_length"] == scores["breakdown"]["fwe"]["by_context_length"]

@@ -56,7 +56,13 @@ class Engine:
         suffix_ids: Sequence[int] | Tensor | None = None,
         trace: bool = False,
         keep_session: bool = False,
+        min_new_tokens: int = 0,
     ) -> Generation:
+        """Greedy tokens after `prompt_ids` (compressed by the method) and `suffix_ids` (fed after compression).
+
+        Generation stops after a stop token or `max_new_tokens`; stop tokens are masked out of the first
+        `min_new_tokens` choices (HF generate's `min_length`, which LongBench uses on samsum).
+        """
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device).reshape(1, -1)
@@ -66,7 +72,13 @@ class Engine:
         session = Session(self.method, self.geometry, prompt, backend=self.backend, trace=trace, rotary=self.rotary)
         cache = adapter.make_cache(session)
         stops = set(int(t) for t in stop_token_ids)
+        masked = torch.tensor(sorted(stops), dtype=torch.long, device=self.device) if min_new_tokens and stops else None
         forwards = [] if trace else None
+
+        def choose(logits: Tensor, generated: int) -> int:
+            if masked is not None and generated < min_new_tokens:
+                logits = logits.index_fill(-1, masked, float("-inf"))
+            return int(logits.argmax(dim=-1)[0])
 
         def step(ids: Tensor, start: int, phase: Phase, last_chunk: bool = True) -> Tensor:
             positions = torch.arange(start, start + ids.shape[-1], device=self.device)[None, :]
@@ -87,7 +99,7 @@ class Engine:
             if suffix is not None:
                 logits = step(suffix, length, Phase.SUFFIX)
                 length += suffix.shape[-1]
-            token = int(logits.argmax(dim=-1)[0])
+            token = choose(logits, 0)
             adapter.synchronize(self.device)
             prefill_s = time.perf_counter() - began
             kept_tokens, kv_bytes = session.cache.kept_tokens(), session.cache.nbytes
@@ -97,7 +109,7 @@ class Engine:
             while len(generated) < max_new_tokens and token not in stops:
                 fed = torch.tensor([[token]], device=self.device)
                 logits = step(fed, length + len(generated) - 1, Phase.DECODE)
-                token = int(logits.argmax(dim=-1)[0])
+                token = choose(logits, len(generated))
                 generated.append(token)
             adapter.synchronize(self.device)
             decode_s = time.perf_counter() - began

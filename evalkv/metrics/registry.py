@@ -2,8 +2,8 @@
 
 A record's `task` field (the benchmark's own task name) picks its metric. Task scores are the mean per-sample score
 x 100 rounded to 2 decimals (the LongBench and RULER scripts' scale), or the metric's own `aggregate` where the
-reference computes it in another order; the average is the unweighted mean of the task scores. Suites (RULER) add a
-benchmark-level view under `suites`.
+reference computes it in another order; the average is the unweighted mean of the task scores. Benchmark-level
+summaries (RULER's per-length averages, LongBench's categories) go under `groups`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from evalkv.errors import EvalkvError
 SampleScore = Callable[[dict], float]  # a record -> score in [0, 1]
 Breakdown = Callable[[list[dict], list[float]], dict]  # records, their scores -> extra views (per length, ...)
 Aggregate = Callable[[list[float]], float]  # per-sample scores -> the task score (0-100)
-Suite = Callable[[dict[str, float], dict[str, dict]], "dict | None"]  # task scores, breakdowns -> a suite's view
+GroupSummary = Callable[[dict[str, float], dict[str, dict]], "dict | None"]  # task scores, breakdowns
 
 
 @dataclass(frozen=True)
@@ -29,16 +29,16 @@ class TaskMetric:
 
 
 METRICS: dict[str, TaskMetric] = {}
-SUITES: dict[str, Suite] = {}
+GROUPS: dict[str, GroupSummary] = {}
 
 
 def register_metric(task: str, metric: TaskMetric) -> None:
     METRICS[task] = metric
 
 
-def register_suite(name: str, summary: Suite) -> None:
-    """A benchmark-level summary over several tasks' scores, written to scores.json `suites[name]` when not None."""
-    SUITES[name] = summary
+def register_group(name: str, summary: GroupSummary) -> None:
+    """A benchmark-level summary of several tasks' scores, written to scores.json `groups[name]` when not None."""
+    GROUPS[name] = summary
 
 
 def metric_for(task: str) -> TaskMetric:
@@ -89,12 +89,12 @@ def score_records(records: list[dict]) -> dict:
             breakdowns[task] = metric.breakdown(rows, scores)
     average = round(sum(task_scores.values()) / len(task_scores), 2) if task_scores else None
     timing = {task: values for task, rows in sorted(by_task.items()) if (values := _mean_fields(rows))}
-    scores = {"task_scores": task_scores, "n": counts, "average": average, "metric": metrics, "breakdown": breakdowns,
+    result = {"task_scores": task_scores, "n": counts, "average": average, "metric": metrics, "breakdown": breakdowns,
               "timing": timing}
-    suites = {name: view for name, summary in SUITES.items() if (view := summary(task_scores, breakdowns))}
-    if suites:
-        scores["suites"] = suites
-    return scores
+    groups = {name: view for name, summary in GROUPS.items() if (view := summary(task_scores, breakdowns))}
+    if groups:
+        result["groups"] = groups
+    return result
 
 
 TIMING_FIELDS = ("prompt_tokens", "new_tokens", "kept_tokens", "prefill_s", "decode_s")

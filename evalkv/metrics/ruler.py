@@ -4,7 +4,7 @@ A prediction is post-processed (`strip`, control characters to newlines, `strip`
 lower-cased text occurs in the lower-cased prediction. `string_match_all` (niah, vt, cwe, fwe) scores the fraction
 of references found; `string_match_part` (qa) scores 1 if any is found. A task's score is
 `round(sum(scores) / n * 100, 2)` in that order, per length as RULER reports it and over every length pooled.
-The RULER suite view gives, per length, the mean of the task scores at that length, and their mean over lengths
+The RULER group view gives, per length, the mean of the task scores at that length, and their mean over lengths
 (the README's "Avg."), each rounded to 2 decimals.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from evalkv.metrics.registry import TaskMetric, mean_by, register_metric, register_suite
+from evalkv.metrics.registry import TaskMetric, mean_by, register_group, register_metric
 from evalkv.tasks.ruler.constants import RULER_TASKS
 
 _CONTROL = re.compile(r"[\x00-\x1f]")
@@ -75,4 +75,4 @@ def ruler_suite(task_scores: dict[str, float], breakdowns: dict[str, dict]) -> d
 
 for _name, _task in RULER_TASKS.items():
     register_metric(_name, _metric(match_part if _task.metric == "string_match_part" else match_all, _task.metric))
-register_suite("ruler", ruler_suite)
+register_group("ruler", ruler_suite)

@@ -42,16 +42,46 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def chat_text(self, text: str) -> str:
+        """`text` as one user turn with the model's chat template, followed by the assistant's generation prompt."""
+        if not self.has_chat_template:
+            raise EvalkvError(f"model {self.name} has no chat template; set the task's chat_template=false")
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+
+    def _tokenize(self, text: str, chat: bool, **options):
+        # A chat template writes its own BOS; plain text gets the tokenizer's default special tokens.
+        return self.tokenizer(text, add_special_tokens=not chat, **options)
+
     def encode_prompt(self, text: str, chat: bool = False) -> list[int]:
         """Token ids of `text`, wrapped as one user turn with the model's chat template when `chat`."""
+        return self._tokenize(self.chat_text(text) if chat else text, chat)["input_ids"]
+
+    def encode_split(self, text: str, split: int, chat: bool = False) -> tuple[list[int], list[int]]:
+        """`encode_prompt(text, chat)` cut in two: the tokens of `text[:split]` (with the chat template's opening) and
+        the rest (with its closing). One tokenization of the whole prompt, so the two parts concatenate to exactly
+        `encode_prompt`'s ids; a token that straddles the split goes to the second part."""
+        rendered, position = text, split
         if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise EvalkvError(f"model {self.name} has no chat template; set the task's chat_template=false")
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(text)["input_ids"]
+            marker = "\ue000evalkv-split\ue000"
+            marked = self.chat_text(text[:split] + marker + text[split:])
+            position, rendered = marked.find(marker), marked.replace(marker, "", 1)
+            if position < 0 or rendered != self.chat_text(text):
+                raise EvalkvError(
+                    f"the chat template of model {self.name} rewrites the prompt, so its context and question cannot "
+                    "be fed separately; set the task's chat_template=false or query_agnostic=false"
+                )
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise EvalkvError(f"model {self.name}: splitting a prompt needs a fast tokenizer (character offsets)")
+        encoded = self._tokenize(rendered, chat, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        cut = next((index for index, (_, end) in enumerate(offsets) if end > position), len(ids))
+        return ids[:cut], ids[cut:]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

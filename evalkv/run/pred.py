@@ -53,7 +53,7 @@ def cached_model(cfg: ModelConfig) -> LoadedModel:
 
 
 def _non_default(obj) -> dict:
-    skip = {"budget", "compression_ratio", "n_samples"}
+    skip = {"budget", "compression_ratio", "n_samples", *getattr(obj, "free_options", ())}
     return {
         f.name: getattr(obj, f.name)
         for f in dataclasses.fields(obj)
@@ -99,15 +99,16 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix.rstrip("."): value}
 
 
-def check_resumable(run_dir: Path, composed: dict) -> None:
+def check_resumable(run_dir: Path, composed: dict, task: Task) -> None:
     stored_path = run_dir / CONFIG
     if not stored_path.exists():
         return
     stored = _flatten(OmegaConf.to_container(OmegaConf.load(stored_path), resolve=True))
     current = _flatten(composed)
+    resumable = _RESUMABLE_KEYS | {f"task.{option}" for option in task.free_options}
     differing = sorted(
         key for key in set(stored) | set(current)
-        if key not in _RESUMABLE_KEYS and stored.get(key) != current.get(key)
+        if key not in resumable and stored.get(key) != current.get(key)
     )
     if differing:
         shown = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in differing[:6])
@@ -164,7 +165,7 @@ def run_pred(cfg: DictConfig) -> Path:
     task = build_task(cfg.task.name, options(cfg.task))
     model_cfg = ModelConfig(**options(cfg.model), name=cfg.model.name)
     run_dir = run_directory(cfg, method, task)
-    check_resumable(run_dir, composed)
+    check_resumable(run_dir, composed, task)
 
     predictions = run_dir / PREDICTIONS
     done: set[str] = set()
@@ -211,6 +212,7 @@ def run_pred(cfg: DictConfig) -> Path:
             generation = engine.generate(
                 sample.prompt_ids, sample.max_new_tokens,
                 stop_token_ids=[*model.stop_token_ids, *sample.stop_token_ids], suffix_ids=sample.suffix_ids,
+                min_new_tokens=sample.min_new_tokens,
             )
             writer.write(make_record(sample, model, method, generation))
             done.add(sample.id)

@@ -65,9 +65,15 @@ def format_scores(scores: dict) -> str:
     lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in
                        enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    for name, suite in scores.get("suites", {}).items():
-        if suite.get("average") is None:
-            continue
-        by_length = " | ".join(f"{length}: {value:.2f}" for length, value in suite.get("by_context_length", {}).items())
-        lines.append(f"{name} by context length: {by_length} | average {suite['average']:.2f}")
+    for name, summary in scores.get("groups", {}).items():
+        parts = [f"average {summary['average']:.2f}"] if summary.get("average") is not None else []
+        if summary.get("by_context_length"):
+            parts.append(", ".join(f"{length} {value:.2f}" for length, value in summary["by_context_length"].items()))
+        if summary.get("categories"):
+            parts.append(", ".join(f"{category} {value:.2f}" for category, value in summary["categories"].items()))
+        tasks = summary.get("tasks")
+        count = len(tasks) if isinstance(tasks, list) else tasks
+        if parts:
+            label = f"{name} ({count} task{'s' if count != 1 else ''})" if count else name
+            lines.append(f"{label}: " + "; ".join(parts))
     return "\n".join(lines)

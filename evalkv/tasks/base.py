@@ -21,6 +21,7 @@ class Sample:
     all_classes: list[str] | None = None
     length: int | None = None  # the dataset's length field; synthetic tasks: prompt tokens
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-turn tokens
+    min_new_tokens: int = 0  # stop tokens cannot be generated before this many tokens (HF generate's min_length)
     metadata: dict[str, Any] = field(default_factory=dict)  # written into the record (context_length, depth, ...)
 
 
@@ -31,6 +32,8 @@ class Task:
     n_samples: Optional[int] = None
 
     name: ClassVar[str] = ""
+    # Options that neither name the run directory nor must match when a run resumes (data locations, caps).
+    free_options: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         if self.n_samples is not None and self.n_samples < 1:
