@@ -2,10 +2,11 @@
 # The GPU measurements recorded in docs/results.md, one phase per call; every phase resumes where it stopped.
 # Runs the project's own commands on the embedded model (EVALKV_EMBEDDED_GGUF points at the assembled file).
 #   usage: scripts/measure_gpu.sh PHASE
-#   phases: passkey, prepare, overhead, methods, needle, ruler
+#   phases: passkey, prepare, overhead, methods, needle, ruler, longbench
 #   env: EVALKV (default: python3 -m evalkv.cli), MODEL (default: the embedded qwen2.5-coder-0.5b-instruct),
 #        RESULTS (runs; default /root/results), OUT (tables; default RESULTS), ESSAYS (RULER's
-#        PaulGrahamEssays.json), RULER_SAMPLES (samples per RULER task and length; default 3)
+#        PaulGrahamEssays.json), RULER_SAMPLES (samples per RULER task and length; default 3), LONGBENCH (folder of
+#        the official task files), LONGBENCH_SAMPLES (samples per LongBench task; default 200, the whole file)
 set -euo pipefail
 phase=${1:?usage: scripts/measure_gpu.sh PHASE}
 root=${RESULTS:-/root/results}
@@ -89,8 +90,15 @@ ruler)  # issue 5: RULER 4K/8K/16K (11 tasks) for full, snapkv, streaming_llm, h
   pred --multirun "${spec[@]}" method=snapkv,streaming_llm,h2o budget=256,1024
   tables "$root/ruler" ruler by_context_length timing
   ;;
+longbench)  # issue 4: the three official task files for full, snapkv, streaming_llm, h2o, tova at 128/512/2048
+  spec=(task=longbench "task.data_dir=$LONGBENCH" "task.tasks=[multi_news,multifieldqa_zh,passage_retrieval_zh]"
+        task.samples_per_task=${LONGBENCH_SAMPLES:-200} "output_dir=$root/longbench")
+  pred "${spec[@]}" method=full
+  pred --multirun "${spec[@]}" method=snapkv,streaming_llm,h2o,tova budget=128,512,2048
+  tables "$root/longbench" longbench timing
+  ;;
 *)
-  echo "unknown phase $phase; phases: passkey, prepare, overhead, methods, needle, ruler" >&2
+  echo "unknown phase $phase; phases: passkey, prepare, overhead, methods, needle, ruler, longbench" >&2
   exit 2
   ;;
 esac
