@@ -95,7 +95,9 @@ def cmd_pred(args: list[str]) -> int:
         print(run_dir, flush=True)
 
     saved = sys.argv
-    sys.argv = ["evalkv pred", *args]
+    # Hydra's parser takes --multirun only before the overrides; accept it anywhere
+    flags = [arg for arg in args if arg in ("--multirun", "-m")]
+    sys.argv = ["evalkv pred", *flags, *[arg for arg in args if arg not in flags]]
     try:
         hydra.main(config_path=str(configs_dir()), config_name="config", version_base=None)(job)()
     finally:

@@ -242,3 +242,10 @@ def test_score_a_folder_of_runs_scores_each_run(tmp_path, capsys):
     assert main(["score", "--quiet", str(tmp_path)]) == 0
     assert sorted(p.parent.name for p in tmp_path.rglob("scores.json")) == ["a", "c"]
     assert main(["score", str(tmp_path / "b" / "c" / "nothing")]) == 2
+
+
+def test_multirun_flag_may_follow_the_overrides(tmp_path):
+    assert _pred(tmp_path, "method=snapkv,tova", "budget=64", "task.lengths=[256]", "task.n_samples=1",
+                 "--multirun") == 0
+    assert sorted(p.parent.name for p in (tmp_path / "results").rglob("predictions.jsonl")) == ["snapkv_64",
+                                                                                               "tova_64"]
