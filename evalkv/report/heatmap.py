@@ -7,6 +7,7 @@ vmin 0, vmax 1, grey dashed cell borders, "Token Limit" and "Depth Percent" axes
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from evalkv.errors import EvalkvError
@@ -58,7 +59,8 @@ def plot_needle(paths: list[str], output: str, title: str | None = None) -> Path
         axis.set_ylabel("Depth Percent", fontsize=14)
         mean = sum(v for row in values for v in row if v == v) / max(1, sum(v == v for row in values for v in row))
         label = f"{path.parent.name}/{path.name}" if path.is_dir() else path.stem
-        axis.set_title(f"{title or 'Needle In A Haystack'}: {label}\noverall score {mean:.3f}", fontsize=14)
+        heading = textwrap.fill(f"{title or 'Needle In A Haystack'}: {label}", width=int(6 * fig.get_figwidth()))
+        axis.set_title(f"{heading}\noverall score {mean:.3f}", fontsize=13)
         fig.colorbar(image, ax=axis, label="Score")
     fig.tight_layout()
     target = Path(output)
