@@ -226,6 +226,10 @@ def cmd_bench(args: list[str]) -> int:
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                         help="a method option, e.g. snapkv.window_size=8 (repeatable)")
     parser.add_argument("--lengths", default="8192,32768", help="comma-separated context lengths")
+    parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes: prompts per run, decoded "
+                        "together where the method allows")
+    parser.add_argument("--mlp-chunk", type=int, help="run the MLP over at most this many prompt tokens at a time "
+                        "(low-memory long prefill)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (EOS ignored)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -253,7 +257,11 @@ def cmd_bench(args: list[str]) -> int:
     lengths = [int(x) for x in options.lengths.split(",") if x]
     if options.profile:
         print(profile_once(model, methods[0], lengths[0], options.new_tokens))
-    report = run_bench(model, methods, lengths, options.new_tokens, options.repeats, options.warmup)
+    batch_sizes = [int(x) for x in options.batch_sizes.split(",") if x]
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise EvalkvError(f"--batch-sizes must be positive integers, got {options.batch_sizes!r}")
+    report = run_bench(model, methods, lengths, options.new_tokens, options.repeats, options.warmup,
+                       batch_sizes=batch_sizes, mlp_chunk=options.mlp_chunk)
     if options.output:
         from evalkv.run.records import write_json_atomic
 

@@ -25,6 +25,10 @@ class RunConfig:
     """The root config of `evalkv pred`.
 
     budget / compression_ratio: shorthands that fill `method.budget` / `method.compression_ratio`.
+    batch_size: samples whose compressed caches decode together (same shape, a method without per-sample decode
+        state); 1 decodes every sample alone. Tokens equal batch size 1 (specs in evalkv/kv/engine.py).
+    mlp_chunk: run each layer's MLP over at most this many prompt tokens at a time (null: whole prompt); with an
+        evicting method this keeps a 128K-token prefill within a few GB of the weights (docs/performance.md).
     output_dir: runs go to `<output_dir>/<task>/<model>/<method label>/` unless `run_dir` names the folder.
     """
 
@@ -36,6 +40,8 @@ class RunConfig:
     output_dir: str = "results"
     run_dir: Optional[str] = None
     progress: bool = True
+    batch_size: int = 8
+    mlp_chunk: Optional[int] = None
 
 
 def _schema(cls: type, name: str) -> type:

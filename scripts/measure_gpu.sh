@@ -2,11 +2,12 @@
 # The GPU measurements recorded in docs/results.md, one phase per call; every phase resumes where it stopped.
 # Runs the project's own commands on the embedded model (EVALKV_EMBEDDED_GGUF points at the assembled file).
 #   usage: scripts/measure_gpu.sh PHASE
-#   phases: passkey, prepare, overhead, methods, needle, ruler, longbench
+#   phases: passkey, prepare, overhead, methods, needle, ruler, longbench, perf
 #   env: EVALKV (default: python3 -m evalkv.cli), MODEL (default: the embedded qwen2.5-coder-0.5b-instruct),
 #        RESULTS (runs; default /root/results), OUT (tables; default RESULTS), ESSAYS (RULER's
 #        PaulGrahamEssays.json), RULER_SAMPLES (samples per RULER task and length; default 3), LONGBENCH (folder of
-#        the official task files), LONGBENCH_SAMPLES (samples per LongBench task; default 200, the whole file)
+#        the official task files), LONGBENCH_SAMPLES (samples per LongBench task; default 200, the whole file),
+#        BATCH_SIZE (samples decoding together; default 16), PERF_MODEL (perf phase; default random-llama-3.1-8b)
 set -euo pipefail
 phase=${1:?usage: scripts/measure_gpu.sh PHASE}
 root=${RESULTS:-/root/results}
@@ -16,7 +17,7 @@ model=${MODEL:-qwen2.5-coder-0.5b-instruct}
 mkdir -p "$root" "$out"
 
 run() { echo "+ $*" >&2; "$@"; }
-pred() { run $evalkv pred "model=$model" progress=false "$@"; }
+pred() { run $evalkv pred "model=$model" progress=false "batch_size=${BATCH_SIZE:-16}" "$@"; }
 tables() {  # scores of every run under a folder, then its tables into $out
   local dir=$1 name=$2; shift 2
   run $evalkv score --quiet "$dir"
@@ -30,7 +31,8 @@ METHODS=full,snapkv,pyramidkv,adakv,h2o,tova,streaming_llm,sliding_window,segmen
 every_method() {  # every_method BUDGET TASK-OVERRIDES...: all methods at one budget
   local budget=$1; shift
   local small=$(( budget < 512 ))
-  pred --multirun "$@" method=$METHODS budget=$budget
+  pred "$@" method=full  # once: the full cache has no budget (a finished run is skipped)
+  pred --multirun "$@" "method=${METHODS#full,}" budget=$budget
   if (( small )); then
     pred "$@" method=sink_recent_uniform budget=$budget method.sink=32 method.recent=64
     pred "$@" method=catekv budget=$budget method.init_tokens=16 method.recent_tokens=64 \
@@ -97,8 +99,17 @@ longbench)  # issue 4: the three official task files for full, snapkv, streaming
   pred --multirun "${spec[@]}" method=snapkv,streaming_llm,h2o,tova budget=128,512,2048
   tables "$root/longbench" longbench timing
   ;;
+perf)  # issue 8: batched decoding vs the HBM bound; a 128K-token prefill, full cache vs snapkv@2048 + chunked MLP
+  perf_model=${PERF_MODEL:-random-llama-3.1-8b}
+  run $evalkv bench --model "$perf_model" --methods snapkv --budget 2048 --lengths 8192 --batch-sizes 1,16 \
+    --new-tokens 64 --repeats 2 -o "$out/perf_batch.json" > "$out/perf_batch.md"
+  run $evalkv bench --model "$perf_model" --methods snapkv --budget 2048 --lengths 131072 --new-tokens 8 \
+    --repeats 1 --warmup 0 --mlp-chunk 16384 -o "$out/perf_128k_snapkv.json" > "$out/perf_128k_snapkv.md"
+  run $evalkv bench --model "$perf_model" --methods full --lengths 131072 --new-tokens 8 --repeats 1 --warmup 0 \
+    -o "$out/perf_128k_full.json" > "$out/perf_128k_full.md" || echo "full-cache 128K prefill failed" >&2
+  ;;
 *)
-  echo "unknown phase $phase; phases: passkey, prepare, overhead, methods, needle, ruler, longbench" >&2
+  echo "unknown phase $phase; phases: passkey, prepare, overhead, methods, needle, ruler, longbench, perf" >&2
   exit 2
   ;;
 esac

@@ -17,7 +17,7 @@ from evalkv.cli import main
 from evalkv.run.records import read_records
 
 TINY = ["model=random-tiny-llama", "model.device=cpu", "progress=false"]
-TIMING = {"prefill_s", "decode_s"}
+TIMING = {"prefill_s", "decode_s", "decode_batch"}  # how a sample ran, not what it produced
 
 
 def _pred(tmp_path: Path, *overrides: str) -> int:
@@ -63,6 +63,17 @@ def test_rerun_resumes_and_skips_finished_samples(tmp_path):
     assert read_records(run / "predictions.jsonl") == records
     invocations = json.loads((run / "run.json").read_text())["invocations"]
     assert [i["new_samples"] for i in invocations] == [2, 3, 0]
+
+
+def test_batched_run_writes_the_records_of_an_unbatched_run(tmp_path):
+    args = ["method=snapkv", "budget=48", "method.window_size=8", "task.lengths=[256,300]", "task.depths=[0,50]"]
+    assert _pred(tmp_path / "one", *args, "batch_size=1") == 0
+    assert _pred(tmp_path / "four", *args, "batch_size=4") == 0
+    alone = read_records(_only_run_dir(tmp_path / "one" / "results") / "predictions.jsonl")
+    batched = read_records(_only_run_dir(tmp_path / "four" / "results") / "predictions.jsonl")
+    assert len(alone) == 4 and _without_timing(batched) == _without_timing(alone)
+    assert [r["decode_batch"] for r in alone] == [1] * 4
+    assert [r["decode_batch"] for r in batched] == [4] * 4
 
 
 def test_run_killed_with_sigkill_resumes_to_identical_records(tmp_path):
@@ -149,6 +160,7 @@ def test_table_shows_missing_cells_as_missing(tmp_path, capsys):
     (["pred", "task=passkee"], "unknown task 'passkee'; known: longbench, minilongbench, needle, passkey, ruler"),
     (["pred", *TINY, "method=snapkv", "budget=0"], "budget must be a positive number"),
     (["pred", *TINY, "method=snapkv", "budget=-3"], "budget must be a positive number"),
+    (["pred", *TINY, "method=snapkv", "budget=8", "batch_size=0"], "batch_size must be at least 1"),
     (["pred", *TINY, "method=snapkv"], "needs a budget"),
     (["pred", "model=hf", "model.path=./no/such/folder"], "does not exist"),
     (["pred", "model=gguf", "model.path=/no/such/model.gguf"], "not found"),

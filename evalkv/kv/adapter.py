@@ -127,6 +127,39 @@ def install(model) -> None:
         model.set_attn_implementation(ATTENTION_NAME)
 
 
+def chunk_mlp(model, tokens: int | None) -> None:
+    """Run each decoder layer's MLP over at most `tokens` positions at a time (None: in one piece).
+
+    A long prefill's MLP intermediate (`n x intermediate_size`, three of them in a gated MLP) is its largest
+    activation; the MLP is position-wise, so chunking changes memory, not what is computed (bf16 kernels may
+    round differently for a different row count). The layer's forward is wrapped on the instance, once.
+    """
+    if tokens is not None and tokens < 1:
+        raise EvalkvError(f"the MLP chunk must be a positive number of tokens, got {tokens}")
+    layers = model.get_decoder().layers
+    if tokens is None and not any(hasattr(getattr(layer, "mlp", None), "_evalkv_forward") for layer in layers):
+        return
+    for layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            raise EvalkvError(f"{type(layer).__name__} has no `mlp` module; MLP chunking cannot serve this model")
+        if not hasattr(mlp, "_evalkv_forward"):
+            mlp._evalkv_forward = mlp.forward
+            mlp.forward = _chunked_forward(mlp)
+        mlp._evalkv_chunk = tokens
+
+
+def _chunked_forward(mlp):
+    def forward(hidden: Tensor) -> Tensor:
+        chunk = mlp._evalkv_chunk
+        if chunk is None or hidden.dim() != 3 or hidden.shape[1] <= chunk:
+            return mlp._evalkv_forward(hidden)
+        return torch.cat([mlp._evalkv_forward(hidden[:, i : i + chunk]) for i in range(0, hidden.shape[1], chunk)],
+                         dim=1)
+
+    return forward
+
+
 @contextlib.contextmanager
 def activated(session: Session) -> Iterator[None]:
     token = _ACTIVE.set(session)

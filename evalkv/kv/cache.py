@@ -62,6 +62,26 @@ class LayerCache:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
+    @property
+    def batch_size(self) -> int:
+        if self.heads is not None:
+            return 1
+        return 1 if self.keys is None else self.keys.shape[0]
+
+    def stack_rows(self, parts: Sequence[LayerCache]) -> None:
+        """Hold `parts` (dense, equal shapes) as the rows of one batch, in order."""
+        self.keys = torch.cat([part.keys for part in parts])
+        self.values = torch.cat([part.values for part in parts])
+        self.positions = torch.cat([part.positions for part in parts])
+        self.extras = {name: torch.cat([part.extras[name] for part in parts]) for name in parts[0].extras}
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        """Keep only these batch rows."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.keys.device)
+        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        self.extras = {name: value.index_select(0, index) for name, value in self.extras.items()}
+
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
         """Add new entries at the end; positions `[B, q]` are the tokens' true positions."""
         if self.heads is not None:
@@ -150,6 +170,10 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].batch_size if self.layers else 1
 
     def kept_tokens(self) -> float:
         """Mean entries per layer and KV head; a query-head cache counts its repeated heads at their real memory."""

@@ -2,13 +2,19 @@
 
 Prefill asks the model for the last position's logits only; every forward passes the tokens' true positions, so
 RoPE positions never shift after eviction (specs/methods.md §0.5).
+
+Batched decoding: `generate_batch` prefills each prompt alone (prompts differ in length), then decodes together the
+samples whose compressed caches have the same shape and whose method keeps no per-sample state for decoding
+(`Session.batch_key`). Each row keeps its own true positions; a row leaves the batch when it stops. The tokens
+equal batch-size-1 decoding up to floating-point reassociation of the batched matmuls (identical in fp32 on the
+CPU in the tests).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -20,6 +26,21 @@ from evalkv.methods.base import Method
 
 
 @dataclass
+class Request:
+    """One prompt to complete greedily."""
+
+    prompt_ids: Sequence[int] | Tensor
+    max_new_tokens: int
+    stop_token_ids: Sequence[int] = ()
+    suffix_ids: Sequence[int] | Tensor | None = None  # fed after the prompt was compressed (no eviction)
+    min_new_tokens: int = 0  # stop tokens are masked out of the first choices (HF generate's `min_length`)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+
+
+@dataclass
 class Generation:
     token_ids: list[int]  # generated tokens, a final stop token included
     prompt_tokens: int  # prompt + suffix tokens fed before decoding
@@ -28,17 +49,49 @@ class Generation:
     final_kept_tokens: float  # the same after the last decode step
     final_kv_bytes: int
     prefill_s: float  # prompt (and suffix) forwards, eviction included, up to the first token
-    decode_s: float
+    decode_s: float  # decode steps until this sample stopped (shared wall time when decoded in a batch)
+    decode_batch: int = 1  # samples decoding together when this one started decoding
     trace: list | None = None  # Session.trace when asked for
     forwards: list | None = None  # with trace: (input ids, positions, last logits) of every forward
     session: Session | None = None  # kept when asked for (tests inspect the cache)
 
 
-class Engine:
-    """Runs one model with one method; `generate` handles one prompt (batch of one)."""
+@dataclass
+class _Row:
+    """A sample between prefill and the end of its decoding."""
 
-    def __init__(self, model, method: Method, backend: str = "sdpa", tokenizer=None):
+    request: Request
+    session: Session
+    length: int  # tokens fed before decoding (prompt + suffix)
+    prefill_s: float
+    kept_tokens: float
+    kv_bytes: int
+    forwards: list | None
+    tokens: list[int] = field(default_factory=list)
+    stops: set[int] = field(default_factory=set)
+    decode_s: float = 0.0
+    final_kept_tokens: float = 0.0
+    final_kv_bytes: int = 0
+
+    def finished(self) -> bool:
+        return len(self.tokens) >= self.request.max_new_tokens or self.tokens[-1] in self.stops
+
+    def generation(self, decode_batch: int, keep_session: bool) -> Generation:
+        return Generation(
+            token_ids=self.tokens, prompt_tokens=self.length, kept_tokens=self.kept_tokens, kv_bytes=self.kv_bytes,
+            final_kept_tokens=self.final_kept_tokens, final_kv_bytes=self.final_kv_bytes, prefill_s=self.prefill_s,
+            decode_s=self.decode_s, decode_batch=decode_batch, trace=self.session.trace, forwards=self.forwards,
+            session=self.session if keep_session else None,
+        )
+
+
+class Engine:
+    """Runs one model with one method: `generate` for one prompt, `generate_batch` for several."""
+
+    def __init__(self, model, method: Method, backend: str = "sdpa", tokenizer=None, mlp_chunk: int | None = None):
+        """mlp_chunk: run the MLP over at most this many prompt tokens at a time (low-memory long prefill)."""
         adapter.install(model)
+        adapter.chunk_mlp(model, mlp_chunk)
         method.prepare(tokenizer)
         self.model = model
         self.method = method
@@ -63,30 +116,59 @@ class Engine:
         Generation stops after a stop token or `max_new_tokens`; stop tokens are masked out of the first
         `min_new_tokens` choices (HF generate's `min_length`, which LongBench uses on samsum).
         """
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        request = Request(prompt_ids, max_new_tokens, stop_token_ids, suffix_ids, min_new_tokens)
+        row = self._prefill(request, trace)
+        if not row.finished():
+            self._decode([row], row.session)
+        self._finish(row, row.session)
+        return row.generation(1, keep_session)
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: Sequence[Request], max_batch: int | None = None) -> list[Generation]:
+        """`generate` for each request, in order; samples whose caches allow it decode together (at most
+        `max_batch` at once, default all)."""
+        rows: list[_Row] = []
+        sizes = [1] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            row = self._prefill(request)
+            rows.append(row)
+            key = row.session.batch_key()
+            if row.finished():
+                self._finish(row, row.session)
+            elif key is None:  # decoded at once, so full-length caches never wait side by side
+                self._decode([row], row.session)
+            else:
+                groups.setdefault(key, []).append(index)
+        limit = max_batch or len(rows)
+        for members in groups.values():
+            for start in range(0, len(members), limit):
+                batch = members[start : start + limit]
+                sessions = [rows[i].session for i in batch]
+                self._decode([rows[i] for i in batch], sessions[0] if len(batch) == 1 else Session.merge(sessions))
+                for i in batch:
+                    sizes[i] = len(batch)
+        return [row.generation(sizes[i], keep_session=False) for i, row in enumerate(rows)]
+
+    def _forward(self, session: Session, cache, ids: Tensor, positions: Tensor, phase: Phase,
+                 forwards: list | None, last_chunk: bool = True) -> Tensor:
+        session.begin_forward(phase, positions, last_chunk)
+        logits = adapter.forward(self.model, ids, positions, cache)
+        if forwards is not None:
+            forwards.append((ids, positions, logits.float().clone()))
+        return logits
+
+    def _prefill(self, request: Request, trace: bool = False) -> _Row:
+        prompt = torch.as_tensor(request.prompt_ids, dtype=torch.long, device=self.device).reshape(1, -1)
         suffix = None
-        if suffix_ids is not None and len(suffix_ids) > 0:
-            suffix = torch.as_tensor(suffix_ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        if request.suffix_ids is not None and len(request.suffix_ids) > 0:
+            suffix = torch.as_tensor(request.suffix_ids, dtype=torch.long, device=self.device).reshape(1, -1)
         session = Session(self.method, self.geometry, prompt, backend=self.backend, trace=trace, rotary=self.rotary)
         cache = adapter.make_cache(session)
-        stops = set(int(t) for t in stop_token_ids)
-        masked = torch.tensor(sorted(stops), dtype=torch.long, device=self.device) if min_new_tokens and stops else None
         forwards = [] if trace else None
 
-        def choose(logits: Tensor, generated: int) -> int:
-            if masked is not None and generated < min_new_tokens:
-                logits = logits.index_fill(-1, masked, float("-inf"))
-            return int(logits.argmax(dim=-1)[0])
-
-        def step(ids: Tensor, start: int, phase: Phase, last_chunk: bool = True) -> Tensor:
-            positions = torch.arange(start, start + ids.shape[-1], device=self.device)[None, :]
-            session.begin_forward(phase, positions, last_chunk)
-            logits = adapter.forward(self.model, ids, positions, cache)
-            if forwards is not None:
-                forwards.append((ids, positions, logits.float().clone()))
-            return logits
+        def positions(start: int, count: int) -> Tensor:
+            return torch.arange(start, start + count, device=self.device)[None, :]
 
         with adapter.activated(session):
             adapter.synchronize(self.device)
@@ -95,35 +177,54 @@ class Engine:
             chunk = self.method.prefill_chunk_size() or length
             for start in range(0, length, chunk):
                 end = min(length, start + chunk)
-                logits = step(prompt[:, start:end], start, Phase.PREFILL, last_chunk=end == length)
+                logits = self._forward(session, cache, prompt[:, start:end], positions(start, end - start),
+                                       Phase.PREFILL, forwards, last_chunk=end == length)
             if suffix is not None:
-                logits = step(suffix, length, Phase.SUFFIX)
+                logits = self._forward(session, cache, suffix, positions(length, suffix.shape[-1]), Phase.SUFFIX,
+                                       forwards)
                 length += suffix.shape[-1]
-            token = choose(logits, 0)
+            row = _Row(request, session, length, 0.0, 0.0, 0, forwards, stops=set(map(int, request.stop_token_ids)))
+            row.tokens.append(int(self._choose(logits, [row])[0]))
             adapter.synchronize(self.device)
-            prefill_s = time.perf_counter() - began
-            kept_tokens, kv_bytes = session.cache.kept_tokens(), session.cache.nbytes
+        row.prefill_s = time.perf_counter() - began
+        row.kept_tokens, row.kv_bytes = session.cache.kept_tokens(), session.cache.nbytes
+        return row
 
-            generated = [token]
+    def _choose(self, logits: Tensor, rows: list[_Row]) -> list[int]:
+        """Greedy choice per row; a row still under its `min_new_tokens` cannot choose a stop token."""
+        for index, row in enumerate(rows):
+            if row.stops and len(row.tokens) < row.request.min_new_tokens:
+                masked = torch.tensor(sorted(row.stops), dtype=torch.long, device=logits.device)
+                logits[index].index_fill_(-1, masked, float("-inf"))
+        return logits.argmax(dim=-1).tolist()
+
+    def _decode(self, rows: list[_Row], session: Session) -> None:
+        """Decode `rows` (held as batch rows of `session`, in order) until each stops."""
+        cache = adapter.make_cache(session)
+        active = list(rows)
+        with adapter.activated(session):
+            adapter.synchronize(self.device)
             began = time.perf_counter()
-            while len(generated) < max_new_tokens and token not in stops:
-                fed = torch.tensor([[token]], device=self.device)
-                logits = step(fed, length + len(generated) - 1, Phase.DECODE)
-                token = choose(logits, len(generated))
-                generated.append(token)
-            adapter.synchronize(self.device)
-            decode_s = time.perf_counter() - began
+            while active:
+                ids = torch.tensor([[row.tokens[-1]] for row in active], device=self.device)
+                positions = torch.tensor([[row.length + len(row.tokens) - 1] for row in active], device=self.device)
+                logits = self._forward(session, cache, ids, positions, Phase.DECODE,
+                                       active[0].forwards if len(active) == 1 else None)
+                for row, token in zip(active, self._choose(logits, active)):
+                    row.tokens.append(token)
+                staying = [index for index, row in enumerate(active) if not row.finished()]
+                if len(staying) < len(active):
+                    adapter.synchronize(self.device)
+                    elapsed = time.perf_counter() - began
+                    for index, row in enumerate(active):
+                        if index not in staying:
+                            row.decode_s = elapsed
+                            self._finish(row, session)
+                    if staying:
+                        session.keep_rows(staying)
+                    active = [active[index] for index in staying]
 
-        return Generation(
-            token_ids=generated,
-            prompt_tokens=length,
-            kept_tokens=kept_tokens,
-            kv_bytes=kv_bytes,
-            final_kept_tokens=session.cache.kept_tokens(),
-            final_kv_bytes=session.cache.nbytes,
-            prefill_s=prefill_s,
-            decode_s=decode_s,
-            trace=session.trace,
-            forwards=forwards,
-            session=session if keep_session else None,
-        )
+    @staticmethod
+    def _finish(row: _Row, session: Session) -> None:
+        row.final_kept_tokens = session.cache.kept_tokens()
+        row.final_kv_bytes = session.cache.nbytes // session.batch_size

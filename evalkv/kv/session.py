@@ -32,6 +32,50 @@ class Session:
         # With trace=True, the positions each layer attended to in each forward: [forward][layer] -> [B, H_c, m].
         self.trace: list[list[Tensor | None]] | None = [] if trace else None
 
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch_size
+
+    def batch_key(self) -> tuple | None:
+        """Sessions with equal keys can decode as rows of one batch (`merge`); None: this one decodes alone.
+
+        Batching needs dense layers of equal shapes, and a method whose decode steps depend on nothing per sample
+        but the cache entries, their `extras` and `Method.decode_group_key` (no per-layer or per-sample state).
+        The full cache never batches: its sessions differ in length and hold the whole prompt's KV.
+        """
+        method = self.method
+        if not (method.batch_decoding and method.requires_budget()) or self.trace is not None:
+            return None
+        if self.sample.state or any(self.layer_state) or any(layer.is_ragged for layer in self.cache.layers):
+            return None
+        shapes = tuple(
+            (tuple(layer.keys.shape[1:]), layer.keys.dtype, str(layer.keys.device),
+             tuple((name, tuple(value.shape[1:])) for name, value in sorted(layer.extras.items())))
+            for layer in self.cache.layers
+        )
+        return (shapes, method.decode_group_key(self.sample.prompt_length), self.sample.phase)
+
+    @classmethod
+    def merge(cls, sessions: list[Session]) -> Session:
+        """One session holding `sessions` as batch rows, in order (all with the same `batch_key`)."""
+        first = sessions[0]
+        if any(session.batch_key() is None or session.batch_key() != first.batch_key() for session in sessions):
+            raise ValueError("these sessions cannot decode as one batch (their batch keys differ)")
+        merged = cls(first.method, first.geometry, first.sample.input_ids, backend=first.backend, rotary=first.rotary)
+        # Decode steps read prompt_length only through decode_group_key, equal for every row by the check above.
+        merged.sample = SampleState(
+            input_ids=first.sample.input_ids, prompt_length=first.sample.prompt_length, phase=first.sample.phase,
+            last_chunk=first.sample.last_chunk, decode_step=first.sample.decode_step,
+        )
+        for index, layer in enumerate(merged.cache.layers):
+            layer.stack_rows([session.cache.layers[index] for session in sessions])
+        return merged
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop the batch rows not in `rows` (samples that finished decoding) and free their entries."""
+        for layer in self.cache.layers:
+            layer.select_rows(rows)
+
     def begin_forward(self, phase: Phase, positions: Tensor, last_chunk: bool = True) -> None:
         self.sample.phase = phase
         self.sample.last_chunk = last_chunk

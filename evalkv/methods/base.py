@@ -37,6 +37,9 @@ class Method:
     # prompt is compressed and generated tokens are appended. A method whose options decide it (kmeans'
     # cluster_every) overrides it with a property: read it from an instance.
     evicts_while_decoding: ClassVar[bool] = False
+    # False when a decode-time hook reads per-sample data beyond the cache entries, their extras and
+    # `decode_group_key` without keeping it in `view.state` (state already rules batched decoding out).
+    batch_decoding: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.compression_ratio is not None:
@@ -63,6 +66,10 @@ class Method:
         if self.compression_ratio is not None:
             return max(1, int(prompt_length * (1.0 - self.compression_ratio)))
         return prompt_length
+
+    def decode_group_key(self, prompt_length: int):
+        """What decode steps read of the prompt length; samples decode as one batch only when it is equal."""
+        return self.capacity(prompt_length)
 
     def prepare(self, tokenizer) -> None:
         """Called once before a run with the model's tokenizer (for methods that derive token sets from it)."""

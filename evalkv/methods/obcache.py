@@ -166,6 +166,9 @@ class OBCache(Method):
         # With ratios there is no budget in the label; the run label adds recent_ratio=... heavy_ratio=...
         return self.name if self._ratio_mode() else super().describe()
 
+    def decode_group_key(self, prompt_length: int):
+        return self.split(prompt_length)
+
     def split(self, prompt_length: int) -> tuple[int, int]:
         """(recent, heavy) tokens per selection head for a prompt of `prompt_length` tokens."""
         if self._ratio_mode():

@@ -1,9 +1,11 @@
 """`evalkv bench`: prefill time, eviction overhead, decode speed, time to first token, peak memory and KV bytes held,
-per method x context length, with warm-up and repeated runs.
+per method x context length x batch size, with warm-up and repeated runs.
 
 Prompts are random token ids and generation has a fixed length (end-of-turn tokens are ignored), so a random-weight
 architecture preset measures speed and memory honestly; the report says so. Eviction overhead is the method's
-prefill time minus the full cache's on the same prompt, as a fraction of the full cache's prefill time.
+prefill time minus the full cache's on the same prompt, as a fraction of the full cache's prefill time. A batch of
+B prompts is prefilled one by one and decoded together where the method allows (`Engine.generate_batch`); the decode
+step is compared with the HBM-bandwidth bound, the model's weight bytes divided by the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import json
 import platform
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import torch
 
 import evalkv
-from evalkv.kv.engine import Engine
+from evalkv.kv.engine import Engine, Request
 from evalkv.methods import build_method
 from evalkv.models.loader import LoadedModel
 
@@ -27,15 +30,19 @@ from evalkv.models.loader import LoadedModel
 class BenchRow:
     method: str
     context_length: int
-    batch_size: int
+    batch_size: int  # prompts of this length per run
+    decode_batch: int  # how many of them decoded together (1: the method's caches cannot batch, e.g. full)
     new_tokens: int
-    prefill_s: float  # median over repeats; prompt forward(s) with eviction, to the first token (= TTFT)
+    prefill_s: float  # median over repeats and prompts; one prompt's forward(s) with eviction (= TTFT)
     prefill_s_all: list[float]
     eviction_overhead: float | None  # (prefill - full prefill) / full prefill
-    decode_tokens_per_s: float  # median, per sequence
+    decode_step_s: float  # median wall time of one decode step of the whole batch
+    decode_tokens_per_s: float  # per sequence: 1 / decode_step_s when the batch decodes together
+    throughput_tokens_per_s: float  # all sequences: batch_size x new tokens / decode wall time
+    hbm_bound_fraction: float | None  # (weight bytes / copy bandwidth) / decode_step_s
     decode_s_all: list[float]
     peak_memory_gb: float | None  # torch.cuda.max_memory_allocated over the run (GPU only)
-    kv_bytes_after_prefill: int
+    kv_bytes_after_prefill: int  # per sequence
     kv_bytes_final: int
     kept_tokens: float
 
@@ -45,77 +52,120 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:
+    """Measured device-memory copy bandwidth in bytes/s (read + write), the best of a few copies."""
+    elements = megabytes * 2**20 // 2
+    source = torch.empty(elements, dtype=torch.float16, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _synchronize(device)
+        began = time.perf_counter()
+        target.copy_(source)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    del source, target
+    return 2 * elements * 2 / best
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def bench_method(
     model: LoadedModel, method_name: str, options: dict, lengths: list[int], new_tokens: int, repeats: int,
-    warmup: int, seed: int,
+    warmup: int, seed: int, batch_sizes: list[int] = (1,), bound_step_s: float | None = None,
+    mlp_chunk: int | None = None,
 ) -> list[BenchRow]:
     method = build_method(method_name, options)
-    engine = Engine(model.model, method, model.backend, model.tokenizer)
+    engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk)
     vocab = model.model.config.vocab_size
     device = model.device
     rows = []
     for length in lengths:
-        generator = torch.Generator().manual_seed(seed + length)
-        prompt = torch.randint(0, vocab, (length,), generator=generator).tolist()
-        for _ in range(warmup):
-            engine.generate(prompt, min(new_tokens, 4), stop_token_ids=())
-        prefill, decode = [], []
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(repeats):
-            _synchronize(device)
-            generation = engine.generate(prompt, new_tokens, stop_token_ids=())
-            prefill.append(generation.prefill_s)
-            decode.append(generation.decode_s)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        decode_median = statistics.median(decode)
-        rows.append(BenchRow(
-            method=method_name, context_length=length, batch_size=1, new_tokens=new_tokens,
-            prefill_s=round(statistics.median(prefill), 4), prefill_s_all=[round(x, 4) for x in prefill],
-            eviction_overhead=None,
-            decode_tokens_per_s=round((new_tokens - 1) / decode_median, 2) if decode_median > 0 else float("inf"),
-            decode_s_all=[round(x, 4) for x in decode], peak_memory_gb=None if peak is None else round(peak, 3),
-            kv_bytes_after_prefill=generation.kv_bytes, kv_bytes_final=generation.final_kv_bytes,
-            kept_tokens=round(generation.kept_tokens, 2),
-        ))
-        print(json.dumps(asdict(rows[-1])), file=sys.stderr, flush=True)
+        for batch_size in batch_sizes:
+            generator = torch.Generator().manual_seed(seed + length)
+            prompts = [torch.randint(0, vocab, (length,), generator=generator).tolist() for _ in range(batch_size)]
+            for _ in range(warmup):
+                engine.generate_batch([Request(prompt, min(new_tokens, 4)) for prompt in prompts])
+            prefill, decode = [], []
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(repeats):
+                _synchronize(device)
+                began = time.perf_counter()
+                generations = engine.generate_batch([Request(prompt, new_tokens) for prompt in prompts])
+                _synchronize(device)
+                wall = time.perf_counter() - began
+                prefill.extend(g.prefill_s for g in generations)
+                decode.append(wall - sum(g.prefill_s for g in generations))
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            decode_median = statistics.median(decode)
+            steps = max(1, new_tokens - 1)
+            together = generations[0].decode_batch
+            step_s = decode_median / steps / (batch_size // together)
+            rows.append(BenchRow(
+                method=method_name, context_length=length, batch_size=batch_size, decode_batch=together,
+                new_tokens=new_tokens, prefill_s=round(statistics.median(prefill), 4),
+                prefill_s_all=[round(x, 4) for x in prefill], eviction_overhead=None,
+                decode_step_s=round(step_s, 6), decode_tokens_per_s=round(1 / step_s, 2) if step_s > 0 else 0.0,
+                throughput_tokens_per_s=round(batch_size * steps / decode_median, 2) if decode_median > 0 else 0.0,
+                hbm_bound_fraction=None if bound_step_s is None or step_s <= 0 else round(bound_step_s / step_s, 4),
+                decode_s_all=[round(x, 4) for x in decode], peak_memory_gb=None if peak is None else round(peak, 3),
+                kv_bytes_after_prefill=generations[0].kv_bytes, kv_bytes_final=generations[0].final_kv_bytes,
+                kept_tokens=round(generations[0].kept_tokens, 2),
+            ))
+            print(json.dumps(asdict(rows[-1])), file=sys.stderr, flush=True)
     return rows
 
 
 def add_overheads(rows: list[BenchRow]) -> None:
-    full = {row.context_length: row.prefill_s for row in rows if row.method == "full"}
+    full = {(row.context_length, row.batch_size): row.prefill_s for row in rows if row.method == "full"}
     for row in rows:
-        if row.context_length in full and full[row.context_length] > 0:
-            row.eviction_overhead = round((row.prefill_s - full[row.context_length]) / full[row.context_length], 4)
+        base = full.get((row.context_length, row.batch_size))
+        if base:
+            row.eviction_overhead = round((row.prefill_s - base) / base, 4)
 
 
 def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list[int], new_tokens: int,
-              repeats: int, warmup: int, seed: int = 0) -> dict:
+              repeats: int, warmup: int, seed: int = 0, batch_sizes: list[int] = (1,),
+              mlp_chunk: int | None = None) -> dict:
+    device = model.device
+    bandwidth = copy_bandwidth(device)
+    weights = weight_bytes(model.model)
+    bound_step_s = weights / bandwidth
     rows: list[BenchRow] = []
     for name, options in methods:
-        rows.extend(bench_method(model, name, options, lengths, new_tokens, repeats, warmup, seed))
+        rows.extend(bench_method(model, name, options, lengths, new_tokens, repeats, warmup, seed, batch_sizes,
+                                 bound_step_s, mlp_chunk))
     add_overheads(rows)
-    device = model.device
     return {
         "evalkv": evalkv.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": model.description, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "note": "random prompt ids; fixed generation length (end-of-turn tokens ignored); medians over repeats",
+        "weight_bytes": weights, "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "hbm_bound_step_s": round(bound_step_s, 6), "mlp_chunk": mlp_chunk,
         "rows": [asdict(row) for row in rows],
     }
 
 
 def format_rows(report: dict) -> str:
-    header = ["method", "length", "prefill_s", "overhead", "decode_tok/s", "peak_GB", "kv_MB", "kept"]
+    header = ["method", "length", "batch", "prefill_s", "overhead", "step_ms", "tok/s/seq", "tok/s", "of_bound",
+              "peak_GB", "kv_MB", "kept"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in report["rows"]:
         overhead = "-" if row["eviction_overhead"] is None else f"{100 * row['eviction_overhead']:.1f}%"
         peak = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
+        bound = "-" if row["hbm_bound_fraction"] is None else f"{100 * row['hbm_bound_fraction']:.0f}%"
+        batch = f"{row['batch_size']}" + ("" if row["decode_batch"] == row["batch_size"] else
+                                           f" (decoded {row['decode_batch']} at a time)")
         lines.append(
-            f"| {row['method']} | {row['context_length']} | {row['prefill_s']:.3f} | {overhead} | "
-            f"{row['decode_tokens_per_s']:.1f} | {peak} | {row['kv_bytes_after_prefill'] / 2**20:.1f} | "
-            f"{row['kept_tokens']:g} |"
+            f"| {row['method']} | {row['context_length']} | {batch} | {row['prefill_s']:.3f} | {overhead} | "
+            f"{1000 * row['decode_step_s']:.2f} | {row['decode_tokens_per_s']:.1f} | "
+            f"{row['throughput_tokens_per_s']:.1f} | {bound} | {peak} | {row['kv_bytes_after_prefill'] / 2**20:.1f} "
+            f"| {row['kept_tokens']:g} |"
         )
     return "\n".join(lines) + "\n"
 

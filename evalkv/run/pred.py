@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 import evalkv
 from evalkv.config import options
 from evalkv.errors import EvalkvError
-from evalkv.kv.engine import Engine
+from evalkv.kv.engine import Engine, Request
 from evalkv.methods import build_method
 from evalkv.methods.base import Method
 from evalkv.models.config import ModelConfig
@@ -38,7 +39,7 @@ from evalkv.run.records import (
 from evalkv.tasks import Sample, Task, build_task
 
 # Keys that may change between a run and its resumption; everything else must match the stored config.
-_RESUMABLE_KEYS = {"task.n_samples", "progress", "output_dir", "run_dir", "model.device"}
+_RESUMABLE_KEYS = {"task.n_samples", "progress", "output_dir", "run_dir", "model.device", "batch_size", "mlp_chunk"}
 
 _loaded: dict[str, LoadedModel] = {}
 
@@ -153,13 +154,38 @@ def make_record(sample: Sample, model: LoadedModel, method: Method, generation) 
         "kv_bytes": generation.kv_bytes,
         "prefill_s": round(generation.prefill_s, 4),
         "decode_s": round(generation.decode_s, 4),
+        "decode_batch": generation.decode_batch,
         "method": method.name,
         **sample.metadata,
     }
 
 
+def _request(sample: Sample, model: LoadedModel) -> Request:
+    return Request(
+        sample.prompt_ids, sample.max_new_tokens, stop_token_ids=[*model.stop_token_ids, *sample.stop_token_ids],
+        suffix_ids=sample.suffix_ids, min_new_tokens=sample.min_new_tokens,
+    )
+
+
+def _batches(samples, done: set[str], size: int, progress) -> Iterator[list[Sample]]:
+    """Samples not yet done, `size` at a time (finished ones only advance the progress bar)."""
+    batch: list[Sample] = []
+    for sample in samples:
+        if sample.id in done:
+            progress.update(1)
+            continue
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def run_pred(cfg: DictConfig) -> Path:
     """Run (or resume) one prediction run; returns its directory."""
+    if cfg.batch_size < 1:
+        raise EvalkvError(f"batch_size must be at least 1 (1 decodes every sample alone), got {cfg.batch_size}")
     composed = OmegaConf.to_container(cfg, resolve=True)
     method = build_method(cfg.method.name, options(cfg.method))
     task = build_task(cfg.task.name, options(cfg.task))
@@ -175,7 +201,7 @@ def run_pred(cfg: DictConfig) -> Path:
         done = {str(record.get("id")) for record in read_records(predictions)}
 
     model = cached_model(model_cfg)
-    engine = Engine(model.model, method, model.backend, model.tokenizer)
+    engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=cfg.mlp_chunk)
     samples = task.samples(model)
     if task.n_samples is not None:
         samples = itertools.islice(samples, task.n_samples)
@@ -202,23 +228,20 @@ def run_pred(cfg: DictConfig) -> Path:
         total = min(total, task.n_samples)
     totals = {"prefill_s": 0.0, "decode_s": 0.0}
     progress = tqdm(
-        itertools.chain([first], samples), total=total, desc=f"{method_label(method)} {task.name}",
-        unit="sample", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True,
+        total=total, desc=f"{method_label(method)} {task.name}", unit="sample", disable=not cfg.progress,
+        file=sys.stderr, dynamic_ncols=True,
     )
-    with RecordWriter(predictions) as writer:
-        for sample in progress:
-            if sample.id in done:
-                continue
-            generation = engine.generate(
-                sample.prompt_ids, sample.max_new_tokens,
-                stop_token_ids=[*model.stop_token_ids, *sample.stop_token_ids], suffix_ids=sample.suffix_ids,
-                min_new_tokens=sample.min_new_tokens,
-            )
-            writer.write(make_record(sample, model, method, generation))
-            done.add(sample.id)
-            invocation["new_samples"] += 1
-            totals["prefill_s"] += generation.prefill_s
-            totals["decode_s"] += generation.decode_s
+    with progress, RecordWriter(predictions) as writer:
+        # Records are written in sample order once a batch is done; a killed run loses at most one batch.
+        for batch in _batches(itertools.chain([first], samples), done, cfg.batch_size, progress):
+            generations = engine.generate_batch([_request(sample, model) for sample in batch], cfg.batch_size)
+            for sample, generation in zip(batch, generations):
+                writer.write(make_record(sample, model, method, generation))
+                done.add(sample.id)
+                invocation["new_samples"] += 1
+                totals["prefill_s"] += generation.prefill_s
+                totals["decode_s"] += generation.decode_s
+            progress.update(len(batch))
 
     invocation.update(finished=_now(), wall_s=round(time.perf_counter() - began, 2),
                       prefill_s=round(totals["prefill_s"], 3), decode_s=round(totals["decode_s"], 3))

@@ -1,0 +1,97 @@
+"""Batched decoding (issue 8): samples decoded together generate exactly what each generates alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import prompt_ids, tiny_model
+from method_cases import CASES, method_name
+
+from evalkv.kv.engine import Engine, Request
+from evalkv.methods import build_method
+
+NEW_TOKENS = 6
+# Methods whose decode reads per-sample state (or whose cache is ragged, or full-length) decode one at a time.
+UNBATCHED = {"full", "sink_recent_uniform-stride", "adakv", "adakv-query_head-pyramid", "catekv", "lacache",
+             "segment_two_stage", "segment_two_stage-kv_head-v2", "kmeans-centroid-decode"}
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    """Three prompts of different lengths (different true positions while decoding), all above the budgets."""
+    base = prompt_ids(tokenizer)
+    return [base, base[7:], prompt_ids(tokenizer, repeats=13)[3:]]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_batch_generates_what_each_sample_generates_alone(architecture, case, tokenizer):
+    model = tiny_model(architecture)
+    engine = Engine(model, build_method(method_name(case), dict(CASES[case])), tokenizer=tokenizer)
+    prompts = _prompts(tokenizer)
+    alone = [engine.generate(ids, NEW_TOKENS) for ids in prompts]
+    together = engine.generate_batch([Request(ids, NEW_TOKENS) for ids in prompts])
+    for single, batched in zip(alone, together):
+        assert batched.token_ids == single.token_ids
+        assert batched.prompt_tokens == single.prompt_tokens
+        assert (batched.kept_tokens, batched.kv_bytes) == (single.kept_tokens, single.kv_bytes)
+        assert (batched.final_kept_tokens, batched.final_kv_bytes) == (
+            single.final_kept_tokens, single.final_kv_bytes)
+    expected = 1 if case in UNBATCHED else len(prompts)
+    assert [g.decode_batch for g in together] == [expected] * len(prompts)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "streaming_llm"])
+def test_rows_leave_the_batch_when_they_stop(method, tokenizer):
+    """Different stop tokens, token limits and min_new_tokens per row: each row still matches its lone run."""
+    model = tiny_model("tiny-qwen2")
+    engine = Engine(model, build_method(method, {"budget": 64}))
+    prompts = _prompts(tokenizer)
+    free = engine.generate(prompts[0], 8)
+    requests = [
+        Request(prompts[0], 8, stop_token_ids=[free.token_ids[2]]),  # stops at its third token
+        Request(prompts[1], 3),
+        Request(prompts[2], 8, stop_token_ids=[free.token_ids[0]], min_new_tokens=4),
+        Request(prompts[0], 8),
+    ]
+    alone = [engine.generate(r.prompt_ids, r.max_new_tokens, r.stop_token_ids, min_new_tokens=r.min_new_tokens)
+             for r in requests]
+    together = engine.generate_batch(requests)
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert len(together[0].token_ids) == 3 and len(together[1].token_ids) == 3
+    assert all(g.decode_batch == 4 for g in together)
+
+
+def test_max_batch_splits_a_group(tokenizer):
+    engine = Engine(tiny_model(), build_method("snapkv", {"budget": 64}))
+    prompts = _prompts(tokenizer)
+    together = engine.generate_batch([Request(ids, 4) for ids in prompts], max_batch=2)
+    assert [g.decode_batch for g in together] == [2, 2, 1]
+    assert [g.token_ids for g in together] == [engine.generate(ids, 4).token_ids for ids in prompts]
+
+
+def test_batch_cache_rows_hold_each_samples_entries(tokenizer):
+    """The merged cache is the per-sample caches stacked: same entries, same true positions, row by row."""
+    from evalkv.kv.session import Session
+
+    engine = Engine(tiny_model(), build_method("snapkv", {"budget": 64}))
+    prompts = _prompts(tokenizer)
+    sessions = [engine.generate(ids, 1, keep_session=True).session for ids in prompts]
+    merged = Session.merge(sessions)
+    assert merged.batch_size == len(prompts)
+    for layer_index, layer in enumerate(merged.cache.layers):
+        for row, session in enumerate(sessions):
+            assert torch.equal(layer.keys[row], session.cache.layers[layer_index].keys[0])
+            assert torch.equal(layer.positions[row], session.cache.layers[layer_index].positions[0])
+    merged.keep_rows([2])
+    assert torch.equal(merged.cache.layers[0].positions[0], sessions[2].cache.layers[0].positions[0])
+    assert merged.cache.nbytes == sessions[2].cache.nbytes
+
+
+def test_sessions_with_different_cache_shapes_do_not_merge(tokenizer):
+    from evalkv.kv.session import Session
+
+    prompts = _prompts(tokenizer)
+    short = Engine(tiny_model(), build_method("snapkv", {"budget": 64})).generate(prompts[0], 1, keep_session=True)
+    long = Engine(tiny_model(), build_method("snapkv", {"budget": 96})).generate(prompts[0], 1, keep_session=True)
+    assert short.session.batch_key() != long.session.batch_key()
+    with pytest.raises(ValueError, match="cannot decode as one batch"):
+        Session.merge([short.session, long.session])
