@@ -125,14 +125,24 @@ def cmd_table(args: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="evalkv table", description="Aggregate every run under the paths into one table: rows model / method / "
-        "budget, columns the tasks and their average (missing scores show as '-').")
+        "budget (and query aware / agnostic when some run compressed the context without the question), columns "
+        "the tasks grouped by benchmark category (LongBench's categories, RULER), each category's average, then "
+        "the average over every task. Missing scores show as '-' (empty in csv, null in json), never as 0; "
+        "unfinished runs are named on stderr.")
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--format", default="md", choices=FORMATS)
-    parser.add_argument("--view", default="scores", help="scores (default), timing (mean cost per sample), or a "
-                        "metric's breakdown such as by_context_length or by_depth")
+    parser.add_argument("--view", default="scores", help="scores (default); timing (mean cost per sample); ruler "
+                        "(RULER's per-length averages); longbench_e (LongBench-E's 0-4k / 4-8k / 8k+ buckets, "
+                        "averaged over its tasks); or one metric breakdown per task such as by_context_length, "
+                        "by_depth, by_length")
+    parser.add_argument("--delta", action="store_true", help="show every row but the full cache's as its "
+                        "difference from the full-cache row of the same model")
     parser.add_argument("-o", "--output", help="write the table to this file instead of stdout")
     options = parser.parse_args(args)
-    text = table(options.paths, options.format, options.view)
+    warnings: list[str] = []
+    text = table(options.paths, options.format, options.view, options.delta, warnings)
+    for warning in warnings:
+        print(f"evalkv table: note: {warning}", file=sys.stderr)
     if options.output:
         from evalkv.run.records import write_text_atomic
 
