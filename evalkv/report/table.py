@@ -146,13 +146,20 @@ def render(frame: pd.DataFrame, fmt: str, deltas: bool = False) -> str:
         return frame.reset_index().to_json(orient="records", indent=2)
     if fmt == "latex":
         return frame.to_latex(na_rep="-", float_format="%.2f")
-    header = [*frame.index.names, *frame.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for key, row in frame.iterrows():
-        sign = "+" if deltas and key[1] != FULL else ""
-        values = ["-" if _missing(v) else f"{v:{sign}.{_decimals(v)}f}" for v in row]
-        lines.append("| " + " | ".join([*key, *values]) + " |")
+    cells = formatted(frame, deltas).reset_index()
+    lines = ["| " + " | ".join(map(str, cells.columns)) + " |", "|" + "|".join("---" for _ in cells.columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def formatted(frame: pd.DataFrame, deltas: bool = False) -> pd.DataFrame:
+    """The cells as the Markdown table and the report page show them: `-` when missing, 2 decimals (4 for small
+    costs), and with deltas a sign on every row but the full cache's."""
+    cells = frame.astype(object).copy()
+    for position, key in enumerate(frame.index):
+        sign = "+" if deltas and dict(zip(frame.index.names, key))["method"] != FULL else ""
+        cells.iloc[position] = ["-" if _missing(v) else f"{v:{sign}.{_decimals(v)}f}" for v in frame.iloc[position]]
+    return cells
 
 
 def _decimals(value: float) -> int:
