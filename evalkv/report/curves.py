@@ -52,7 +52,7 @@ def _budget_axis(budgets: list[str]) -> tuple[str, bool]:
         "budget (KV entries kept per head per layer)", True)
 
 
-def _label_positions(values: list[float], low: float, high: float) -> list[float]:
+def label_positions(values: list[float], low: float, high: float) -> list[float]:
     """Line names at their lines' last values, pushed apart so that none overlaps the next."""
     gap = LABEL_GAP * max(high - low, 1e-9)
     order = sorted(range(len(values)), key=lambda i: values[i])
@@ -92,7 +92,9 @@ def plot_curves(frame: pd.DataFrame, output: str | Path, tasks: list[str] | None
     return save_figure(figure, output)
 
 
-def _draw_panel(axis, column: pd.Series, names: list[str], colours: dict, log_axis: bool) -> None:
+def series_points(column: pd.Series, names: list[str]) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
+    """One table column as the panel's lines: name -> (budget, score) points in budget order (NaN where a score is
+    missing), and the full-cache rows' scores (drawn as horizontal lines)."""
     lines: dict[str, list[tuple[float, float]]] = {}
     full: dict[str, float] = {}
     for key, value in column.items():
@@ -103,9 +105,13 @@ def _draw_panel(axis, column: pd.Series, names: list[str], colours: dict, log_ax
                 full[name] = float(value)
             continue
         lines.setdefault(name, []).append((float(labels["budget"].removeprefix("r")), float(value)))
+    return {name: sorted(points) for name, points in lines.items()}, full
+
+
+def _draw_panel(axis, column: pd.Series, names: list[str], colours: dict, log_axis: bool) -> None:
+    lines, full = series_points(column, names)
     ends: list[tuple[float, str]] = []
     for name, points in lines.items():
-        points.sort()
         axis.plot([x for x, _ in points], [y for _, y in points], marker="o", color=colours[name], linewidth=1.8)
         finite = [y for _, y in points if not math.isnan(y)]
         if finite:
@@ -119,6 +125,6 @@ def _draw_panel(axis, column: pd.Series, names: list[str], colours: dict, log_ax
         axis.set_xticks(budgets, [f"{b:g}" for b in budgets])
     axis.grid(True, alpha=0.3)
     low, high = axis.get_ylim()
-    for y, (_, name) in zip(_label_positions([v for v, _ in ends], low, high), ends):
+    for y, (_, name) in zip(label_positions([v for v, _ in ends], low, high), ends):
         axis.annotate(name, xy=(1.02, y), xycoords=("axes fraction", "data"), color=colours[name],
                       fontsize=9, va="center", annotation_clip=False)

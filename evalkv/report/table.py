@@ -164,7 +164,7 @@ def formatted(frame: pd.DataFrame, deltas: bool = False) -> pd.DataFrame:
 
 def _decimals(value: float) -> int:
     """Scores keep 2 decimals; small costs (seconds) keep 4 so they do not print as 0.00."""
-    return 2 if abs(value) >= 1 or value == 0 else 4
+    return 2 if abs(value) >= 1 or round(value, 2) == value else 4
 
 
 def notes(runs: list[RunScores], models_without_full: list[str] = ()) -> list[str]:
