@@ -205,8 +205,7 @@ def test_list_prints_one_name_per_line(capsys):
 
 
 @pytest.mark.parametrize("command", ["pred", "score", "table", "plot", "report", "list", "demo", "data", "bench",
-                                     "headmask",
-                                     "train-policy"])
+                                     "headmask", "train-policy"])
 def test_every_command_has_help(command, capsys):
     try:
         code = main([command, "--help"])
