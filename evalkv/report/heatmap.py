@@ -3,6 +3,7 @@
 Rows are depths (percent), columns context lengths (tokens), cells the mean needle recall (0-1) of the run's
 records, drawn as KVCache-Factory's `visualize.py` draws them: the 3-colour map #F0496E -> #EBB839 -> #0CD79F,
 vmin 0, vmax 1, grey dashed cell borders, "Token Limit" and "Depth Percent" axes. Several runs stack vertically.
+The file's suffix picks PNG or PDF.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from evalkv.errors import EvalkvError
 from evalkv.metrics.needle import needle_grid, needle_recall
+from evalkv.report.figure import check_output
 from evalkv.run.records import PREDICTIONS, read_records
 
 COLOURS = ["#F0496E", "#EBB839", "#0CD79F"]
@@ -41,6 +43,7 @@ def plot_needle(paths: list[str], output: str, title: str | None = None) -> Path
     import matplotlib.pyplot as plt
     from matplotlib.colors import LinearSegmentedColormap
 
+    check_output(output)
     runs = [(Path(p), _records(Path(p))) for p in paths]
     grids = [needle_grid(records, [needle_recall(r["pred"], r["answers"][0]) for r in records]) for _, records in runs]
     n_lengths = max(len({length for row in grid.values() for length in row}) for grid in grids)
@@ -63,8 +66,8 @@ def plot_needle(paths: list[str], output: str, title: str | None = None) -> Path
         axis.set_title(f"{heading}\noverall score {mean:.3f}", fontsize=13)
         fig.colorbar(image, ax=axis, label="Score")
     fig.tight_layout()
-    target = Path(output)
+    target = check_output(output)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=DPI, format="png")
+    fig.savefig(target, dpi=DPI, format=target.suffix.lower().lstrip("."))
     plt.close(fig)
     return target

@@ -1,114 +1,106 @@
-"""`evalkv table`: every run under some paths in one table, rows model / method / budget, columns tasks + average.
+"""`evalkv table`: every run under some paths in one table, rows model / method / budget, columns tasks + averages.
 
-A run's scores are computed from its predictions (the source of truth), or read from its scores.json when it has
-no predictions file. A run that has no score for a task leaves the cell empty (shown as `-`), never 0.
+Rows are (model, method, budget), plus `query` (aware / agnostic) when some run compressed the context without the
+question (LongBench's `task.query_agnostic`). In the scores view, columns are the tasks grouped by benchmark category,
+each category followed by its average, then `average` over every task (report/columns.py). A run that has no score
+for a task it was asked for (or that another row has) leaves the cell empty (shown as `-`), never 0, and every
+average over a missing cell is missing too.
+
 Other views of the same runs: `timing` (mean prompt tokens, new tokens, kept tokens, prefill and decode seconds per
-sample) and any breakdown a metric writes (e.g. `by_context_length`, `by_depth` for passkey): columns `task/key`.
+sample), any breakdown a metric writes (e.g. `by_context_length`, `by_depth`, LongBench-E's `by_length`): columns
+`task/key`, and the benchmark views `ruler` (per context length, the mean over RULER's tasks, and their average as
+RULER reports it) and `longbench_e` (per length bucket 0-4k / 4-8k / 8k+, the mean over LongBench-E's tasks).
+`deltas=True` shows every row but the full cache's as its difference from the full-cache row of the same model.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
 
-from evalkv.config import options
 from evalkv.errors import EvalkvError
-from evalkv.methods import build_method
-from evalkv.run.pred import method_label
-from evalkv.run.records import CONFIG, PREDICTIONS, SCORES, read_json
-from evalkv.run.score import score_files
+from evalkv.report.columns import with_categories
+from evalkv.report.runs import FULL, NO_BUDGET, RunScores, load_runs, unfinished
+from evalkv.tasks.longbench.spec import is_e_task
+from evalkv.tasks.ruler.constants import RULER_TASKS
 
 FORMATS = ("md", "csv", "latex", "json")
-
-
-@dataclass
-class RunScores:
-    path: Path
-    model: str
-    method: str  # name plus non-default options, e.g. "snapkv" or "snapkv-window_size=8"
-    budget: str  # "128", "r0.5", or "-" for the full cache
-    task_scores: dict[str, float]
-    scores: dict  # the whole scores.json content
-
-    def view(self, name: str) -> dict[str, float]:
-        """Columns of one view: `scores` (task -> score), `timing`, or a breakdown key."""
-        if name == "scores":
-            return self.task_scores
-        source = self.scores.get("timing", {}) if name == "timing" else {
-            task: views.get(name, {}) for task, views in self.scores.get("breakdown", {}).items()
-        }
-        return {f"{task}/{key}": value for task, values in source.items() for key, value in values.items()}
-
-
-def find_runs(paths: list[str]) -> list[Path]:
-    runs: set[Path] = set()
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise EvalkvError(f"{path} does not exist")
-        candidates = [path] if path.is_file() else [path, *path.rglob("*")]
-        for candidate in candidates:
-            folder = candidate if candidate.is_dir() else candidate.parent
-            if (folder / PREDICTIONS).exists() or (folder / SCORES).exists():
-                runs.add(folder)
-    return sorted(runs)
-
-
-def _identity(run: Path) -> tuple[str, str, str]:
-    if not (run / CONFIG).exists():
-        return "?", run.name, "-"
-    cfg = OmegaConf.load(run / CONFIG)
-    method = build_method(cfg.method.name, options(cfg.method))
-    variant = method_label(method).removeprefix(method.describe())
-    if not method.requires_budget():
-        budget = "-"
-    elif method.budget is not None:
-        budget = str(method.budget)
-    else:
-        budget = f"r{method.compression_ratio:g}"
-    return str(cfg.model.name), method.name + variant, budget
-
-
-def load_run(run: Path) -> RunScores:
-    predictions = run / PREDICTIONS
-    scores = score_files([predictions]) if predictions.exists() else read_json(run / SCORES)
-    model, method, budget = _identity(run)
-    return RunScores(run, model, method, budget, dict(scores.get("task_scores", {})), scores)
+# view -> (the breakdown it averages over tasks, which tasks belong to it)
+BENCHMARK_VIEWS = {
+    "ruler": ("by_context_length", lambda task: task in RULER_TASKS),
+    "longbench_e": ("by_length", is_e_task),
+}
 
 
 def _budget_order(budget: str) -> float:
-    if budget == "-":
+    if budget == NO_BUDGET:
         return -1.0
     return float(budget.removeprefix("r"))
 
 
-def build_table(runs: list[RunScores], view: str = "scores") -> pd.DataFrame:
-    """Rows (model, method, budget), one column per task (or per view entry); the scores view adds `average`."""
-    cells: dict[tuple[str, str, str], dict[str, float]] = {}
+def _row_key(run: RunScores) -> tuple[str, str, str, str]:
+    return run.model, run.method, run.budget, "aware" if run.query_aware else "agnostic"
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _cells(runs: list[RunScores], view: str) -> dict[tuple, dict[str, float]]:
+    """One dict of cells per row; runs of the same row fill different cells (a missing cell never hides a value)."""
+    cells: dict[tuple, dict[str, float]] = {}
     for run in runs:
-        row = cells.setdefault((run.model, run.method, run.budget), {})
+        row = cells.setdefault(_row_key(run), {})
         for column, value in run.view(view).items():
-            if column in row:
+            if not _missing(row.get(column)) and not _missing(value):
                 raise EvalkvError(
                     f"two runs give {run.model} / {run.method} / budget {run.budget} a value for {column}; "
                     f"pass them to separate tables (one is {run.path})"
                 )
-            row[column] = value
+            if _missing(row.get(column)):
+                row[column] = float("nan") if value is None else value
+    return cells
+
+
+def build_table(runs: list[RunScores], view: str = "scores") -> pd.DataFrame:
+    """Rows (model, method, budget[, query]), columns as the module docstring describes for each view."""
+    if view in BENCHMARK_VIEWS:
+        return _benchmark_view(runs, view)
+    cells = _cells(runs, view)
     if not cells:
         raise EvalkvError("no runs found (a run directory holds predictions.jsonl or scores.json)")
     if not any(cells.values()):
-        raise EvalkvError(f"no run has a {view!r} view (views: scores, timing, or a breakdown such as by_depth)")
-    order = sorted(cells, key=lambda key: (key[0], key[1] != "full", key[1], _budget_order(key[2])))
-    frame = pd.DataFrame([cells[key] for key in order],
-                         index=pd.MultiIndex.from_tuples(order, names=["model", "method", "budget"]))
-    frame = frame.reindex(sorted(frame.columns, key=_column_order), axis=1)
+        raise EvalkvError(f"no run has a {view!r} view (views: scores, timing, ruler, longbench_e, or a breakdown "
+                          "such as by_depth, by_context_length, by_length)")
+    order = sorted(cells, key=lambda key: (key[0], key[1] != FULL, key[1], key[3] != "aware",
+                                           _budget_order(key[2])))
+    names = ["model", "method", "budget", "query"]
+    frame = pd.DataFrame([cells[key] for key in order], index=pd.MultiIndex.from_tuples(order, names=names),
+                         dtype=float)
+    if all(key[3] == "aware" for key in order):
+        frame = frame.droplevel("query")
     if view == "scores":
-        frame["average"] = frame.mean(axis=1, skipna=False).round(2)
-    return frame
+        return with_categories(frame)
+    return frame.reindex(sorted(frame.columns, key=_column_order), axis=1)
+
+
+def _benchmark_view(runs: list[RunScores], view: str) -> pd.DataFrame:
+    """Per breakdown key (context length, length bucket), the mean over the benchmark's tasks in each row."""
+    breakdown, belongs = BENCHMARK_VIEWS[view]
+    frame = build_table(runs, breakdown)
+    columns = [column for column in frame.columns if belongs(column.partition("/")[0])]
+    if not columns:
+        raise EvalkvError(f"no run has {view} scores (the {view} view averages the {breakdown} breakdown of its "
+                          "tasks; score runs of that benchmark with evalkv score)")
+    keys = list(dict.fromkeys(column.partition("/")[2] for column in columns))
+    result = pd.DataFrame({
+        key: frame[[c for c in columns if c.partition("/")[2] == key]].mean(axis=1, skipna=False).round(2)
+        for key in keys
+    }, index=frame.index)
+    if view == "ruler":
+        result["average"] = result[keys].mean(axis=1, skipna=False).round(2)
+    return result
 
 
 def _column_order(column: str) -> tuple:
@@ -120,7 +112,32 @@ def _column_order(column: str) -> tuple:
         return (task, 1, 0.0, key)
 
 
-def render(frame: pd.DataFrame, fmt: str) -> str:
+def against_full(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Every row but the full cache's minus the full-cache row of the same model (and the same query mode when
+    there is one); the full rows keep their values. Rows of a model without a full-cache row become missing; their
+    models are returned so the caller can say so."""
+    methods = frame.index.get_level_values("method")
+    models = frame.index.get_level_values("model")
+    queries = frame.index.get_level_values("query") if "query" in frame.index.names else None
+    result = frame.copy()
+    lacking: list[str] = []
+    for position in range(len(frame)):
+        if methods[position] == FULL:
+            continue
+        candidates = [i for i in range(len(frame)) if methods[i] == FULL and models[i] == models[position]]
+        if queries is not None:
+            candidates = [i for i in candidates if queries[i] == queries[position]] or candidates
+        if not candidates:
+            lacking.append(models[position])
+            result.iloc[position] = float("nan")
+            continue
+        result.iloc[position] = (frame.iloc[position] - frame.iloc[candidates[0]]).round(2)
+    return result, sorted(set(lacking))
+
+
+def render(frame: pd.DataFrame, fmt: str, deltas: bool = False) -> str:
+    """The table as Markdown (`-` for missing cells; with deltas, signed numbers outside the full rows), CSV
+    (empty cells), LaTeX or JSON (null)."""
     if fmt not in FORMATS:
         raise EvalkvError(f"unknown table format {fmt!r}; known: {', '.join(FORMATS)}")
     if fmt == "csv":
@@ -129,18 +146,44 @@ def render(frame: pd.DataFrame, fmt: str) -> str:
         return frame.reset_index().to_json(orient="records", indent=2)
     if fmt == "latex":
         return frame.to_latex(na_rep="-", float_format="%.2f")
-    header = [*frame.index.names, *frame.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for key, row in frame.iterrows():
-        values = ["-" if isinstance(v, float) and math.isnan(v) else f"{v:.{_decimals(v)}f}" for v in row]
-        lines.append("| " + " | ".join([*key, *values]) + " |")
+    cells = formatted(frame, deltas).reset_index()
+    lines = ["| " + " | ".join(map(str, cells.columns)) + " |", "|" + "|".join("---" for _ in cells.columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def formatted(frame: pd.DataFrame, deltas: bool = False) -> pd.DataFrame:
+    """The cells as the Markdown table and the report page show them: `-` when missing, 2 decimals (4 for small
+    costs), and with deltas a sign on every row but the full cache's."""
+    cells = frame.astype(object).copy()
+    for position, key in enumerate(frame.index):
+        sign = "+" if deltas and dict(zip(frame.index.names, key))["method"] != FULL else ""
+        cells.iloc[position] = ["-" if _missing(v) else f"{v:{sign}.{_decimals(v)}f}" for v in frame.iloc[position]]
+    return cells
 
 
 def _decimals(value: float) -> int:
     """Scores keep 2 decimals; small costs (seconds) keep 4 so they do not print as 0.00."""
-    return 2 if abs(value) >= 1 or value == 0 else 4
+    return 2 if abs(value) >= 1 or round(value, 2) == value else 4
 
 
-def table(paths: list[str], fmt: str = "md", view: str = "scores") -> str:
-    return render(build_table([load_run(run) for run in find_runs(paths)], view), fmt)
+def notes(runs: list[RunScores], models_without_full: list[str] = ()) -> list[str]:
+    """What a reader of the table should know that the cells cannot say: unfinished runs, deltas with no base."""
+    lines = [f"{run.path}: unfinished run (run.json status {run.status!r}); its scores cover the samples it has"
+             for run in unfinished(runs)]
+    lines += [f"{model}: no full-cache run, so its deltas are missing (run evalkv pred model=... method=full)"
+              for model in models_without_full]
+    return lines
+
+
+def table(paths: list[str], fmt: str = "md", view: str = "scores", deltas: bool = False,
+          warnings: list[str] | None = None) -> str:
+    """The rendered table of every run under the paths; `warnings` (when given) receives `notes`."""
+    runs = load_runs(paths)
+    frame = build_table(runs, view)
+    lacking: list[str] = []
+    if deltas:
+        frame, lacking = against_full(frame)
+    if warnings is not None:
+        warnings.extend(notes(runs, lacking))
+    return render(frame, fmt, deltas)

@@ -1,0 +1,115 @@
+"""Finding the runs under some paths and reading what the tables and plots need from each.
+
+A run directory holds `predictions.jsonl` or `scores.json` (or, when its first sample failed, only `config.yaml`
+and `run.json`). Its scores are computed from its predictions (the source of truth), or read from `scores.json`
+when it has no predictions file. Its identity (model, method, budget, query-aware or not) comes from `config.yaml`;
+the tasks it was asked for come from there too, so a task a run never scored shows as missing, not as absent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from evalkv.config import options
+from evalkv.errors import EvalkvError
+from evalkv.methods import build_method
+from evalkv.run.pred import method_label
+from evalkv.run.records import CONFIG, PREDICTIONS, RUN_INFO, SCORES, read_json
+from evalkv.run.score import score_files
+from evalkv.tasks import build_task
+
+FULL = "full"
+NO_BUDGET = "-"
+
+
+@dataclass
+class RunScores:
+    path: Path
+    model: str
+    method: str  # name plus non-default options, e.g. "snapkv" or "snapkv-window_size=8"
+    budget: str  # "128", "r0.5", or "-" for the full cache
+    task_scores: dict[str, float]
+    scores: dict  # the whole scores.json content
+    query_aware: bool = True  # False when the task compressed the context without the question (query_agnostic)
+    expected_tasks: list[str] = field(default_factory=list)  # the tasks its config asks for
+    status: str = "finished"  # run.json's status ("running" when it was stopped or is still going)
+
+    def view(self, name: str) -> dict[str, float]:
+        """Columns of one view: `scores` (task -> score), `timing`, or a breakdown key."""
+        if name == "scores":
+            return {**{task: float("nan") for task in self.expected_tasks}, **self.task_scores}
+        source = self.scores.get("timing", {}) if name == "timing" else {
+            task: views.get(name, {}) for task, views in self.scores.get("breakdown", {}).items()
+        }
+        return {f"{task}/{key}": value for task, values in source.items() for key, value in values.items()}
+
+
+def is_run(folder: Path) -> bool:
+    """Records or scores, or the config and run.json `evalkv pred` writes before its first record."""
+    return any((folder / name).exists() for name in (PREDICTIONS, SCORES)) or (
+        (folder / CONFIG).exists() and (folder / RUN_INFO).exists())
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    runs: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise EvalkvError(f"{path} does not exist")
+        candidates = [path] if path.is_file() else [path, *path.rglob("*")]
+        for candidate in candidates:
+            folder = candidate if candidate.is_dir() else candidate.parent
+            if is_run(folder):
+                runs.add(folder)
+    return sorted(runs)
+
+
+def _budget_label(method) -> str:
+    if not method.requires_budget():
+        return NO_BUDGET
+    if method.budget is not None:
+        return str(method.budget)
+    return f"r{method.compression_ratio:g}"
+
+
+def _expected_tasks(task) -> list[str]:
+    names = getattr(task, "task_names", None) or getattr(task, "tasks", None) or [task.name]
+    return [str(name) for name in names]
+
+
+def load_run(run: Path) -> RunScores:
+    predictions = run / PREDICTIONS
+    if predictions.exists():
+        scores = score_files([predictions])
+    elif (run / SCORES).exists():
+        scores = read_json(run / SCORES)
+    else:
+        scores = {}
+    status = str(read_json(run / RUN_INFO).get("status", "unknown")) if (run / RUN_INFO).exists() else "unknown"
+    if not (run / CONFIG).exists():
+        return RunScores(run, "?", run.name, NO_BUDGET, dict(scores.get("task_scores", {})), scores, status=status)
+    cfg = OmegaConf.load(run / CONFIG)
+    method = build_method(cfg.method.name, options(cfg.method))
+    variant = method_label(method).removeprefix(method.describe())
+    task = build_task(cfg.task.name, options(cfg.task))
+    return RunScores(
+        run, str(cfg.model.name), method.name + variant, _budget_label(method), dict(scores.get("task_scores", {})),
+        scores, query_aware=not getattr(task, "query_agnostic", False), expected_tasks=_expected_tasks(task),
+        status=status,
+    )
+
+
+def load_runs(paths: list[str]) -> list[RunScores]:
+    runs = [load_run(run) for run in find_runs(paths)]
+    if not runs:
+        raise EvalkvError(f"no runs under {', '.join(paths)} (a run directory holds predictions.jsonl or "
+                          "scores.json; make one with evalkv pred)")
+    return runs
+
+
+def unfinished(runs: list[RunScores]) -> list[RunScores]:
+    """Runs whose run.json does not say finished (stopped, failing, or still going): their scores are partial."""
+    return [run for run in runs if (run.path / RUN_INFO).exists() and run.status != "finished"]
