@@ -162,8 +162,8 @@ class ShardedRun:
         return dataclasses.replace(model, device=f"cuda:{self.local_rank}")
 
     def resume(self, run_dir: Path) -> set[str]:
-        """The ids already finished. Rank 0 first repairs the files a kill may have left (a torn last line, a
-        killed parallel run's shards); the other ranks wait for it, so every rank sees the same finished set."""
+        """The ids already finished. Joins the process group; rank 0 first repairs what a kill may have left (a torn
+        last line, a killed parallel run's shards) while the other ranks wait, so every rank sees the same set."""
         self._join_group()
         predictions = run_dir / PREDICTIONS
         if self.is_main:
