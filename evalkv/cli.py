@@ -41,6 +41,10 @@ main keys (defaults in configs/config.yaml):
   method.OPTION=VALUE   a method option, e.g. method.window_size=8 (options: configs/method/NAME.yaml, the
                         method's docstring); task.OPTION=VALUE and model.OPTION=VALUE likewise
   model.device=cpu|cuda|auto  model.dtype=auto|bfloat16|float16|float32  model.attn_implementation=sdpa|eager|...
+  model.device_map=auto  spread one model over the host's GPUs (also balanced, balanced_low_0, sequential)
+
+several GPUs, one model each (data parallel; the run's files are those of a one-process run):
+  torchrun --standalone --nproc-per-node 4 -m evalkv.cli pred KEY=VALUE ...
 
 examples:
   evalkv pred method=snapkv budget=128 task.lengths=[1024,2048]
@@ -81,10 +85,12 @@ def cmd_pred(args: list[str]) -> int:
 
     from evalkv.config import register_configs
     from evalkv.paths import configs_dir
+    from evalkv.run.parallel import launched_ranks
     from evalkv.run.pred import run_pred
 
     register_configs()
     failures: list[str] = []
+    rank, world_size = launched_ranks()
 
     def job(cfg) -> None:
         try:
@@ -92,8 +98,11 @@ def cmd_pred(args: list[str]) -> int:
         except EvalkvError as error:  # a --multirun sweep goes on with its other jobs and reports at the end
             failures.append(str(error))
             print(f"evalkv pred: error: {error}", file=sys.stderr)
+            if world_size > 1:  # unless other ranks wait for this one: end it, and torchrun ends them
+                raise SystemExit(2) from None
             return
-        print(run_dir, flush=True)
+        if rank == 0:  # under torchrun the run directory is printed once
+            print(run_dir, flush=True)
 
     saved = sys.argv
     # Hydra's parser takes --multirun only before the overrides; accept it anywhere

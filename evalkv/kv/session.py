@@ -87,7 +87,7 @@ class Session:
 
     def append(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         layer = self.cache.layers[layer_idx]
-        layer.append(keys, values, self.query_positions)
+        layer.append(keys, values, self.query_positions.to(keys.device))  # layers may sit on several GPUs
         return (keys, values) if layer.is_ragged else (layer.keys, layer.values)
 
     def attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor:
@@ -95,7 +95,7 @@ class Session:
         layer = self.cache.layers[layer_idx]
         view = AttentionView(
             layer_idx=layer_idx, geometry=self.geometry, sample=self.sample, query=query,
-            query_positions=self.query_positions, scaling=scaling, cache=layer, state=self.layer_state[layer_idx],
+            query_positions=self.query_positions.to(query.device), scaling=scaling, cache=layer, state=self.layer_state[layer_idx],
             rotary=self.rotary,
         )
         keep = self.method.before_attention(view)

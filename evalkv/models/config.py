@@ -14,6 +14,8 @@ class ModelConfig:
     default small model, from the `evalkv[model]` part packages), `random` (architecture = a preset; random weights).
     max_prompt_length: LongBench's middle-truncation length for this model (model2maxlen).
     attn_implementation: the attention kernel evalkv runs inside its hook: sdpa, eager or flash_attention_2.
+    device_map: spread one model's layers over the host's GPUs (a model larger than one GPU) with one of accelerate's
+    strategies, `auto`, `balanced`, `balanced_low_0` or `sequential`, instead of placing it on `device`.
     """
 
     name: str = "unnamed"
@@ -25,6 +27,7 @@ class ModelConfig:
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
+    device_map: Optional[str] = None
     attn_implementation: str = "sdpa"
     max_prompt_length: Optional[int] = None
     trust_remote_code: bool = False

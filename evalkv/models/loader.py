@@ -26,6 +26,7 @@ END_OF_TURN_TOKENS = (
 )
 
 SOURCES = ("hub", "gguf", "embedded", "random")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 
 
 @dataclass
@@ -123,10 +124,31 @@ def _hub_kwargs(cfg: ModelConfig) -> dict:
 def _load_pretrained(path: str, cfg: ModelConfig, dtype, device, **kwargs):
     from transformers import AutoModelForCausalLM
 
+    device_map = cfg.device_map or (str(device) if device.type != "cpu" else None)
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, device_map=str(device) if device.type != "cpu" else None,
-        attn_implementation="sdpa", **kwargs,
+        path, dtype=dtype, device_map=device_map, attn_implementation="sdpa", **kwargs,
     )
+
+
+def _check_device_map(cfg: ModelConfig) -> None:
+    if cfg.device_map not in DEVICE_MAPS:
+        raise EvalkvError(f"unknown model.device_map {cfg.device_map!r}; known: {', '.join(DEVICE_MAPS)}")
+    if cfg.device != "auto":
+        raise EvalkvError(
+            f"model.device={cfg.device} and model.device_map={cfg.device_map} both place the model; set one "
+            "(device_map spreads it over every visible GPU; choose them with CUDA_VISIBLE_DEVICES)"
+        )
+    if cfg.source == "random":
+        raise EvalkvError(
+            f"model {cfg.name}: model.device_map applies to models loaded from weights (source hub, gguf or "
+            "embedded); a random-init model goes on model.device"
+        )
+
+
+def placement(model: torch.nn.Module) -> str:
+    """Where the model's weights sit: `cuda:0`, or `cuda:0, cuda:1` for a model spread by a device_map."""
+    devices = {str(parameter.device) for parameter in model.parameters()}
+    return ", ".join(sorted(devices))
 
 
 def _converted_gguf(gguf: Path, cfg: ModelConfig) -> Path:
@@ -177,6 +199,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             raise EvalkvError(
                 "attn_implementation=flash_attention_2 needs flash-attn: pip install 'evalkv[flash]'"
             ) from None
+    if cfg.device_map is not None:
+        _check_device_map(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
 
@@ -206,10 +230,11 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             raise EvalkvError(f"model {cfg.name}: cannot load {cfg.path!r}: {error}") from None
         description = f"{cfg.path}" + (f"@{cfg.revision}" if cfg.revision else "")
     model.eval()
-    if model.device != device:
+    if cfg.device_map is None and model.device != device:
         model.to(device)
     return LoadedModel(
         name=cfg.name, model=model, tokenizer=tokenizer, backend=cfg.attn_implementation,
         max_prompt_length=cfg.max_prompt_length, stop_token_ids=stop_token_ids(tokenizer, model),
-        description=f"{description}, {str(dtype).removeprefix('torch.')} on {device}",
+        description=f"{description}, {str(dtype).removeprefix('torch.')} on "
+        + (f"{placement(model)} (device_map={cfg.device_map})" if cfg.device_map else str(device)),
     )

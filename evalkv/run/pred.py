@@ -25,12 +25,12 @@ from evalkv.methods import build_method
 from evalkv.methods.base import Method
 from evalkv.models.config import ModelConfig
 from evalkv.models.loader import LoadedModel, load_model
+from evalkv.run.parallel import ShardedRun
 from evalkv.run.records import (
     CONFIG,
     PREDICTIONS,
     RUN_INFO,
     RecordWriter,
-    drop_torn_tail,
     read_json,
     read_records,
     write_json_atomic,
@@ -39,7 +39,8 @@ from evalkv.run.records import (
 from evalkv.tasks import Sample, Task, build_task
 
 # Keys that may change between a run and its resumption; everything else must match the stored config.
-_RESUMABLE_KEYS = {"task.n_samples", "progress", "output_dir", "run_dir", "model.device", "batch_size", "mlp_chunk"}
+_RESUMABLE_KEYS = {"task.n_samples", "progress", "output_dir", "run_dir", "model.device", "model.device_map",
+                   "batch_size", "mlp_chunk"}
 
 _loaded: dict[str, LoadedModel] = {}
 
@@ -183,22 +184,20 @@ def _batches(samples, done: set[str], size: int, progress) -> Iterator[list[Samp
 
 
 def run_pred(cfg: DictConfig) -> Path:
-    """Run (or resume) one prediction run; returns its directory."""
+    """Run (or resume) one prediction run; returns its directory. Under torchrun, this process's share of it
+    (evalkv/run/parallel.py)."""
     if cfg.batch_size < 1:
         raise EvalkvError(f"batch_size must be at least 1 (1 decodes every sample alone), got {cfg.batch_size}")
     composed = OmegaConf.to_container(cfg, resolve=True)
     method = build_method(cfg.method.name, options(cfg.method))
     task = build_task(cfg.task.name, options(cfg.task))
-    model_cfg = ModelConfig(**options(cfg.model), name=cfg.model.name)
+    sharded = ShardedRun.from_environment()
+    model_cfg = sharded.place(ModelConfig(**options(cfg.model), name=cfg.model.name))
     run_dir = run_directory(cfg, method, task)
     check_resumable(run_dir, composed, task)
 
     predictions = run_dir / PREDICTIONS
-    done: set[str] = set()
-    if predictions.exists():
-        if drop_torn_tail(predictions):
-            print(f"{predictions}: removed a last line cut short by an interrupted write", file=sys.stderr)
-        done = {str(record.get("id")) for record in read_records(predictions)}
+    done = sharded.resume(run_dir)
 
     model = cached_model(model_cfg)
     engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=cfg.mlp_chunk)
@@ -209,7 +208,7 @@ def run_pred(cfg: DictConfig) -> Path:
     if first is None:
         raise EvalkvError(f"task {task.name} produced no samples")
 
-    if not (run_dir / CONFIG).exists():
+    if sharded.is_main and not (run_dir / CONFIG).exists():
         write_text_atomic(run_dir / CONFIG, OmegaConf.to_yaml(composed))
     info_path = run_dir / RUN_INFO
     history = read_json(info_path).get("invocations", []) if info_path.exists() else []
@@ -220,20 +219,26 @@ def run_pred(cfg: DictConfig) -> Path:
         "method": method_label(method), "task": task_label(task), "status": "running",
         "invocations": [*history, invocation],
     }
-    write_json_atomic(info_path, info)
+    if sharded.parallel:
+        invocation["processes"] = sharded.world_size
+    if sharded.is_main:
+        write_json_atomic(info_path, info)
 
     began = time.perf_counter()
     total = task.size()
     if total is not None and task.n_samples is not None:
         total = min(total, task.n_samples)
+    if sharded.parallel:  # this rank's share is known only as the samples stream by
+        total = None
     totals = {"prefill_s": 0.0, "decode_s": 0.0}
     progress = tqdm(
         total=total, desc=f"{method_label(method)} {task.name}", unit="sample", disable=not cfg.progress,
         file=sys.stderr, dynamic_ncols=True,
     )
-    with progress, RecordWriter(predictions) as writer:
+    with progress, RecordWriter(sharded.output(run_dir)) as writer:
         # Records are written in sample order once a batch is done; a killed run loses at most one batch.
-        for batch in _batches(itertools.chain([first], samples), done, cfg.batch_size, progress):
+        pending = sharded.assign(itertools.chain([first], samples), done)
+        for batch in _batches(pending, done, cfg.batch_size, progress):
             generations = engine.generate_batch([_request(sample, model) for sample in batch], cfg.batch_size)
             for sample, generation in zip(batch, generations):
                 writer.write(make_record(sample, model, method, generation))
@@ -243,10 +248,12 @@ def run_pred(cfg: DictConfig) -> Path:
                 totals["decode_s"] += generation.decode_s
             progress.update(len(batch))
 
-    invocation.update(finished=_now(), wall_s=round(time.perf_counter() - began, 2),
+    totals = sharded.finish(run_dir, {**totals, "new_samples": invocation["new_samples"]})
+    invocation.update(finished=_now(), wall_s=round(time.perf_counter() - began, 2), new_samples=totals["new_samples"],
                       prefill_s=round(totals["prefill_s"], 3), decode_s=round(totals["decode_s"], 3))
-    info.update(status="finished", samples=len(read_records(predictions)))
-    write_json_atomic(info_path, info)
+    if sharded.is_main:
+        info.update(status="finished", samples=len(read_records(predictions)))
+        write_json_atomic(info_path, info)
     return run_dir
 
 

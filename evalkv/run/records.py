@@ -35,6 +35,16 @@ def write_json_atomic(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
+def record_line(record: dict) -> str:
+    """A record as its JSONL line (the one serialisation of records, appended or rewritten)."""
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def write_records_atomic(path: Path, records: list[dict]) -> None:
+    """Replace a JSONL file by these records in one atomic write (merging data-parallel shards)."""
+    write_text_atomic(path, "".join(record_line(record) for record in records))
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -86,7 +96,7 @@ class RecordWriter:
         self._handle = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.write(record_line(record))
         self._handle.flush()
         os.fsync(self._handle.fileno())
 
