@@ -95,7 +95,8 @@ class Session:
         layer = self.cache.layers[layer_idx]
         view = AttentionView(
             layer_idx=layer_idx, geometry=self.geometry, sample=self.sample, query=query,
-            query_positions=self.query_positions.to(query.device), scaling=scaling, cache=layer, state=self.layer_state[layer_idx],
+            query_positions=self.query_positions.to(query.device), scaling=scaling, cache=layer,
+            state=self.layer_state[layer_idx],
             rotary=self.rotary,
         )
         keep = self.method.before_attention(view)
@@ -126,7 +127,7 @@ class Session:
         layer = self.cache.layers[layer_idx]
         for positions in [head.positions for head in layer.heads] if layer.is_ragged else [layer.positions]:
             tail = positions[..., -num_new:]
-            if not torch.equal(tail, self.query_positions[:, None, :].expand_as(tail)):
+            if not torch.equal(tail, self.query_positions[:, None, :].to(tail.device).expand_as(tail)):
                 raise RuntimeError(
                     f"{self.method.name}: an eviction before attention in layer {layer_idx} dropped the tokens "
                     "being fed"
