@@ -23,7 +23,7 @@ def test_bench_reports_batched_decoding_and_the_bandwidth_bound(tmp_path, capsys
     for row in rows.values():
         assert len(row["prefill_s_all"]) == 2 * row["batch_size"] and len(row["decode_s_all"]) == 2
         expected_bound = report["hbm_bound_step_s"] / row["decode_step_s"]
-        assert abs(row["hbm_bound_fraction"] - expected_bound) <= 1e-3 * expected_bound + 1e-4
+        assert abs(row["hbm_bound_fraction"] - expected_bound) <= 1e-4  # the fraction is rounded to 4 decimals
         assert row["throughput_tokens_per_s"] > 0
     table = capsys.readouterr().out
     assert "| snapkv | 96 | 3 |" in table and "| full | 96 | 3 (decoded 1 at a time) |" in table

@@ -65,6 +65,15 @@ def test_rerun_resumes_and_skips_finished_samples(tmp_path):
     assert [i["new_samples"] for i in invocations] == [2, 3, 0]
 
 
+def test_a_sweeps_budget_does_not_split_the_full_cache_run(tmp_path):
+    """full has no budget: `budget=` from a sweep must resume its one run, not refuse it as a different config."""
+    args = ["method=full", "task.lengths=[256]", "task.n_samples=2"]
+    assert _pred(tmp_path, *args, "budget=64") == 0
+    run = _only_run_dir(tmp_path / "results")
+    assert _pred(tmp_path, *args[:2], "budget=128") == 0
+    assert _only_run_dir(tmp_path / "results") == run and len(read_records(run / "predictions.jsonl")) == 5
+
+
 def test_batched_run_writes_the_records_of_an_unbatched_run(tmp_path):
     args = ["method=snapkv", "budget=48", "method.window_size=8", "task.lengths=[256,300]", "task.depths=[0,50]"]
     assert _pred(tmp_path / "one", *args, "batch_size=1") == 0

@@ -101,13 +101,15 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix.rstrip("."): value}
 
 
-def check_resumable(run_dir: Path, composed: dict, task: Task) -> None:
+def check_resumable(run_dir: Path, composed: dict, task: Task, method: Method | None = None) -> None:
     stored_path = run_dir / CONFIG
     if not stored_path.exists():
         return
     stored = _flatten(OmegaConf.to_container(OmegaConf.load(stored_path), resolve=True))
     current = _flatten(composed)
     resumable = _RESUMABLE_KEYS | {f"task.{option}" for option in task.free_options}
+    if method is not None and not method.requires_budget():  # e.g. full: a sweep's budget= does not apply to it
+        resumable |= {"budget", "method.budget", "compression_ratio", "method.compression_ratio"}
     differing = sorted(
         key for key in set(stored) | set(current)
         if key not in resumable and stored.get(key) != current.get(key)
@@ -194,7 +196,7 @@ def run_pred(cfg: DictConfig) -> Path:
     sharded = ShardedRun.from_environment()
     model_cfg = sharded.place(ModelConfig(**options(cfg.model), name=cfg.model.name))
     run_dir = run_directory(cfg, method, task)
-    check_resumable(run_dir, composed, task)
+    check_resumable(run_dir, composed, task, method)
 
     predictions = run_dir / PREDICTIONS
     done = sharded.resume(run_dir)
