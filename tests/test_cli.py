@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from evalkv.cli import main
+from evalkv.errors import EvalkvError
 from evalkv.run.records import read_records
 
 TINY = ["model=random-tiny-llama", "model.device=cpu", "progress=false"]
@@ -72,6 +73,28 @@ def test_a_sweeps_budget_does_not_split_the_full_cache_run(tmp_path):
     run = _only_run_dir(tmp_path / "results")
     assert _pred(tmp_path, *args[:2], "budget=128") == 0
     assert _only_run_dir(tmp_path / "results") == run and len(read_records(run / "predictions.jsonl")) == 5
+
+
+def test_rerunning_a_finished_run_does_not_load_the_model(tmp_path, monkeypatch):
+    args = ["method=snapkv", "budget=48", "method.window_size=8", "task.lengths=[256]", "task.n_samples=3"]
+    assert _pred(tmp_path, *args) == 0
+    run = _only_run_dir(tmp_path / "results")
+    records = read_records(run / "predictions.jsonl")
+
+    loads = []
+
+    def refuse(cfg):
+        loads.append(cfg)
+        raise EvalkvError("the model was needed")
+
+    monkeypatch.setattr("evalkv.run.pred.cached_model", refuse)
+    assert _pred(tmp_path, *args) == 0
+    assert _pred(tmp_path, *args[:-1], "task.n_samples=2") == 0  # fewer samples: still complete
+    assert loads == [] and read_records(run / "predictions.jsonl") == records
+    invocations = json.loads((run / "run.json").read_text())["invocations"]
+    assert [i["new_samples"] for i in invocations] == [3, 0, 0]
+    assert _pred(tmp_path, *args[:-1], "task.n_samples=4") != 0  # more samples: the model is needed
+    assert len(loads) == 1
 
 
 def test_batched_run_writes_the_records_of_an_unbatched_run(tmp_path):

@@ -185,6 +185,34 @@ def _batches(samples, done: set[str], size: int, progress) -> Iterator[list[Samp
         yield batch
 
 
+def _expected_samples(task: Task) -> int | None:
+    total = task.size()
+    if total is not None and task.n_samples is not None:
+        total = min(total, task.n_samples)
+    return total
+
+
+def _already_complete(run_dir: Path, task: Task, done: set[str]) -> bool:
+    """A finished run holding at least the samples asked for: note the invocation, skip loading the model.
+
+    A finished run did its samples from the start of the task's order, so holding as many means holding these.
+    """
+    info_path = run_dir / RUN_INFO
+    total = _expected_samples(task)
+    if total is None or len(done) < total or not info_path.exists():
+        return False
+    info = read_json(info_path)
+    if info.get("status") != "finished":
+        return False
+    now = _now()
+    info["invocations"] = [*info.get("invocations", []), {
+        "started": now, "command": " ".join(sys.argv), "git": _git_hash(), "new_samples": 0, "finished": now,
+        "wall_s": 0.0, "note": "already complete; the model was not loaded",
+    }]
+    write_json_atomic(info_path, info)
+    return True
+
+
 def run_pred(cfg: DictConfig) -> Path:
     """Run (or resume) one prediction run; returns its directory. Under torchrun, this process's share of it
     (evalkv/run/parallel.py)."""
@@ -200,6 +228,8 @@ def run_pred(cfg: DictConfig) -> Path:
 
     predictions = run_dir / PREDICTIONS
     done = sharded.resume(run_dir)
+    if not sharded.parallel and _already_complete(run_dir, task, done):
+        return run_dir
 
     model = cached_model(model_cfg)
     engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=cfg.mlp_chunk)
@@ -227,9 +257,7 @@ def run_pred(cfg: DictConfig) -> Path:
         write_json_atomic(info_path, info)
 
     began = time.perf_counter()
-    total = task.size()
-    if total is not None and task.n_samples is not None:
-        total = min(total, task.n_samples)
+    total = _expected_samples(task)
     if sharded.parallel:  # this rank's share is known only as the samples stream by
         total = None
     totals = {"prefill_s": 0.0, "decode_s": 0.0}
