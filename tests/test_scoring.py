@@ -37,6 +37,23 @@ def test_column_sums_equal_eager_column_sums(qkv, monkeypatch):
     torch.testing.assert_close(sums.double(), _eager_probs(query, keys, 0.35).sum(dim=-2), atol=1e-5, rtol=0)
 
 
+def test_column_sums_over_an_evicted_cache_mask_by_true_position(monkeypatch):
+    """A chunk of queries over a cache whose heads kept different earlier positions: keys after a query's true
+    position are masked, whatever the block a row lands in (the skipped upper triangle must hold only zeros)."""
+    generator = torch.Generator().manual_seed(1)
+    kept = [torch.sort(torch.randperm(50, generator=generator)[:20]).values for _ in range(2)]
+    key_positions = torch.stack([torch.cat([k, torch.arange(50, 62)]) for k in kept])[None].expand(2, 2, 32)
+    query = torch.randn(2, 4, 12, 8, generator=generator)
+    keys = torch.randn(2, 2, 32, 8, generator=generator)
+    query_positions = torch.arange(50, 62).expand(2, 12)
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 64)
+    sums = attention_column_sums(query, query_positions, keys, key_positions, 0.35)
+    logits = (query @ keys.repeat_interleave(2, dim=1).transpose(-1, -2)).double() * 0.35
+    future = key_positions.repeat_interleave(2, dim=1)[:, :, None, :] > query_positions[:, None, :, None]
+    expected = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).sum(dim=-2)
+    torch.testing.assert_close(sums.double(), expected, atol=1e-5, rtol=0)
+
+
 def test_window_attention_equals_eager_rows(qkv):
     query, keys, _, positions = qkv
     window = window_attention(query[:, :, -6:], torch.arange(34, 40).expand(2, 6), keys, positions, 0.35)

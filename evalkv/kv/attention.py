@@ -144,17 +144,27 @@ def attention_column_sums(
     sums = torch.zeros(batch, num_heads, length, dtype=torch.float32, device=query.device)
     heads_per_block = _head_chunks(num_heads, q_len, length, batch)
     rows_per_block = max(1, _BLOCK_ELEMENTS // max(1, batch * heads_per_block * length))
+    # Entries are in position order, so the keys a row block can see end at the last one not after its latest
+    # query; the causal upper triangle (about half of a prompt's matrix) is never computed.
+    row_starts = list(range(0, q_len, rows_per_block))
+    visible = [length] * len(row_starts)
+    if q_len > 1:
+        latest = query_positions.amax(dim=0)  # [q]
+        block_latest = torch.stack([latest[r0 : r0 + rows_per_block].max() for r0 in row_starts])
+        earliest_keys = key_positions.amin(dim=(0, 1))  # [m], the most permissive head
+        visible = torch.searchsorted(earliest_keys.contiguous(), block_latest, right=True).tolist()
     for h0 in range(0, num_heads, heads_per_block):
         h1 = min(num_heads, h0 + heads_per_block)
         kv_heads = torch.arange(h0, h1, device=query.device) // groups
         head_keys = keys.index_select(1, kv_heads)
         head_positions = key_positions.index_select(1, kv_heads)
-        for r0 in range(0, q_len, rows_per_block):
+        for r0, end in zip(row_starts, visible):
             r1 = min(q_len, r0 + rows_per_block)
             probs = _masked_probs(
-                query[:, h0:h1, r0:r1], query_positions[:, None, r0:r1], head_keys, head_positions, scaling
+                query[:, h0:h1, r0:r1], query_positions[:, None, r0:r1], head_keys[..., :end, :],
+                head_positions[..., :end], scaling,
             )
-            sums[:, h0:h1] += probs.sum(dim=-2)
+            sums[:, h0:h1, :end] += probs.sum(dim=-2)
     return sums
 
 
