@@ -95,3 +95,30 @@ def test_sessions_with_different_cache_shapes_do_not_merge(tokenizer):
     assert short.session.batch_key() != long.session.batch_key()
     with pytest.raises(ValueError, match="cannot decode as one batch"):
         Session.merge([short.session, long.session])
+
+
+@pytest.mark.parametrize("method,decodes", [("full", 3), ("snapkv", 1)])
+def test_caches_do_not_pile_up_while_a_batch_decodes(method, decodes, tokenizer, monkeypatch):
+    """full: each sample's whole-prompt cache is released before the next prompt; snapkv: the merged batch replaces
+    the per-sample caches (no second copy)."""
+    import gc
+    import weakref
+
+    engine = Engine(tiny_model(), build_method(method, {"budget": 64} if method == "snapkv" else {}))
+    prefilled, others_alive = [], []
+    prefill, decode = Engine._prefill, Engine._decode
+
+    def tracking_prefill(self, request, trace=False):
+        row = prefill(self, request, trace)
+        prefilled.append(weakref.ref(row.session))
+        return row
+
+    def counting_decode(self, rows, session):
+        gc.collect()
+        others_alive.append(sum(ref() is not None and ref() is not session for ref in prefilled))
+        return decode(self, rows, session)
+
+    monkeypatch.setattr(Engine, "_prefill", tracking_prefill)
+    monkeypatch.setattr(Engine, "_decode", counting_decode)
+    engine.generate_batch([Request(ids, 4) for ids in _prompts(tokenizer)])
+    assert others_alive == [0] * decodes

@@ -61,7 +61,7 @@ class _Row:
     """A sample between prefill and the end of its decoding."""
 
     request: Request
-    session: Session
+    session: Session | None  # released once the row is done (batched runs), so caches do not pile up
     length: int  # tokens fed before decoding (prompt + suffix)
     prefill_s: float
     kept_tokens: float
@@ -80,8 +80,8 @@ class _Row:
         return Generation(
             token_ids=self.tokens, prompt_tokens=self.length, kept_tokens=self.kept_tokens, kv_bytes=self.kv_bytes,
             final_kept_tokens=self.final_kept_tokens, final_kv_bytes=self.final_kv_bytes, prefill_s=self.prefill_s,
-            decode_s=self.decode_s, decode_batch=decode_batch, trace=self.session.trace, forwards=self.forwards,
-            session=self.session if keep_session else None,
+            decode_s=self.decode_s, decode_batch=decode_batch, trace=self.session.trace if self.session else None,
+            forwards=self.forwards, session=self.session if keep_session else None,
         )
 
 
@@ -136,17 +136,21 @@ class Engine:
             key = row.session.batch_key()
             if row.finished():
                 self._finish(row, row.session)
-            elif key is None:  # decoded at once, so full-length caches never wait side by side
+                row.session = None
+            elif key is None:  # decoded at once and released, so full-length caches never wait side by side
                 self._decode([row], row.session)
+                row.session = None
             else:
                 groups.setdefault(key, []).append(index)
         limit = max_batch or len(rows)
         for members in groups.values():
             for start in range(0, len(members), limit):
-                batch = members[start : start + limit]
-                sessions = [rows[i].session for i in batch]
-                self._decode([rows[i] for i in batch], sessions[0] if len(batch) == 1 else Session.merge(sessions))
-                for i in batch:
+                batch = [rows[i] for i in members[start : start + limit]]
+                session = batch[0].session if len(batch) == 1 else Session.merge([row.session for row in batch])
+                for row in batch:  # the merged cache holds the entries now; the per-sample copies go
+                    row.session = None
+                self._decode(batch, session)
+                for i in members[start : start + limit]:
                     sizes[i] = len(batch)
         return [row.generation(sizes[i], keep_session=False) for i, row in enumerate(rows)]
 
