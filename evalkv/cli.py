@@ -42,6 +42,8 @@ main keys (defaults in configs/config.yaml):
                         method's docstring); task.OPTION=VALUE and model.OPTION=VALUE likewise
   model.device=cpu|cuda|auto  model.dtype=auto|bfloat16|float16|float32  model.attn_implementation=sdpa|eager|...
   model.device_map=auto  spread one model over the host's GPUs (also balanced, balanced_low_0, sequential)
+  batch_size=N          samples whose compressed caches match decode together (default 8; 1 = one at a time)
+  mlp_chunk=N           run each MLP over N prompt tokens at a time (low-memory long prefill; default off)
 
 several GPUs, one model each (data parallel; the run's files are those of a one-process run):
   torchrun --standalone --nproc-per-node 4 -m evalkv.cli pred KEY=VALUE ...
