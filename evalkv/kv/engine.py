@@ -118,9 +118,10 @@ class Engine:
         """
         request = Request(prompt_ids, max_new_tokens, stop_token_ids, suffix_ids, min_new_tokens)
         row = self._prefill(request, trace)
-        if not row.finished():
-            self._decode([row], row.session)
-        self._finish(row, row.session)
+        if row.finished():
+            self._finish(row, row.session)
+        else:
+            self._decode([row], row.session)  # finishes the row when it stops
         return row.generation(1, keep_session)
 
     @torch.inference_mode()

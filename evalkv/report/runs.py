@@ -59,11 +59,8 @@ def find_runs(paths: list[str]) -> list[Path]:
         path = Path(raw)
         if not path.exists():
             raise EvalkvError(f"{path} does not exist")
-        candidates = [path] if path.is_file() else [path, *path.rglob("*")]
-        for candidate in candidates:
-            folder = candidate if candidate.is_dir() else candidate.parent
-            if is_run(folder):
-                runs.add(folder)
+        folders = [path.parent] if path.is_file() else [path, *(p for p in path.rglob("*") if p.is_dir())]
+        runs.update(folder for folder in folders if is_run(folder))
     return sorted(runs)
 
 

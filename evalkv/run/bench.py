@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 import torch
 
 import evalkv
+from evalkv.kv.adapter import synchronize
 from evalkv.kv.engine import Engine, Request
 from evalkv.methods import build_method
 from evalkv.models.loader import LoadedModel
@@ -47,11 +48,6 @@ class BenchRow:
     kept_tokens: float
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:
     """Measured device-memory copy bandwidth in bytes/s (read + write), the best of a few copies."""
     elements = megabytes * 2**20 // 2
@@ -59,10 +55,10 @@ def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5
     target = torch.empty_like(source)
     best = float("inf")
     for _ in range(repeats + 1):
-        _synchronize(device)
+        synchronize(device)
         began = time.perf_counter()
         target.copy_(source)
-        _synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - began)
     del source, target
     return 2 * elements * 2 / best
@@ -93,10 +89,10 @@ def bench_method(
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             for _ in range(repeats):
-                _synchronize(device)
+                synchronize(device)
                 began = time.perf_counter()
                 generations = engine.generate_batch([Request(prompt, new_tokens) for prompt in prompts])
-                _synchronize(device)
+                synchronize(device)
                 wall = time.perf_counter() - began
                 prefill.extend(g.prefill_s for g in generations)
                 decode.append(wall - sum(g.prefill_s for g in generations))

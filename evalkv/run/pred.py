@@ -101,14 +101,14 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix.rstrip("."): value}
 
 
-def check_resumable(run_dir: Path, composed: dict, task: Task, method: Method | None = None) -> None:
+def check_resumable(run_dir: Path, composed: dict, task: Task, method: Method) -> None:
     stored_path = run_dir / CONFIG
     if not stored_path.exists():
         return
     stored = _flatten(OmegaConf.to_container(OmegaConf.load(stored_path), resolve=True))
     current = _flatten(composed)
     resumable = _RESUMABLE_KEYS | {f"task.{option}" for option in task.free_options}
-    if method is not None and not method.requires_budget():  # e.g. full: a sweep's budget= does not apply to it
+    if not method.requires_budget():  # e.g. full: a sweep's budget= does not apply to it
         resumable |= {"budget", "method.budget", "compression_ratio", "method.compression_ratio"}
     differing = sorted(
         key for key in set(stored) | set(current)
@@ -204,13 +204,15 @@ def _already_complete(run_dir: Path, task: Task, done: set[str]) -> bool:
     info = read_json(info_path)
     if info.get("status") != "finished":
         return False
-    now = _now()
-    info["invocations"] = [*info.get("invocations", []), {
-        "started": now, "command": " ".join(sys.argv), "git": _git_hash(), "new_samples": 0, "finished": now,
-        "wall_s": 0.0, "note": "already complete; the model was not loaded",
-    }]
+    invocation = _new_invocation()
+    invocation.update(finished=invocation["started"], wall_s=0.0, note="already complete; the model was not loaded")
+    info["invocations"] = [*info.get("invocations", []), invocation]
     write_json_atomic(info_path, info)
     return True
+
+
+def _new_invocation() -> dict:
+    return {"started": _now(), "command": " ".join(sys.argv), "git": _git_hash(), "new_samples": 0}
 
 
 def run_pred(cfg: DictConfig) -> Path:
@@ -244,7 +246,7 @@ def run_pred(cfg: DictConfig) -> Path:
         write_text_atomic(run_dir / CONFIG, OmegaConf.to_yaml(composed))
     info_path = run_dir / RUN_INFO
     history = read_json(info_path).get("invocations", []) if info_path.exists() else []
-    invocation = {"started": _now(), "command": " ".join(sys.argv), "git": _git_hash(), "new_samples": 0}
+    invocation = _new_invocation()
     info = {
         "evalkv": evalkv.__version__, "torch": torch.__version__, "transformers": _transformers_version(),
         "python": platform.python_version(), "device": _device_name(model.device), "model": model.description,
