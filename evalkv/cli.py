@@ -44,6 +44,7 @@ main keys (defaults in configs/config.yaml):
   model.device_map=auto  spread one model over the host's GPUs (also balanced, balanced_low_0, sequential)
   batch_size=N          samples whose compressed caches match decode together (default 8; 1 = one at a time)
   mlp_chunk=N           run each MLP over N prompt tokens at a time (low-memory long prefill; default off)
+  decode_graphs=auto|off  replay decode steps as CUDA graphs where the method allows (default auto: on CUDA)
 
 several GPUs, one model each (data parallel; the run's files are those of a one-process run):
   torchrun --standalone --nproc-per-node 4 -m evalkv.cli pred KEY=VALUE ...
@@ -312,6 +313,8 @@ def cmd_bench(args: list[str]) -> int:
                         "together where the method allows")
     parser.add_argument("--mlp-chunk", type=int, help="run the MLP over at most this many prompt tokens at a time "
                         "(low-memory long prefill)")
+    parser.add_argument("--decode-graphs", default="auto", help="comma-separated decode_graphs modes to compare: "
+                        "auto (CUDA graphs where the method allows, on CUDA) and/or off")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (EOS ignored)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -321,11 +324,16 @@ def cmd_bench(args: list[str]) -> int:
     options = parser.parse_args(args)
     from evalkv.config import compose_run
     from evalkv.config import options as group_options
+    from evalkv.kv.engine import DECODE_GRAPHS
     from evalkv.models.config import ModelConfig
     from evalkv.models.loader import load_model
     from evalkv.run.bench import format_rows, profile_once, run_bench
 
     _check_group_choices([f"model={options.model}"])
+    graph_modes = [mode for mode in options.decode_graphs.split(",") if mode]
+    unknown = [mode for mode in graph_modes if mode not in DECODE_GRAPHS]
+    if unknown or not graph_modes:
+        raise EvalkvError(f"unknown decode_graphs {(unknown or [''])[0]!r}; known: {', '.join(DECODE_GRAPHS)}")
     cfg = compose_run([f"model={options.model}", *(f"model.{o}" for o in options.model_option)])
     model = load_model(ModelConfig(**group_options(cfg.model), name=cfg.model.name))
     extra: dict[str, dict] = {}
@@ -343,7 +351,8 @@ def cmd_bench(args: list[str]) -> int:
     if not batch_sizes or min(batch_sizes) < 1:
         raise EvalkvError(f"--batch-sizes must be positive integers, got {options.batch_sizes!r}")
     report = run_bench(model, methods, lengths, options.new_tokens, options.repeats, options.warmup,
-                       batch_sizes=batch_sizes, mlp_chunk=options.mlp_chunk)
+                       batch_sizes=batch_sizes, mlp_chunk=options.mlp_chunk,
+                       decode_graphs=graph_modes)
     if options.output:
         from evalkv.run.records import write_json_atomic
 

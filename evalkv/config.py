@@ -29,6 +29,8 @@ class RunConfig:
         state); 1 decodes every sample alone. Tokens equal batch size 1 (specs in evalkv/kv/engine.py).
     mlp_chunk: run each layer's MLP over at most this many prompt tokens at a time (null: whole prompt); with an
         evicting method this keeps a 128K-token prefill within a few GB of the weights (docs/performance.md).
+    decode_graphs: "auto" replays decode steps as CUDA graphs on CUDA devices, for methods whose cache only grows
+        while decoding (evalkv/kv/graphs.py); "off" decodes eagerly.
     output_dir: runs go to `<output_dir>/<task>/<model>/<method label>/` unless `run_dir` names the folder.
     """
 
@@ -42,6 +44,7 @@ class RunConfig:
     progress: bool = True
     batch_size: int = 8
     mlp_chunk: Optional[int] = None
+    decode_graphs: str = "auto"
 
 
 def _schema(cls: type, name: str) -> type:

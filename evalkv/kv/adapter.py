@@ -72,6 +72,35 @@ def make_cache(session: Session) -> Cache:
     return Cache(layers=[_SessionLayer(session, i) for i in range(session.geometry.num_layers)])
 
 
+class _StaticLayer(DynamicLayer):
+    """A cache layer whose storage is a `StaticDecoder`'s fixed-size buffer (CUDA-graph decoding)."""
+
+    def __init__(self, decoder, layer_idx: int):
+        super().__init__()
+        self._decoder, self._layer_idx = decoder, layer_idx
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self._decoder.append(self._layer_idx, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        # Fixed for the captured graph; the model reads it only for masks, which the evalkv attention does not use.
+        return self._decoder.layer_length(self._layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
+def make_static_cache(decoder) -> Cache:
+    """The cache a `StaticDecoder` passes to the model: new entries go to its buffers, not a `Session`."""
+    return Cache(layers=[_StaticLayer(decoder, i) for i in range(decoder.geometry.num_layers)])
+
+
 def geometry(model) -> ModelGeometry:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     num_heads = config.num_attention_heads
@@ -161,7 +190,8 @@ def _chunked_forward(mlp):
 
 
 @contextlib.contextmanager
-def activated(session: Session) -> Iterator[None]:
+def activated(session) -> Iterator[None]:
+    """Route the evalkv attention to `session` (a `Session`, or a `StaticDecoder`: anything with `attention`)."""
     token = _ACTIVE.set(session)
     try:
         yield

@@ -8,6 +8,10 @@ samples whose compressed caches have the same shape and whose method keeps no pe
 (`Session.batch_key`). Each row keeps its own true positions; a row leaves the batch when it stops. The tokens
 equal batch-size-1 decoding up to floating-point reassociation of the batched matmuls (identical in fp32 on the
 CPU in the tests).
+
+CUDA graphs (`decode_graphs="auto"`, on CUDA devices): a group whose cache only grows while decoding decodes through a
+`StaticDecoder`, whose step is captured once and replayed (evalkv/kv/graphs.py). The captured graph is kept for the
+next group of the same shape when the method holds a budget (its cache size does not depend on the prompt).
 """
 
 from __future__ import annotations
@@ -19,10 +23,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from evalkv.errors import EvalkvError
 from evalkv.kv import adapter
+from evalkv.kv.graphs import StaticDecoder, can_decode_static
 from evalkv.kv.session import Session
 from evalkv.kv.view import Phase
 from evalkv.methods.base import Method
+
+# auto: CUDA graphs for decode steps on CUDA devices where the method allows; off: never; eager: the graphs' fixed-size
+# buffers without capturing (what a replay computes, runnable on the CPU: tests and debugging).
+DECODE_GRAPHS = ("auto", "off", "eager")
+# Capturing costs about two eager steps, so shorter generations decode eagerly; buffers are sized in steps of this
+# many tokens so that batches with slightly different lengths reuse one graph.
+_GRAPH_MIN_STEPS = 8
+_GRAPH_STEP_QUANTUM = 32
 
 
 @dataclass
@@ -51,6 +65,7 @@ class Generation:
     prefill_s: float  # prompt (and suffix) forwards, eviction included, up to the first token
     decode_s: float  # decode steps until this sample stopped (shared wall time when decoded in a batch)
     decode_batch: int = 1  # samples decoding together when this one started decoding
+    decode_graph: bool = False  # its decode steps replayed a captured CUDA graph
     trace: list | None = None  # Session.trace when asked for
     forwards: list | None = None  # with trace: (input ids, positions, last logits) of every forward
     session: Session | None = None  # kept when asked for (tests inspect the cache)
@@ -72,6 +87,7 @@ class _Row:
     decode_s: float = 0.0
     final_kept_tokens: float = 0.0
     final_kv_bytes: int = 0
+    decode_graph: bool = False
 
     def finished(self) -> bool:
         return len(self.tokens) >= self.request.max_new_tokens or self.tokens[-1] in self.stops
@@ -80,7 +96,8 @@ class _Row:
         return Generation(
             token_ids=self.tokens, prompt_tokens=self.length, kept_tokens=self.kept_tokens, kv_bytes=self.kv_bytes,
             final_kept_tokens=self.final_kept_tokens, final_kv_bytes=self.final_kv_bytes, prefill_s=self.prefill_s,
-            decode_s=self.decode_s, decode_batch=decode_batch, trace=self.session.trace if self.session else None,
+            decode_s=self.decode_s, decode_batch=decode_batch, decode_graph=self.decode_graph,
+            trace=self.session.trace if self.session else None,
             forwards=self.forwards, session=self.session if keep_session else None,
         )
 
@@ -88,8 +105,12 @@ class _Row:
 class Engine:
     """Runs one model with one method: `generate` for one prompt, `generate_batch` for several."""
 
-    def __init__(self, model, method: Method, backend: str = "sdpa", tokenizer=None, mlp_chunk: int | None = None):
-        """mlp_chunk: run the MLP over at most this many prompt tokens at a time (low-memory long prefill)."""
+    def __init__(self, model, method: Method, backend: str = "sdpa", tokenizer=None, mlp_chunk: int | None = None,
+                 decode_graphs: str = "auto"):
+        """mlp_chunk: run the MLP over at most this many prompt tokens at a time (low-memory long prefill).
+        decode_graphs: "auto" replays decode steps as CUDA graphs where it can, "off" never (see DECODE_GRAPHS)."""
+        if decode_graphs not in DECODE_GRAPHS:
+            raise EvalkvError(f"unknown decode_graphs {decode_graphs!r}; known: {', '.join(DECODE_GRAPHS)}")
         adapter.install(model)
         adapter.chunk_mlp(model, mlp_chunk)
         method.prepare(tokenizer)
@@ -99,6 +120,8 @@ class Engine:
         self.geometry = adapter.geometry(model)
         self.rotary = adapter.rotary(model)
         self.device = next(model.parameters()).device
+        self.decode_graphs = decode_graphs
+        self._static: tuple[tuple, StaticDecoder] | None = None  # the last decoder, kept for the next batch
 
     @torch.inference_mode()
     def generate(
@@ -121,7 +144,7 @@ class Engine:
         if row.finished():
             self._finish(row, row.session)
         else:
-            self._decode([row], row.session)  # finishes the row when it stops
+            self._decode([row], row.session, static=not keep_session)  # finishes the row when it stops
         return row.generation(1, keep_session)
 
     @torch.inference_mode()
@@ -203,8 +226,14 @@ class Engine:
                 logits[index].index_fill_(-1, masked, float("-inf"))
         return logits.argmax(dim=-1).tolist()
 
-    def _decode(self, rows: list[_Row], session: Session) -> None:
-        """Decode `rows` (held as batch rows of `session`, in order) until each stops."""
+    def _decode(self, rows: list[_Row], session: Session, static: bool = True) -> None:
+        """Decode `rows` (held as batch rows of `session`, in order) until each stops.
+
+        static: may decode through a `StaticDecoder`, which takes the entries out of `session`."""
+        steps = max(row.request.max_new_tokens - len(row.tokens) for row in rows)
+        if static and self._static_allowed(rows, session, steps):
+            self._decode_static(rows, session, steps)
+            return
         cache = adapter.make_cache(session)
         active = list(rows)
         with adapter.activated(session):
@@ -228,6 +257,46 @@ class Engine:
                     if staying:
                         session.keep_rows(staying)
                     active = [active[index] for index in staying]
+
+    def _static_allowed(self, rows: list[_Row], session: Session, steps: int) -> bool:
+        if self.decode_graphs == "off" or rows[0].forwards is not None:
+            return False
+        if self.decode_graphs == "auto" and (self.device.type != "cuda" or steps < _GRAPH_MIN_STEPS):
+            return False
+        return can_decode_static(session, self.device)
+
+    def _decode_static(self, rows: list[_Row], session: Session, steps: int) -> None:
+        """`_decode` over fixed-size buffers: every row stays in the batch until the last one stops (a finished row's
+        steps are wasted, which costs little: a decode step's time is the weights' reading)."""
+        steps = -(-steps // _GRAPH_STEP_QUANTUM) * _GRAPH_STEP_QUANTUM
+        layers = session.cache.layers
+        key = StaticDecoder.shape_key(layers, steps)
+        if self._static is not None and self._static[0] == key:
+            decoder = self._static[1]
+        else:
+            self._static = None  # the previous buffers and graph go before the new ones are allocated
+            decoder = StaticDecoder(self.model, self.geometry, layers, steps, graph=self.decode_graphs == "auto")
+        decoder.load(layers, release=True)
+        active = list(range(len(rows)))
+        adapter.synchronize(self.device)
+        began = time.perf_counter()
+        while active:
+            logits = decoder.step([row.tokens[-1] for row in rows], [row.length + len(row.tokens) - 1 for row in rows])
+            choices = self._choose(logits, rows)
+            for index in active:
+                rows[index].tokens.append(choices[index])
+            finished = [index for index in active if rows[index].finished()]
+            if finished:
+                adapter.synchronize(self.device)
+                elapsed = time.perf_counter() - began
+                for index in finished:
+                    row = rows[index]
+                    row.decode_s = elapsed
+                    row.final_kept_tokens, row.final_kv_bytes = decoder.held(len(row.tokens) - 1)
+                    row.decode_graph = decoder.graph is not None
+                active = [index for index in active if index not in finished]
+        if session.method.requires_budget():
+            self._static = (key, decoder)
 
     @staticmethod
     def _finish(row: _Row, session: Session) -> None:

@@ -33,6 +33,8 @@ class BenchRow:
     context_length: int
     batch_size: int  # prompts of this length per run
     decode_batch: int  # how many of them decoded together (1: the method's caches cannot batch, e.g. full)
+    decode_graphs: str  # the engine's decode_graphs mode
+    decode_graph: bool  # whether the decode steps replayed a CUDA graph
     new_tokens: int
     prefill_s: float  # median over repeats and prompts; one prompt's forward(s) with eviction (= TTFT)
     prefill_s_all: list[float]
@@ -71,10 +73,11 @@ def weight_bytes(model) -> int:
 def bench_method(
     model: LoadedModel, method_name: str, options: dict, lengths: list[int], new_tokens: int, repeats: int,
     warmup: int, seed: int, batch_sizes: list[int] = (1,), bound_step_s: float | None = None,
-    mlp_chunk: int | None = None,
+    mlp_chunk: int | None = None, decode_graphs: str = "auto",
 ) -> list[BenchRow]:
     method = build_method(method_name, options)
-    engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk)
+    engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk,
+                    decode_graphs=decode_graphs)
     vocab = model.model.config.vocab_size
     device = model.device
     rows = []
@@ -82,8 +85,8 @@ def bench_method(
         for batch_size in batch_sizes:
             generator = torch.Generator().manual_seed(seed + length)
             prompts = [torch.randint(0, vocab, (length,), generator=generator).tolist() for _ in range(batch_size)]
-            for _ in range(warmup):
-                engine.generate_batch([Request(prompt, min(new_tokens, 4)) for prompt in prompts])
+            for _ in range(warmup):  # full length: a CUDA graph of these shapes is captured here, then replayed
+                engine.generate_batch([Request(prompt, new_tokens) for prompt in prompts])
             prefill, decode = [], []
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -103,6 +106,7 @@ def bench_method(
             step_s = decode_median / steps / (batch_size // together)
             rows.append(BenchRow(
                 method=method_name, context_length=length, batch_size=batch_size, decode_batch=together,
+                decode_graphs=decode_graphs, decode_graph=generations[0].decode_graph,
                 new_tokens=new_tokens, prefill_s=round(statistics.median(prefill), 4),
                 prefill_s_all=[round(x, 4) for x in prefill], eviction_overhead=None,
                 decode_step_s=step_s, decode_tokens_per_s=round(1 / step_s, 2) if step_s > 0 else 0.0,
@@ -117,24 +121,26 @@ def bench_method(
 
 
 def add_overheads(rows: list[BenchRow]) -> None:
-    full = {(row.context_length, row.batch_size): row.prefill_s for row in rows if row.method == "full"}
+    full = {(row.context_length, row.batch_size, row.decode_graphs): row.prefill_s
+            for row in rows if row.method == "full"}
     for row in rows:
-        base = full.get((row.context_length, row.batch_size))
+        base = full.get((row.context_length, row.batch_size, row.decode_graphs))
         if base:
             row.eviction_overhead = round((row.prefill_s - base) / base, 4)
 
 
 def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list[int], new_tokens: int,
               repeats: int, warmup: int, seed: int = 0, batch_sizes: list[int] = (1,),
-              mlp_chunk: int | None = None) -> dict:
+              mlp_chunk: int | None = None, decode_graphs: list[str] = ("auto",)) -> dict:
     device = model.device
     bandwidth = copy_bandwidth(device)
     weights = weight_bytes(model.model)
     bound_step_s = weights / bandwidth
     rows: list[BenchRow] = []
-    for name, options in methods:
-        rows.extend(bench_method(model, name, options, lengths, new_tokens, repeats, warmup, seed, batch_sizes,
-                                 bound_step_s, mlp_chunk))
+    for mode in decode_graphs:
+        for name, options in methods:
+            rows.extend(bench_method(model, name, options, lengths, new_tokens, repeats, warmup, seed, batch_sizes,
+                                     bound_step_s, mlp_chunk, mode))
     add_overheads(rows)
     return {
         "evalkv": evalkv.__version__, "torch": torch.__version__, "python": platform.python_version(),
@@ -142,14 +148,14 @@ def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list
         "model": model.description, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "note": "random prompt ids; fixed generation length (end-of-turn tokens ignored); medians over repeats",
         "weight_bytes": weights, "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
-        "hbm_bound_step_s": bound_step_s, "mlp_chunk": mlp_chunk,
+        "hbm_bound_step_s": bound_step_s, "mlp_chunk": mlp_chunk, "decode_graphs": list(decode_graphs),
         "rows": [asdict(row) for row in rows],
     }
 
 
 def format_rows(report: dict) -> str:
-    header = ["method", "length", "batch", "prefill_s", "overhead", "step_ms", "tok/s/seq", "tok/s", "of_bound",
-              "peak_GB", "kv_MB", "kept"]
+    header = ["method", "graph", "length", "batch", "prefill_s", "overhead", "step_ms", "tok/s/seq", "tok/s",
+              "of_bound", "peak_GB", "kv_MB", "kept"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in report["rows"]:
         overhead = "-" if row["eviction_overhead"] is None else f"{100 * row['eviction_overhead']:.1f}%"
@@ -158,7 +164,8 @@ def format_rows(report: dict) -> str:
         batch = f"{row['batch_size']}" + ("" if row["decode_batch"] == row["batch_size"] else
                                            f" (decoded {row['decode_batch']} at a time)")
         lines.append(
-            f"| {row['method']} | {row['context_length']} | {batch} | {row['prefill_s']:.3f} | {overhead} | "
+            f"| {row['method']} | {'yes' if row['decode_graph'] else 'no'} | {row['context_length']} | {batch} | "
+            f"{row['prefill_s']:.3f} | {overhead} | "
             f"{1000 * row['decode_step_s']:.2f} | {row['decode_tokens_per_s']:.1f} | "
             f"{row['throughput_tokens_per_s']:.1f} | {bound} | {peak} | {row['kv_bytes_after_prefill'] / 2**20:.1f} "
             f"| {row['kept_tokens']:g} |"

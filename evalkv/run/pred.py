@@ -40,7 +40,7 @@ from evalkv.tasks import Sample, Task, build_task
 
 # Keys that may change between a run and its resumption; everything else must match the stored config.
 _RESUMABLE_KEYS = {"task.n_samples", "progress", "output_dir", "run_dir", "model.device", "model.device_map",
-                   "batch_size", "mlp_chunk"}
+                   "batch_size", "mlp_chunk", "decode_graphs"}
 
 _loaded: dict[str, LoadedModel] = {}
 
@@ -158,6 +158,7 @@ def make_record(sample: Sample, model: LoadedModel, method: Method, generation) 
         "prefill_s": round(generation.prefill_s, 4),
         "decode_s": round(generation.decode_s, 4),
         "decode_batch": generation.decode_batch,
+        "decode_graph": generation.decode_graph,
         "method": method.name,
         **sample.metadata,
     }
@@ -234,7 +235,8 @@ def run_pred(cfg: DictConfig) -> Path:
         return run_dir
 
     model = cached_model(model_cfg)
-    engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=cfg.mlp_chunk)
+    engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=cfg.mlp_chunk,
+                    decode_graphs=cfg.decode_graphs)
     samples = task.samples(model)
     if task.n_samples is not None:
         samples = itertools.islice(samples, task.n_samples)

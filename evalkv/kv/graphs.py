@@ -1,0 +1,148 @@
+"""Decode steps over fixed-size KV buffers, captured once as a CUDA graph and replayed.
+
+A decode step of a launch-bound model (32 layers x a dozen small kernels each) costs several times what reading the
+weights does; replaying one captured graph removes the per-kernel launch and Python cost. A graph needs every
+tensor to keep its address and shape, so `StaticDecoder` copies a batch's cache into buffers with room for the
+tokens still to generate, writes each new key/value at slot `base + step` (`step` is a device tensor the graph
+reads), and attends over the whole buffer with the unwritten slots masked out.
+
+It serves caches that only grow while decoding: methods that compress the prompt and then append
+(`Method.evicts_while_decoding` false; no per-sample or per-layer state), dense layers, one device. Their decode
+hooks do nothing, so a step is the model's forward alone and the graph replays exactly what the eager step runs.
+Unwritten slots hold zeros or earlier batches' finite entries: masked to -inf before the fp32 softmax, they weigh
+exactly zero. The sums over the padded length may round differently from the unpadded eager step in bf16 (as
+batched decoding's do); the CPU tests check identical tokens in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from evalkv.kv import adapter
+from evalkv.kv.attention import repeat_kv
+from evalkv.kv.cache import LayerCache
+from evalkv.kv.view import ModelGeometry
+
+
+def can_decode_static(session, device: torch.device) -> bool:
+    """Whether `session`'s decode steps only append to dense layers on `device`, with no method state to update."""
+    method = session.method
+    if method.evicts_while_decoding or session.trace is not None or session.sample.state or any(session.layer_state):
+        return False
+    for layer in session.cache.layers:
+        if layer.is_ragged or layer.keys is None or layer.extras or layer.keys.device != device:
+            return False
+    return True
+
+
+class StaticDecoder:
+    """A batch's cache in buffers with room for `steps` more tokens per row; `step` runs one decode step.
+
+    graph: capture the step as a CUDA graph on its first call and replay it afterwards (CUDA only); otherwise run it
+    eagerly (the same computation, which the tests compare with the ordinary decode on the CPU).
+    """
+
+    def __init__(self, model, geometry: ModelGeometry, layers: list[LayerCache], steps: int, graph: bool):
+        first = layers[0].keys
+        self.model = model
+        self.geometry = geometry
+        self.device = first.device
+        self.graph_enabled = graph
+        self.batch = first.shape[0]
+        self.bases = [layer.length for layer in layers]
+        self.steps = steps
+        self.keys = [first.new_zeros(self.batch, layer.num_heads, base + steps, first.shape[-1])
+                     for layer, base in zip(layers, self.bases)]
+        self.values = [torch.zeros_like(keys) for keys in self.keys]
+        self.slots = [torch.arange(base + steps, device=self.device) for base in self.bases]
+        self.base_tensors = [torch.tensor(base, device=self.device) for base in self.bases]
+        self.step_index = torch.zeros((), dtype=torch.long, device=self.device)
+        self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
+        self.cache = adapter.make_static_cache(self)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+        self.taken = 0  # steps run since the last `load`
+
+    @staticmethod
+    def shape_key(layers: list[LayerCache], steps: int) -> tuple:
+        """Decoders with equal keys have equal buffers: a captured graph serves any batch with this key."""
+        first = layers[0].keys
+        return (first.shape[0], first.shape[-1], first.dtype, str(first.device), steps,
+                tuple((layer.num_heads, layer.length) for layer in layers))
+
+    def load(self, layers: list[LayerCache], release: bool) -> None:
+        """Copy a batch's entries into the buffers (release: free each source layer once copied)."""
+        for index, layer in enumerate(layers):
+            base = self.bases[index]
+            self.keys[index][:, :, :base].copy_(layer.keys)
+            self.values[index][:, :, :base].copy_(layer.values)
+            if release:
+                layer.keys = layer.values = layer.positions = None
+        self.step_index.zero_()
+        self.taken = 0
+
+    def step(self, ids: list[int], positions: list[int]) -> Tensor:
+        """Feed one token per row at its true position; returns the logits `[B, vocab]` (valid until the next step)."""
+        if self.taken >= self.steps:
+            raise RuntimeError(f"the static decode buffers hold {self.steps} steps; all are used")
+        self.ids.copy_(torch.tensor(ids, dtype=torch.long).reshape(-1, 1))
+        self.positions.copy_(torch.tensor(positions, dtype=torch.long).reshape(-1, 1))
+        if not self.graph_enabled:
+            self.logits = self._forward()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+        self.step_index += 1
+        self.taken += 1
+        return self.logits
+
+    def _forward(self) -> Tensor:
+        with adapter.activated(self):
+            return adapter.forward(self.model, self.ids, self.positions, self.cache)
+
+    def _capture(self) -> None:
+        # One eager run on a side stream first: cuBLAS and the allocator initialise lazily, which capture forbids.
+        # It writes this step's entries, which the first replay writes again identically.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._forward()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+
+    # The adapter's hooks: the model stores each layer's new key/value here, then attends through `attention`.
+
+    def layer_length(self, layer_idx: int) -> int:
+        return self.bases[layer_idx]
+
+    def append(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        slot = (self.base_tensors[layer_idx] + self.step_index).reshape(1)
+        groups = self.keys[layer_idx].shape[1] // keys.shape[1]  # a query-head cache holds each KV head per query
+        keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
+        self.keys[layer_idx].index_copy_(2, slot, keys)
+        self.values[layer_idx].index_copy_(2, slot, values)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor:
+        """One query per row over the buffer; slots after this step's are masked. Returns `[B, H, 1, d]`."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        batch, num_heads, _, dim = query.shape
+        kv_heads = keys.shape[1]
+        grouped = query.reshape(batch, kv_heads, num_heads // kv_heads, dim)
+        logits = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G, slots]
+        written = self.slots[layer_idx] <= self.base_tensors[layer_idx] + self.step_index
+        logits = logits.masked_fill(~written, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).to(values.dtype)
+        return torch.matmul(probs, values).reshape(batch, num_heads, 1, dim)
+
+    def held(self, fed: int) -> tuple[float, int]:
+        """(kept tokens, KV bytes) of one row after `fed` decode tokens: what `KVCache` would report."""
+        entries = [keys.shape[1] * (base + fed) for keys, base in zip(self.keys, self.bases)]
+        element = self.keys[0].element_size() * self.keys[0].shape[-1] * 2
+        kept = sum(entries) / self.geometry.num_kv_heads / len(entries)
+        return kept, sum(entries) * element

@@ -1,0 +1,131 @@
+"""Decode steps over fixed-size buffers (what a CUDA graph replays) generate what ordinary decoding generates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import prompt_ids, tiny_model
+from method_cases import CASES, method_name
+
+from evalkv.errors import EvalkvError
+from evalkv.kv.engine import Engine, Request
+from evalkv.kv.graphs import StaticDecoder
+from evalkv.methods import build_method
+
+NEW_TOKENS = 6
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    base = prompt_ids(tokenizer)
+    return [base, base[7:], prompt_ids(tokenizer, repeats=13)[3:]]
+
+
+def _fields(generation) -> tuple:
+    return (generation.token_ids, generation.prompt_tokens, generation.kept_tokens, generation.kv_bytes,
+            generation.final_kept_tokens, generation.final_kv_bytes, generation.decode_batch)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_static_buffers_generate_what_ordinary_decoding_generates(architecture, case, tokenizer):
+    """Every method case: alone and batched, same tokens and same memory figures; methods that evict while
+    decoding (or keep state) fall back to ordinary decoding."""
+    model = tiny_model(architecture)
+    method = build_method(method_name(case), dict(CASES[case]))
+    ordinary = Engine(model, method, tokenizer=tokenizer, decode_graphs="off")
+    static = Engine(model, method, tokenizer=tokenizer, decode_graphs="eager")
+    prompts = _prompts(tokenizer)
+    for ids in prompts:
+        assert _fields(static.generate(ids, NEW_TOKENS)) == _fields(ordinary.generate(ids, NEW_TOKENS))
+    requests = [Request(ids, NEW_TOKENS) for ids in prompts]
+    assert [_fields(g) for g in static.generate_batch(requests)] == [
+        _fields(g) for g in ordinary.generate_batch(requests)]
+
+
+def test_only_caches_that_grow_by_appending_use_static_buffers(tokenizer):
+    """snapkv appends while decoding, so it can use fixed-size buffers; h2o evicts at every step, so it cannot."""
+    prompts = _prompts(tokenizer)
+    model = tiny_model("tiny-qwen2")
+    appending = Engine(model, build_method("snapkv", {"budget": 64}), decode_graphs="eager")
+    evicting = Engine(model, build_method("h2o", {"budget": 64}), decode_graphs="eager")
+    assert appending._static is None
+    appending.generate_batch([Request(ids, NEW_TOKENS) for ids in prompts])
+    assert appending._static is not None
+    evicting.generate_batch([Request(ids, NEW_TOKENS) for ids in prompts])
+    assert evicting._static is None
+
+
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "knorm"])
+def test_rows_that_stop_early_keep_their_own_results(method, tokenizer):
+    """Stop tokens, token limits and min_new_tokens differ per row; every row stays in the static batch until the
+    last one stops, and each row's tokens and final memory equal its lone ordinary run."""
+    model = tiny_model("tiny-llama")
+    ordinary = Engine(model, build_method(method, {"budget": 64}), decode_graphs="off")
+    static = Engine(model, build_method(method, {"budget": 64}), decode_graphs="eager")
+    prompts = _prompts(tokenizer)
+    free = ordinary.generate(prompts[0], 8)
+    requests = [
+        Request(prompts[0], 8, stop_token_ids=[free.token_ids[2]]),
+        Request(prompts[1], 3),
+        Request(prompts[2], 40, stop_token_ids=[free.token_ids[0]], min_new_tokens=4),
+        Request(prompts[0], 37),
+    ]
+    alone = [ordinary.generate(r.prompt_ids, r.max_new_tokens, r.stop_token_ids, min_new_tokens=r.min_new_tokens)
+             for r in requests]
+    together = static.generate_batch(requests)
+    assert [_fields(g)[:-1] for g in together] == [_fields(g)[:-1] for g in alone]
+    assert [len(g.token_ids) for g in together][:2] == [3, 3]
+    assert len(together[3].token_ids) == 37
+
+
+def test_a_decoder_is_reused_for_batches_of_the_same_shape(tokenizer):
+    """The buffers (and on CUDA the captured graph) serve the next batch with the same shape; its entries replace
+    the previous batch's, so results still equal ordinary decoding."""
+    model = tiny_model("tiny-llama")
+    static = Engine(model, build_method("snapkv", {"budget": 64}), decode_graphs="eager")
+    ordinary = Engine(model, build_method("snapkv", {"budget": 64}), decode_graphs="off")
+    prompts = _prompts(tokenizer)
+    first = static.generate_batch([Request(ids, NEW_TOKENS) for ids in prompts[:2]])
+    decoder = static._static[1]
+    second = static.generate_batch([Request(ids, NEW_TOKENS + 3) for ids in prompts[1:]])
+    assert static._static[1] is decoder  # 6 and 9 new tokens both fit the same 32-step buffers
+    expected = ordinary.generate_batch([Request(ids, NEW_TOKENS) for ids in prompts[:2]])
+    expected += ordinary.generate_batch([Request(ids, NEW_TOKENS + 3) for ids in prompts[1:]])
+    assert [g.token_ids for g in first + second] == [g.token_ids for g in expected]
+
+
+def test_the_full_cache_decoder_is_not_kept(tokenizer):
+    """A full cache's buffers are as long as its prompt: they are freed after the sample, not kept for the next."""
+    static = Engine(tiny_model(), build_method("full", {}), decode_graphs="eager")
+    static.generate(_prompts(tokenizer)[0], NEW_TOKENS)
+    assert static._static is None
+
+
+def test_buffers_refuse_more_steps_than_they_hold(tokenizer):
+    engine = Engine(tiny_model(), build_method("snapkv", {"budget": 64}), decode_graphs="off")
+    session = engine.generate(_prompts(tokenizer)[0], 1, keep_session=True).session
+    decoder = StaticDecoder(engine.model, engine.geometry, session.cache.layers, steps=1, graph=False)
+    decoder.load(session.cache.layers, release=False)
+    decoder.step([1], [500])
+    with pytest.raises(RuntimeError, match="hold 1 steps"):
+        decoder.step([1], [501])
+
+
+def test_unknown_decode_graphs_mode_lists_the_known_ones():
+    with pytest.raises(EvalkvError, match="auto, off, eager"):
+        Engine(tiny_model(), build_method("full", {}), decode_graphs="always")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("method", ["snapkv", "full"])
+def test_cuda_graph_replays_generate_what_eager_steps_generate(method, tokenizer):
+    """On CUDA in fp32: replayed graphs give the ordinary tokens, batched and alone, across reused graphs."""
+    model = tiny_model("tiny-llama").to("cuda")
+    options = {"budget": 64} if method == "snapkv" else {}
+    graphed = Engine(model, build_method(method, options), decode_graphs="auto")
+    ordinary = Engine(model, build_method(method, options), decode_graphs="off")
+    prompts = _prompts(tokenizer)
+    for _ in range(2):
+        requests = [Request(ids, 12) for ids in prompts]
+        replayed = graphed.generate_batch(requests)
+        assert [_fields(g) for g in replayed] == [_fields(g) for g in ordinary.generate_batch(requests)]
+        assert all(g.decode_graph for g in replayed)
