@@ -45,12 +45,13 @@ def _evalkv_attention(module, query, key, value, attention_mask, scaling=None, d
 AttentionInterface.register(ATTENTION_NAME, _evalkv_attention)
 
 
-class _SessionLayer(DynamicLayer):
-    """A cache layer whose storage is the session's shrinking `LayerCache`."""
+class _StoreLayer(DynamicLayer):
+    """A cache layer whose storage is evalkv's: the active `Session`'s shrinking `LayerCache`, or a
+    `StaticDecoder`'s fixed-size buffer (CUDA-graph decoding). The store has `append` and `layer_length`."""
 
-    def __init__(self, session: Session, layer_idx: int):
+    def __init__(self, store, layer_idx: int):
         super().__init__()
-        self._session, self._layer_idx = session, layer_idx
+        self._store, self._layer_idx = store, layer_idx
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -59,46 +60,18 @@ class _SessionLayer(DynamicLayer):
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        return self._session.append(self._layer_idx, key_states, value_states)
+        return self._store.append(self._layer_idx, key_states, value_states)
 
     def get_seq_length(self) -> int:
-        return self._session.cache.layers[self._layer_idx].length
+        return self._store.layer_length(self._layer_idx)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
 
-def make_cache(session: Session) -> Cache:
-    return Cache(layers=[_SessionLayer(session, i) for i in range(session.geometry.num_layers)])
-
-
-class _StaticLayer(DynamicLayer):
-    """A cache layer whose storage is a `StaticDecoder`'s fixed-size buffer (CUDA-graph decoding)."""
-
-    def __init__(self, decoder, layer_idx: int):
-        super().__init__()
-        self._decoder, self._layer_idx = decoder, layer_idx
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        return self._decoder.append(self._layer_idx, key_states, value_states)
-
-    def get_seq_length(self) -> int:
-        # Fixed for the captured graph; the model reads it only for masks, which the evalkv attention does not use.
-        return self._decoder.layer_length(self._layer_idx)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-
-def make_static_cache(decoder) -> Cache:
-    """The cache a `StaticDecoder` passes to the model: new entries go to its buffers, not a `Session`."""
-    return Cache(layers=[_StaticLayer(decoder, i) for i in range(decoder.geometry.num_layers)])
+def make_cache(store) -> Cache:
+    """The cache passed to the model: a `Session` or `StaticDecoder` stores what each layer adds."""
+    return Cache(layers=[_StoreLayer(store, i) for i in range(store.geometry.num_layers)])
 
 
 def geometry(model) -> ModelGeometry:

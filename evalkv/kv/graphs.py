@@ -60,7 +60,7 @@ class StaticDecoder:
         self.step_index = torch.zeros((), dtype=torch.long, device=self.device)
         self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
-        self.cache = adapter.make_static_cache(self)
+        self.cache = adapter.make_cache(self)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.taken = 0  # steps run since the last `load`
@@ -118,6 +118,7 @@ class StaticDecoder:
     # The adapter's hooks: the model stores each layer's new key/value here, then attends through `attention`.
 
     def layer_length(self, layer_idx: int) -> int:
+        # Fixed for the captured graph; the model reads it only for masks, which the evalkv attention does not use.
         return self.bases[layer_idx]
 
     def append(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

@@ -85,6 +85,9 @@ class Session:
         if self.trace is not None:
             self.trace.append([None] * self.geometry.num_layers)
 
+    def layer_length(self, layer_idx: int) -> int:
+        return self.cache.layers[layer_idx].length
+
     def append(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         layer = self.cache.layers[layer_idx]
         layer.append(keys, values, self.query_positions.to(keys.device))  # layers may sit on several GPUs
