@@ -6,6 +6,11 @@ architecture preset measures speed and memory honestly; the report says so. Evic
 prefill time minus the full cache's on the same prompt, as a fraction of the full cache's prefill time. A batch of
 B prompts is prefilled one by one and decoded together where the method allows (`Engine.generate_batch`); the decode
 step is compared with the HBM-bandwidth bound, the model's weight bytes divided by the measured copy bandwidth.
+
+`--workload longbench` times a whole LongBench-shaped workload instead (evalkv/run/workload.py): every sample goes
+through `Engine.generate_batch` in batches of `batch_size` samples, as `evalkv pred` runs them, with no stop tokens,
+so each generates exactly its task's max new tokens; the wall time covers prefill, compression and decode of every
+sample (model load excluded, the device synchronised before each clock read).
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import torch
+import transformers
 
 import evalkv
 from evalkv.kv.adapter import synchronize
 from evalkv.kv.engine import Engine, Request
 from evalkv.methods import build_method
 from evalkv.models.loader import LoadedModel
+from evalkv.run.workload import summary as workload_summary
 
 
 @dataclass
@@ -71,10 +78,10 @@ def weight_bytes(model) -> int:
 def bench_method(
     model: LoadedModel, method_name: str, options: dict, lengths: list[int], new_tokens: int, repeats: int,
     warmup: int, seed: int, batch_sizes: list[int] = (1,), bound_step_s: float | None = None,
-    mlp_chunk: int | None = None,
+    mlp_chunk: int | None = None, engine_options: dict | None = None,
 ) -> list[BenchRow]:
     method = build_method(method_name, options)
-    engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk)
+    engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk, **(engine_options or {}))
     vocab = model.model.config.vocab_size
     device = model.device
     rows = []
@@ -126,7 +133,7 @@ def add_overheads(rows: list[BenchRow]) -> None:
 
 def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list[int], new_tokens: int,
               repeats: int, warmup: int, seed: int = 0, batch_sizes: list[int] = (1,),
-              mlp_chunk: int | None = None) -> dict:
+              mlp_chunk: int | None = None, engine_options: dict | None = None) -> dict:
     device = model.device
     bandwidth = copy_bandwidth(device)
     weights = weight_bytes(model.model)
@@ -134,7 +141,7 @@ def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list
     rows: list[BenchRow] = []
     for name, options in methods:
         rows.extend(bench_method(model, name, options, lengths, new_tokens, repeats, warmup, seed, batch_sizes,
-                                 bound_step_s, mlp_chunk))
+                                 bound_step_s, mlp_chunk, engine_options))
     add_overheads(rows)
     return {
         "evalkv": evalkv.__version__, "torch": torch.__version__, "python": platform.python_version(),
@@ -142,7 +149,7 @@ def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list
         "model": model.description, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "note": "random prompt ids; fixed generation length (end-of-turn tokens ignored); medians over repeats",
         "weight_bytes": weights, "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
-        "hbm_bound_step_s": bound_step_s, "mlp_chunk": mlp_chunk,
+        "hbm_bound_step_s": bound_step_s, "mlp_chunk": mlp_chunk, **(engine_options or {}),
         "rows": [asdict(row) for row in rows],
     }
 
@@ -162,6 +169,104 @@ def format_rows(report: dict) -> str:
             f"{1000 * row['decode_step_s']:.2f} | {row['decode_tokens_per_s']:.1f} | "
             f"{row['throughput_tokens_per_s']:.1f} | {bound} | {peak} | {row['kv_bytes_after_prefill'] / 2**20:.1f} "
             f"| {row['kept_tokens']:g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class WorkloadRow:
+    method: str
+    options: dict
+    samples: int
+    batch_size: int  # samples per generate_batch call (evalkv pred's batch_size)
+    mean_decode_batch: float  # mean over samples of how many decoded together
+    prompt_tokens: int
+    generated_tokens: int  # the sum of the samples' max new tokens (EOS ignored; checked)
+    wall_s: float  # median over repeats of the whole workload: prefill, compression and decode of every sample
+    wall_s_all: list[float]
+    samples_per_s: float
+    generated_tokens_per_s: float
+    prefill_s: float  # the samples' prefill times summed (last repeat); the rest of the wall time is decoding
+    kept_tokens: float  # mean entries per layer and KV head after the prompt
+    peak_memory_gb: float | None  # torch.cuda.max_memory_allocated over the timed repeats (GPU only)
+
+
+def bench_workload_method(model: LoadedModel, method_name: str, options: dict, samples: list[dict], batch_size: int,
+                          repeats: int, warmup: int, mlp_chunk: int | None = None,
+                          engine_options: dict | None = None) -> WorkloadRow:
+    """Every sample of the workload through `Engine.generate_batch`, `batch_size` at a time, as `evalkv pred` runs
+    them; no stop tokens, so each sample generates exactly its max new tokens."""
+    method = build_method(method_name, options)
+    engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk, **(engine_options or {}))
+    device = model.device
+    requests = [Request(torch.tensor(sample["prompt_ids"]), sample["max_new_tokens"]) for sample in samples]
+    for _ in range(warmup):
+        engine.generate_batch([Request(requests[0].prompt_ids, min(4, requests[0].max_new_tokens))])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    walls = []
+    for _ in range(repeats):
+        synchronize(device)
+        began = time.perf_counter()
+        generations = []
+        for start in range(0, len(requests), batch_size):
+            generations.extend(engine.generate_batch(requests[start : start + batch_size], batch_size))
+        synchronize(device)
+        walls.append(time.perf_counter() - began)
+    short = [i for i, (g, r) in enumerate(zip(generations, requests)) if len(g.token_ids) != r.max_new_tokens]
+    if short:
+        raise RuntimeError(f"workload samples {short[:5]} did not generate their max new tokens")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    wall = statistics.median(walls)
+    generated = sum(len(g.token_ids) for g in generations)
+    return WorkloadRow(
+        method=method_name, options=options, samples=len(samples), batch_size=batch_size,
+        mean_decode_batch=round(statistics.mean(g.decode_batch for g in generations), 2),
+        prompt_tokens=sum(g.prompt_tokens for g in generations), generated_tokens=generated,
+        wall_s=round(wall, 3), wall_s_all=[round(x, 3) for x in walls],
+        samples_per_s=round(len(samples) / wall, 3), generated_tokens_per_s=round(generated / wall, 2),
+        prefill_s=round(sum(g.prefill_s for g in generations), 3),
+        kept_tokens=round(statistics.mean(g.kept_tokens for g in generations), 2),
+        peak_memory_gb=None if peak is None else round(peak, 3),
+    )
+
+
+def run_workload_bench(model: LoadedModel, methods: list[tuple[str, dict]], workload: dict, batch_size: int,
+                       repeats: int, warmup: int, mlp_chunk: int | None = None,
+                       engine_options: dict | None = None) -> dict:
+    rows = []
+    for name, options in methods:
+        rows.append(bench_workload_method(model, name, options, workload["samples"], batch_size, repeats, warmup,
+                                          mlp_chunk, engine_options))
+        print(json.dumps(asdict(rows[-1])), file=sys.stderr, flush=True)
+    device = model.device
+    return {
+        "evalkv": evalkv.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": model.description, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "note": "LongBench-shaped workload of random prompt ids; EOS ignored: every sample generates exactly its "
+                "task's max new tokens (LongBench's dataset2maxlen); wall time = prefill + compression + decode of "
+                "every sample, model load excluded; median over repeats",
+        "workload": workload_summary(workload), "batch_size": batch_size, "repeats": repeats, "warmup": warmup,
+        "mlp_chunk": mlp_chunk, **(engine_options or {}),
+        "rows": [asdict(row) for row in rows],
+    }
+
+
+def format_workload_rows(report: dict) -> str:
+    header = ["method", "budget", "samples", "prompt_tok", "new_tok", "batch", "wall_s", "samples/s", "tok/s",
+              "peak_GB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in report["rows"]:
+        peak = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
+        batch = f"{row['batch_size']}" + ("" if row["mean_decode_batch"] == row["batch_size"] else
+                                          f" (decoded {row['mean_decode_batch']:g} on average)")
+        lines.append(
+            f"| {row['method']} | {row['options'].get('budget', '-')} | {row['samples']} | {row['prompt_tokens']} "
+            f"| {row['generated_tokens']} | {batch} | {row['wall_s']:.2f} | {row['samples_per_s']:.3f} | "
+            f"{row['generated_tokens_per_s']:.1f} | {peak} |"
         )
     return "\n".join(lines) + "\n"
 
