@@ -23,8 +23,8 @@ How a sample meets the pipeline (kvpress 0.5.5, kvpress/pipeline.py):
   observation window included (the window's scores are padded above every other score, so it is always kept):
   the same count as evalkv's `budget`, window included. Each sample gets the ratio 1 - (budget + 0.5) / context
   length, which keeps exactly `budget` (checked with kvpress's `compute_n_kept`); a context of at most `budget`
-  tokens is left alone (ratio 0), as evalkv leaves such a prompt; the warm-up checks that the compressed context
-  holds exactly `budget`. Differences that remain: the uncompressed question token adds one entry, so while
+  tokens is left alone (ratio 0), as evalkv leaves such a prompt; every sample's compressed context is checked to
+  hold exactly that. Differences that remain: the uncompressed question token adds one entry, so while
   decoding kvpress's cache holds one entry per head more than evalkv's; kvpress's observation window is the
   context's last W tokens, prompt[-W-1:-1], evalkv's the prompt's last W. SnapKVPress's window and pooling kernel
   default to evalkv's snapkv settings from the workload file; kvpress always average-pools (evalkv's default is
@@ -158,22 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     seen = inputs["context_ids"][0].tolist() + inputs["questions_ids"][0][0].tolist()
     assert seen == samples[0]["prompt_ids"], "the pipeline's token ids differ from the workload's"
 
-    # Warm-up, which also checks the budget: after the call the cache holds the compressed context (the pipeline
-    # cuts the question and the answer off again).
-    cache = transformers.DynamicCache()
-    run(calls[0], max_new_tokens=min(4, calls[0][2]), cache=cache)
-    context_length = len(samples[0]["prompt_ids"]) - 1
-    assert cache.get_seq_length() == min(budget, context_length), (cache.get_seq_length(), budget)
-    del cache
-
+    run(calls[0], max_new_tokens=min(4, calls[0][2]))  # warm-up
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     walls = []
     for _ in range(options.repeats):
+        answers, kept = [], []
         synchronize(device)
         began = time.perf_counter()
-        answers = [run(call) for call in calls]
+        for call in calls:
+            # The pipeline's own default is a fresh DynamicCache per call; passing it lets us read what was kept
+            # (the pipeline cuts the question and the answer off again, leaving the compressed context).
+            cache = transformers.DynamicCache()
+            answers.append(run(call, cache=cache))
+            kept.append(cache.get_seq_length())
         synchronize(device)
         walls.append(time.perf_counter() - began)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -181,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     short = [i for i, (count, s) in enumerate(zip(generated, samples)) if count != s["max_new_tokens"]]
     if short:
         sys.exit(f"samples {short[:5]} did not generate their max new tokens")
+    off_budget = [i for i, (count, s) in enumerate(zip(kept, samples))
+                  if count != min(budget, len(s["prompt_ids"]) - 1)]
+    if off_budget:
+        sys.exit(f"samples {off_budget[:5]} kept {[kept[i] for i in off_budget[:5]]} entries, not budget {budget}")
 
     wall = statistics.median(walls)
     result = {
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 "decode), model build excluded; median over repeats",
         "workload": {"file": str(options.workload), "seed": workload.get("seed")},
         "samples": len(samples), "prompt_tokens": sum(len(s["prompt_ids"]) for s in samples),
-        "generated_tokens": sum(generated), "wall_s": round(wall, 3), "wall_s_all": [round(x, 3) for x in walls],
+        "generated_tokens": sum(generated), "kept_tokens": round(statistics.mean(kept), 2),
+        "wall_s": round(wall, 3), "wall_s_all": [round(x, 3) for x in walls],
         "samples_per_s": round(len(samples) / wall, 3), "generated_tokens_per_s": round(sum(generated) / wall, 2),
         "peak_memory_gb": None if peak is None else round(peak, 3),
     }
