@@ -154,23 +154,31 @@ def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list
     }
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) + "\n"
+
+
+def _peak(row: dict) -> str:
+    return "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
+
+
 def format_rows(report: dict) -> str:
     header = ["method", "length", "batch", "prefill_s", "overhead", "step_ms", "tok/s/seq", "tok/s", "of_bound",
               "peak_GB", "kv_MB", "kept"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells = []
     for row in report["rows"]:
         overhead = "-" if row["eviction_overhead"] is None else f"{100 * row['eviction_overhead']:.1f}%"
-        peak = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
         bound = "-" if row["hbm_bound_fraction"] is None else f"{100 * row['hbm_bound_fraction']:.0f}%"
         batch = f"{row['batch_size']}" + ("" if row["decode_batch"] == row["batch_size"] else
                                            f" (decoded {row['decode_batch']} at a time)")
-        lines.append(
-            f"| {row['method']} | {row['context_length']} | {batch} | {row['prefill_s']:.3f} | {overhead} | "
-            f"{1000 * row['decode_step_s']:.2f} | {row['decode_tokens_per_s']:.1f} | "
-            f"{row['throughput_tokens_per_s']:.1f} | {bound} | {peak} | {row['kv_bytes_after_prefill'] / 2**20:.1f} "
-            f"| {row['kept_tokens']:g} |"
-        )
-    return "\n".join(lines) + "\n"
+        cells.append([
+            row["method"], f"{row['context_length']}", batch, f"{row['prefill_s']:.3f}", overhead,
+            f"{1000 * row['decode_step_s']:.2f}", f"{row['decode_tokens_per_s']:.1f}",
+            f"{row['throughput_tokens_per_s']:.1f}", bound, _peak(row), f"{row['kv_bytes_after_prefill'] / 2**20:.1f}",
+            f"{row['kept_tokens']:g}",
+        ])
+    return markdown_table(header, cells)
 
 
 @dataclass
@@ -258,17 +266,16 @@ def run_workload_bench(model: LoadedModel, methods: list[tuple[str, dict]], work
 def format_workload_rows(report: dict) -> str:
     header = ["method", "budget", "samples", "prompt_tok", "new_tok", "batch", "wall_s", "samples/s", "tok/s",
               "peak_GB"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells = []
     for row in report["rows"]:
-        peak = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
         batch = f"{row['batch_size']}" + ("" if row["mean_decode_batch"] == row["batch_size"] else
                                           f" (decoded {row['mean_decode_batch']:g} on average)")
-        lines.append(
-            f"| {row['method']} | {row['options'].get('budget', '-')} | {row['samples']} | {row['prompt_tokens']} "
-            f"| {row['generated_tokens']} | {batch} | {row['wall_s']:.2f} | {row['samples_per_s']:.3f} | "
-            f"{row['generated_tokens_per_s']:.1f} | {peak} |"
-        )
-    return "\n".join(lines) + "\n"
+        cells.append([
+            row["method"], f"{row['options'].get('budget', '-')}", f"{row['samples']}", f"{row['prompt_tokens']}",
+            f"{row['generated_tokens']}", batch, f"{row['wall_s']:.2f}", f"{row['samples_per_s']:.3f}",
+            f"{row['generated_tokens_per_s']:.1f}", _peak(row),
+        ])
+    return markdown_table(header, cells)
 
 
 def profile_once(model: LoadedModel, method: tuple[str, dict], length: int, new_tokens: int) -> str:
