@@ -44,7 +44,6 @@ main keys (defaults in configs/config.yaml):
   model.device_map=auto  spread one model over the host's GPUs (also balanced, balanced_low_0, sequential)
   batch_size=N          samples whose compressed caches match decode together (default 8; 1 = one at a time)
   mlp_chunk=N           run each MLP over N prompt tokens at a time (low-memory long prefill; default off)
-  decode_graphs=auto|off  replay decode steps as CUDA graphs where the method allows (default auto: on CUDA)
 
 several GPUs, one model each (data parallel; the run's files are those of a one-process run):
   torchrun --standalone --nproc-per-node 4 -m evalkv.cli pred KEY=VALUE ...
@@ -296,44 +295,60 @@ def _parse_option(text: str) -> tuple[str, str, object]:
 
 
 def cmd_bench(args: list[str]) -> int:
+    from evalkv.run.workload import DEFAULT_MAX_LENGTH, DEFAULT_MIN_LENGTH, WORKLOADS
+
     parser = argparse.ArgumentParser(
         prog="evalkv bench", description="Measure prefill time, eviction overhead (vs the full cache), decode "
         "tokens/s, time to first token, peak GPU memory and KV bytes held, per method and context length. Prompts "
         "are random token ids and generation has a fixed length (EOS ignored): a random-weight architecture "
-        "(e.g. --model random-llama-3.1-8b) measures speed and memory honestly.")
+        "(e.g. --model random-llama-3.1-8b) measures speed and memory honestly. With --workload longbench, time a "
+        "whole LongBench-shaped workload end to end instead (lengths from LongBench's per-task length "
+        "distribution, each task's max new tokens; evalkv/run/workload.py).")
     parser.add_argument("--model", default="random-llama-3.1-8b", help="a model config (evalkv list models)")
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. dtype=bfloat16 (repeatable)")
-    parser.add_argument("--methods", default="full,snapkv", help="comma-separated method names")
+    parser.add_argument("--methods", help="comma-separated method names (default full,snapkv; snapkv with "
+                        "--workload)")
     parser.add_argument("--budget", type=int, default=1024, help="budget of every method but full")
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                         help="a method option, e.g. snapkv.window_size=8 (repeatable)")
-    parser.add_argument("--lengths", default="8192,32768", help="comma-separated context lengths")
-    parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes: prompts per run, decoded "
-                        "together where the method allows")
+    parser.add_argument("--lengths", help="comma-separated context lengths (default 8192,32768)")
+    parser.add_argument("--batch-sizes", help="comma-separated batch sizes: prompts per run, decoded together "
+                        "where the method allows (default 1)")
     parser.add_argument("--mlp-chunk", type=int, help="run the MLP over at most this many prompt tokens at a time "
                         "(low-memory long prefill)")
     parser.add_argument("--decode-graphs", default="auto", help="comma-separated decode_graphs modes to compare: "
-                        "auto (CUDA graphs where the method allows, on CUDA) and/or off")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (EOS ignored)")
-    parser.add_argument("--repeats", type=int, default=3)
+                        "auto (CUDA graphs where the method allows, on CUDA) and/or off (default auto)")
+    parser.add_argument("--new-tokens", type=int, help="tokens generated per run (EOS ignored; default 64)")
+    parser.add_argument("--repeats", type=int, help="timed runs (default 3; 1 with --workload)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("-o", "--output", help="write the JSON report here")
     parser.add_argument("--profile", action="store_true",
                         help="also print a torch.profiler table of one run of the first method and length")
+    workload_args = parser.add_argument_group("workload", "time a whole workload end to end instead of the grid (the "
+                                          "options after --workload need it)")
+    workload_args.add_argument("--workload", choices=WORKLOADS, help="a LongBench-shaped workload: every sample "
+                               "generates its task's max new tokens, EOS ignored")
+    workload_args.add_argument("--samples-per-task", type=int, help="samples of each of LongBench's 16 English "
+                               "tasks (default 4)")
+    workload_args.add_argument("--min-length", type=int, help=f"shortest prompt (default {DEFAULT_MIN_LENGTH})")
+    workload_args.add_argument("--max-length", type=int, help="longest prompt: longer draws are clipped, as "
+                               f"LongBench truncates (default {DEFAULT_MAX_LENGTH})")
+    workload_args.add_argument("--seed", type=int, help="the workload's seed (default 0)")
+    workload_args.add_argument("--workload-file", metavar="PATH", help="run this workload file instead of drawing "
+                               "one (written by --write-workload)")
+    workload_args.add_argument("--write-workload", metavar="PATH", help="save the workload with the model's config "
+                               "and the methods' settings (what scripts/kvpress_bench.py reads)")
+    workload_args.add_argument("--batch-size", type=int, help="samples per Engine.generate_batch call, as "
+                               "evalkv pred's batch_size= (default 8)")
     options = parser.parse_args(args)
+    _check_bench_arguments(options)
     from evalkv.config import compose_run
     from evalkv.config import options as group_options
-    from evalkv.kv.engine import DECODE_GRAPHS
     from evalkv.models.config import ModelConfig
     from evalkv.models.loader import load_model
-    from evalkv.run.bench import format_rows, profile_once, run_bench
 
     _check_group_choices([f"model={options.model}"])
-    graph_modes = [mode for mode in options.decode_graphs.split(",") if mode]
-    unknown = [mode for mode in graph_modes if mode not in DECODE_GRAPHS]
-    if unknown or not graph_modes:
-        raise EvalkvError(f"unknown decode_graphs {(unknown or [''])[0]!r}; known: {', '.join(DECODE_GRAPHS)}")
     cfg = compose_run([f"model={options.model}", *(f"model.{o}" for o in options.model_option)])
     model = load_model(ModelConfig(**group_options(cfg.model), name=cfg.model.name))
     extra: dict[str, dict] = {}
@@ -341,24 +356,113 @@ def cmd_bench(args: list[str]) -> int:
         method, option, value = _parse_option(text)
         extra.setdefault(method, {})[option] = value
     methods = []
-    for name in [m for m in options.methods.split(",") if m]:
+    default_methods = "snapkv" if options.workload else "full,snapkv"
+    for name in [m for m in (options.methods or default_methods).split(",") if m]:
         settings = {} if name == "full" else {"budget": options.budget}
         methods.append((name, {**settings, **extra.get(name, {})}))
-    lengths = [int(x) for x in options.lengths.split(",") if x]
-    if options.profile:
-        print(profile_once(model, methods[0], lengths[0], options.new_tokens))
-    batch_sizes = [int(x) for x in options.batch_sizes.split(",") if x]
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise EvalkvError(f"--batch-sizes must be positive integers, got {options.batch_sizes!r}")
-    report = run_bench(model, methods, lengths, options.new_tokens, options.repeats, options.warmup,
-                       batch_sizes=batch_sizes, mlp_chunk=options.mlp_chunk,
-                       decode_graphs=graph_modes)
+    graph_modes = [mode for mode in options.decode_graphs.split(",") if mode]
+    if options.workload:
+        report, table = _bench_workload(options, model, methods, graph_modes)
+    else:
+        report, table = _bench_grid(options, model, methods, graph_modes)
     if options.output:
         from evalkv.run.records import write_json_atomic
 
         write_json_atomic(Path(options.output), report)
-    print(f"{report['device']}, {report['model']}; {report['note']}\n{format_rows(report)}", end="")
+    print(f"{report['device']}, {report['model']}; {report['note']}\n{table}", end="")
     return 0
+
+
+_WORKLOAD_ONLY = ("samples_per_task", "min_length", "max_length", "seed", "workload_file", "write_workload",
+                  "batch_size")
+_GRID_ONLY = ("lengths", "batch_sizes", "new_tokens")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_bench_arguments(options: argparse.Namespace) -> None:
+    """Options of the other mode are refused rather than silently ignored."""
+    given = [name for name in (_GRID_ONLY + ("profile",) if options.workload else _WORKLOAD_ONLY)
+             if getattr(options, name) not in (None, False)]
+    if given:
+        mode = "--workload" if options.workload else "the length x batch-size grid (without --workload)"
+        raise EvalkvError(f"{', '.join(map(_flag, given))} cannot be used with {mode}; see evalkv bench --help")
+    if options.workload_file:
+        drawn = [name for name in ("samples_per_task", "min_length", "max_length", "seed")
+                 if getattr(options, name) is not None]
+        if drawn:
+            raise EvalkvError(f"{', '.join(map(_flag, drawn))}: the workload comes from --workload-file "
+                              f"{options.workload_file}; leave them out")
+    for name in ("batch_size", "samples_per_task", "repeats"):
+        if getattr(options, name) is not None and getattr(options, name) < 1:
+            raise EvalkvError(f"{_flag(name)} must be at least 1, got {getattr(options, name)}")
+    from evalkv.kv.engine import DECODE_GRAPHS
+
+    modes = [mode for mode in options.decode_graphs.split(",") if mode]
+    unknown = [mode for mode in modes if mode not in DECODE_GRAPHS]
+    if unknown or not modes:
+        raise EvalkvError(f"unknown decode_graphs {(unknown or [''])[0]!r}; known: {', '.join(DECODE_GRAPHS)}")
+
+
+def _bench_grid(options, model, methods, graph_modes) -> tuple[dict, str]:
+    from evalkv.run.bench import format_rows, profile_once, run_bench
+
+    lengths = [int(x) for x in (options.lengths or "8192,32768").split(",") if x]
+    new_tokens = 64 if options.new_tokens is None else options.new_tokens
+    if options.profile:
+        print(profile_once(model, methods[0], lengths[0], new_tokens))
+    batch_sizes = [int(x) for x in (options.batch_sizes or "1").split(",") if x]
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise EvalkvError(f"--batch-sizes must be positive integers, got {options.batch_sizes!r}")
+    report = run_bench(model, methods, lengths, new_tokens, options.repeats or 3, options.warmup,
+                       batch_sizes=batch_sizes, mlp_chunk=options.mlp_chunk, decode_graphs=graph_modes)
+    return report, format_rows(report)
+
+
+def _bench_workload(options, model, methods, graph_modes) -> tuple[dict, str]:
+    import json
+
+    from evalkv.methods import build_method
+    from evalkv.run.bench import format_workload_rows, run_workload_bench, weight_bytes
+    from evalkv.run.workload import (
+        DEFAULT_MAX_LENGTH,
+        DEFAULT_MIN_LENGTH,
+        build_workload,
+        read_workload,
+        write_workload,
+    )
+
+    vocab_size = model.model.config.vocab_size
+    if options.workload_file:
+        workload = read_workload(Path(options.workload_file))
+        if workload["vocab_size"] > vocab_size:
+            raise EvalkvError(f"{options.workload_file}: ids up to {workload['vocab_size'] - 1}, but model "
+                              f"{options.model} has {vocab_size} tokens")
+    else:
+        workload = build_workload(
+            vocab_size, options.samples_per_task or 4, 0 if options.seed is None else options.seed,
+            options.min_length or DEFAULT_MIN_LENGTH, options.max_length or DEFAULT_MAX_LENGTH)
+    if options.write_workload:
+        # What scripts/kvpress_bench.py needs to run the same prompts on the same architecture and budget.
+        workload["model"] = {
+            "name": options.model, "description": model.description,
+            "dtype": str(model.model.dtype).removeprefix("torch."),
+            "config": json.loads(model.model.config.to_json_string()),
+            "num_parameters": sum(p.numel() for p in model.model.parameters()),
+            "weight_bytes": weight_bytes(model.model),
+        }
+        settings = {}
+        for name, method_options in methods:
+            method = build_method(name, method_options)
+            settings[name] = {key: getattr(method, key) for key in ("budget", "window_size", "kernel_size",
+                                                                    "pooling") if hasattr(method, key)}
+        workload["evalkv"] = {"methods": settings}
+        write_workload(Path(options.write_workload), workload)
+    report = run_workload_bench(model, methods, workload, options.batch_size or 8, options.repeats or 1,
+                                options.warmup, options.mlp_chunk, graph_modes)
+    return report, format_workload_rows(report)
 
 
 HEADMASK_DEFAULTS = ["task=ruler", "task.tasks=[vt]", "task.lengths=[16384]"]

@@ -1,10 +1,16 @@
-"""`evalkv bench`: one row per method x length x batch size, honest about what decoded together."""
+"""`evalkv bench`: one row per method x length x batch size, honest about what decoded together; a whole workload
+timed end to end."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from evalkv.cli import main
+from evalkv.models.presets import BYTE_VOCAB_SIZE
+from evalkv.run.workload import build_workload, read_workload, write_workload
+from evalkv.tasks.longbench.spec import ENGLISH_TASKS, MAX_NEW_TOKENS
 
 
 def test_bench_reports_batched_decoding_and_the_bandwidth_bound(tmp_path, capsys):
@@ -49,3 +55,51 @@ def test_bench_rejects_an_unknown_decode_graphs_mode(capsys):
 def test_bench_rejects_a_bad_batch_size(capsys):
     assert main(["bench", "--model", "random-tiny-llama", "--model-option", "device=cpu", "--batch-sizes", "0"]) != 0
     assert "--batch-sizes must be positive" in capsys.readouterr().err
+
+
+def test_workload_bench_generates_every_sample_max_new_tokens(tmp_path, capsys):
+    """The LongBench-shaped workload: 16 tasks x 1 sample, each generating its task's max new tokens (EOS ignored),
+    timed end to end; the saved workload carries what scripts/kvpress_bench.py needs."""
+    report_path, workload_path = tmp_path / "bench.json", tmp_path / "workload.json"
+    assert main(["bench", "--model", "random-tiny-llama", "--model-option", "device=cpu", "--workload", "longbench",
+                 "--samples-per-task", "1", "--min-length", "40", "--max-length", "96", "--budget", "32",
+                 "--batch-size", "16", "--warmup", "0", "--write-workload", str(workload_path),
+                 "-o", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    workload = read_workload(workload_path)
+    assert workload["samples"] == build_workload(BYTE_VOCAB_SIZE, 1, 0, 40, 96)["samples"]
+    (row,) = report["rows"]
+    expected_new_tokens = sum(MAX_NEW_TOKENS[task] for task in ENGLISH_TASKS)
+    assert row["method"] == "snapkv" and row["samples"] == 16 and row["mean_decode_batch"] == 16
+    assert row["generated_tokens"] == expected_new_tokens == report["workload"]["new_tokens"]
+    assert row["prompt_tokens"] == sum(len(s["prompt_ids"]) for s in workload["samples"])
+    assert row["kept_tokens"] == 32 and row["wall_s"] > row["prefill_s"] > 0
+    assert row["samples_per_s"] == pytest.approx(16 / row["wall_s"], rel=1e-2)
+    assert row["generated_tokens_per_s"] == pytest.approx(expected_new_tokens / row["wall_s"], rel=1e-2)
+    assert workload["model"]["config"]["num_hidden_layers"] == 2 and workload["model"]["num_parameters"] > 0
+    assert workload["evalkv"] == {"methods": {"snapkv": {"budget": 32, "window_size": 32, "kernel_size": 7,
+                                                         "pooling": "max"}}}
+    out = capsys.readouterr().out
+    assert "EOS ignored" in out and f"| snapkv | 32 | 0 | 16 | {row['prompt_tokens']} | {expected_new_tokens} | 16 |" in out
+
+
+def test_workload_bench_runs_a_saved_workload(tmp_path):
+    workload_path, report_path = tmp_path / "workload.json", tmp_path / "bench.json"
+    write_workload(workload_path, build_workload(BYTE_VOCAB_SIZE, 1, seed=3, min_length=40, max_length=64))
+    assert main(["bench", "--model", "random-tiny-llama", "--model-option", "device=cpu", "--workload", "longbench",
+                 "--workload-file", str(workload_path), "--budget", "32", "--batch-size", "16", "--warmup", "0",
+                 "-o", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["workload"]["seed"] == 3 and report["rows"][0]["generated_tokens"] == report["workload"]["new_tokens"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--batch-size", "4"], "--batch-size cannot be used with the length x batch-size grid"),
+    (["--workload", "longbench", "--lengths", "96"], "--lengths cannot be used with --workload"),
+    (["--workload", "longbench", "--workload-file", "w.json", "--samples-per-task", "2"],
+     "--samples-per-task: the workload comes from --workload-file"),
+    (["--workload", "longbench", "--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_bench_refuses_options_of_the_other_mode(arguments, message, capsys):
+    assert main(["bench", "--model", "random-tiny-llama", "--model-option", "device=cpu", *arguments]) != 0
+    assert message in capsys.readouterr().err

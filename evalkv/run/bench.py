@@ -6,6 +6,11 @@ architecture preset measures speed and memory honestly; the report says so. Evic
 prefill time minus the full cache's on the same prompt, as a fraction of the full cache's prefill time. A batch of
 B prompts is prefilled one by one and decoded together where the method allows (`Engine.generate_batch`); the decode
 step is compared with the HBM-bandwidth bound, the model's weight bytes divided by the measured copy bandwidth.
+
+`--workload longbench` times a whole LongBench-shaped workload instead (evalkv/run/workload.py): every sample goes
+through `Engine.generate_batch` in batches of `batch_size` samples, as `evalkv pred` runs them, with no stop tokens,
+so each generates exactly its task's max new tokens; the wall time covers prefill, compression and decode of every
+sample (model load excluded, the device synchronised before each clock read).
 """
 
 from __future__ import annotations
@@ -15,16 +20,19 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import torch
+import transformers
 
 import evalkv
 from evalkv.kv.adapter import synchronize
 from evalkv.kv.engine import Engine, Request
 from evalkv.methods import build_method
 from evalkv.models.loader import LoadedModel
+from evalkv.run.workload import summary as workload_summary
 
 
 @dataclass
@@ -131,7 +139,7 @@ def add_overheads(rows: list[BenchRow]) -> None:
 
 def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list[int], new_tokens: int,
               repeats: int, warmup: int, seed: int = 0, batch_sizes: list[int] = (1,),
-              mlp_chunk: int | None = None, decode_graphs: list[str] = ("auto",)) -> dict:
+              mlp_chunk: int | None = None, decode_graphs: Sequence[str] = ("auto",)) -> dict:
     device = model.device
     bandwidth = copy_bandwidth(device)
     weights = weight_bytes(model.model)
@@ -153,24 +161,134 @@ def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list
     }
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) + "\n"
+
+
+def _peak(row: dict) -> str:
+    return "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
+
+
 def format_rows(report: dict) -> str:
     header = ["method", "graph", "length", "batch", "prefill_s", "overhead", "step_ms", "tok/s/seq", "tok/s",
               "of_bound", "peak_GB", "kv_MB", "kept"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells = []
     for row in report["rows"]:
         overhead = "-" if row["eviction_overhead"] is None else f"{100 * row['eviction_overhead']:.1f}%"
-        peak = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
         bound = "-" if row["hbm_bound_fraction"] is None else f"{100 * row['hbm_bound_fraction']:.0f}%"
         batch = f"{row['batch_size']}" + ("" if row["decode_batch"] == row["batch_size"] else
                                            f" (decoded {row['decode_batch']} at a time)")
-        lines.append(
-            f"| {row['method']} | {'yes' if row['decode_graph'] else 'no'} | {row['context_length']} | {batch} | "
-            f"{row['prefill_s']:.3f} | {overhead} | "
-            f"{1000 * row['decode_step_s']:.2f} | {row['decode_tokens_per_s']:.1f} | "
-            f"{row['throughput_tokens_per_s']:.1f} | {bound} | {peak} | {row['kv_bytes_after_prefill'] / 2**20:.1f} "
-            f"| {row['kept_tokens']:g} |"
-        )
-    return "\n".join(lines) + "\n"
+        cells.append([
+            row["method"], "yes" if row["decode_graph"] else "no", f"{row['context_length']}", batch,
+            f"{row['prefill_s']:.3f}", overhead,
+            f"{1000 * row['decode_step_s']:.2f}", f"{row['decode_tokens_per_s']:.1f}",
+            f"{row['throughput_tokens_per_s']:.1f}", bound, _peak(row), f"{row['kv_bytes_after_prefill'] / 2**20:.1f}",
+            f"{row['kept_tokens']:g}",
+        ])
+    return markdown_table(header, cells)
+
+
+@dataclass
+class WorkloadRow:
+    method: str
+    options: dict
+    samples: int
+    batch_size: int  # samples per generate_batch call (evalkv pred's batch_size)
+    mean_decode_batch: float  # mean over samples of how many decoded together
+    decode_graphs: str  # the engine's decode_graphs mode
+    graph_samples: int  # samples whose decode steps replayed a CUDA graph
+    prompt_tokens: int
+    generated_tokens: int  # the sum of the samples' max new tokens (EOS ignored; checked)
+    wall_s: float  # median over repeats of the whole workload: prefill, compression and decode of every sample
+    wall_s_all: list[float]
+    samples_per_s: float
+    generated_tokens_per_s: float
+    prefill_s: float  # the samples' prefill times summed (last repeat); the rest of the wall time is decoding
+    kept_tokens: float  # mean entries per layer and KV head after the prompt
+    peak_memory_gb: float | None  # torch.cuda.max_memory_allocated over the timed repeats (GPU only)
+
+
+def bench_workload_method(model: LoadedModel, method_name: str, options: dict, samples: list[dict], batch_size: int,
+                          repeats: int, warmup: int, mlp_chunk: int | None = None,
+                          decode_graphs: str = "auto") -> WorkloadRow:
+    """Every sample of the workload through `Engine.generate_batch`, `batch_size` at a time, as `evalkv pred` runs
+    them; no stop tokens, so each sample generates exactly its max new tokens."""
+    method = build_method(method_name, options)
+    engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk,
+                    decode_graphs=decode_graphs)
+    device = model.device
+    requests = [Request(torch.tensor(sample["prompt_ids"]), sample["max_new_tokens"]) for sample in samples]
+    for _ in range(warmup):
+        engine.generate_batch([Request(requests[0].prompt_ids, min(4, requests[0].max_new_tokens))])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    walls = []
+    for _ in range(repeats):
+        synchronize(device)
+        began = time.perf_counter()
+        generations = []
+        for start in range(0, len(requests), batch_size):
+            generations.extend(engine.generate_batch(requests[start : start + batch_size], batch_size))
+        synchronize(device)
+        walls.append(time.perf_counter() - began)
+    short = [i for i, (g, r) in enumerate(zip(generations, requests)) if len(g.token_ids) != r.max_new_tokens]
+    if short:
+        raise RuntimeError(f"workload samples {short[:5]} did not generate their max new tokens")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    wall = statistics.median(walls)
+    generated = sum(len(g.token_ids) for g in generations)
+    return WorkloadRow(
+        method=method_name, options=options, samples=len(samples), batch_size=batch_size,
+        mean_decode_batch=round(statistics.mean(g.decode_batch for g in generations), 2),
+        decode_graphs=decode_graphs, graph_samples=sum(g.decode_graph for g in generations),
+        prompt_tokens=sum(g.prompt_tokens for g in generations), generated_tokens=generated,
+        wall_s=round(wall, 3), wall_s_all=[round(x, 3) for x in walls],
+        samples_per_s=round(len(samples) / wall, 3), generated_tokens_per_s=round(generated / wall, 2),
+        prefill_s=round(sum(g.prefill_s for g in generations), 3),
+        kept_tokens=round(statistics.mean(g.kept_tokens for g in generations), 2),
+        peak_memory_gb=None if peak is None else round(peak, 3),
+    )
+
+
+def run_workload_bench(model: LoadedModel, methods: list[tuple[str, dict]], workload: dict, batch_size: int,
+                       repeats: int, warmup: int, mlp_chunk: int | None = None,
+                       decode_graphs: Sequence[str] = ("auto",)) -> dict:
+    rows = []
+    for mode in decode_graphs:
+        for name, options in methods:
+            rows.append(bench_workload_method(model, name, options, workload["samples"], batch_size, repeats,
+                                              warmup, mlp_chunk, mode))
+            print(json.dumps(asdict(rows[-1])), file=sys.stderr, flush=True)
+    device = model.device
+    return {
+        "evalkv": evalkv.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": model.description, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "note": "LongBench-shaped workload of random prompt ids; EOS ignored: every sample generates exactly its "
+                "task's max new tokens (LongBench's dataset2maxlen); wall time = prefill + compression + decode of "
+                "every sample, model load excluded; median over repeats",
+        "workload": workload_summary(workload), "batch_size": batch_size, "repeats": repeats, "warmup": warmup,
+        "mlp_chunk": mlp_chunk, "decode_graphs": list(decode_graphs),
+        "rows": [asdict(row) for row in rows],
+    }
+
+
+def format_workload_rows(report: dict) -> str:
+    header = ["method", "budget", "graphed", "samples", "prompt_tok", "new_tok", "batch", "wall_s", "samples/s", "tok/s",
+              "peak_GB"]
+    cells = []
+    for row in report["rows"]:
+        batch = f"{row['batch_size']}" + ("" if row["mean_decode_batch"] == row["batch_size"] else
+                                          f" (decoded {row['mean_decode_batch']:g} on average)")
+        cells.append([
+            row["method"], f"{row['options'].get('budget', '-')}", f"{row['graph_samples']}", f"{row['samples']}", f"{row['prompt_tokens']}",
+            f"{row['generated_tokens']}", batch, f"{row['wall_s']:.2f}", f"{row['samples_per_s']:.3f}",
+            f"{row['generated_tokens_per_s']:.1f}", _peak(row),
+        ])
+    return markdown_table(header, cells)
 
 
 def profile_once(model: LoadedModel, method: tuple[str, dict], length: int, new_tokens: int) -> str:

@@ -1,9 +1,10 @@
-"""LongBench v1 reference facts: task lists, prompt templates, generation lengths, row counts, categories.
+"""LongBench v1 reference facts: task lists, prompt templates, generation lengths, row counts, lengths, categories.
 
 Sources (specs/benchmarks.md §A): THUDM/LongBench `LongBench/pred.py` (task lists, chat skip list),
 `LongBench/config/dataset2prompt.json` (templates, verbatim, typo `asconcisely` included),
-`LongBench/config/dataset2maxlen.json` (max new tokens), `LongBench/task.md` and README (row counts, LongBench-E
-bucket counts, categories), KVCache-Factory `run_longbench.py` (the 16 English tasks the KV-cache papers report).
+`LongBench/config/dataset2maxlen.json` (max new tokens), `LongBench/task.md` and README (row counts, average
+lengths, LongBench-E bucket counts, categories), KVCache-Factory `run_longbench.py` (the 16 English tasks the
+KV-cache papers report).
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ ROW_COUNTS = {
     **{f"{task}{E_SUFFIX}": 300 for task in E_TASKS},
     f"multifieldqa_en{E_SUFFIX}": 67 + 70 + 13, f"qasper{E_SUFFIX}": 100 + 100 + 24,
     f"multi_news{E_SUFFIX}": 100 + 100 + 94,
+}
+
+# Average length per task, LongBench/task.md: words (str.split) for English and code, characters for Chinese.
+AVERAGE_LENGTH = {
+    "narrativeqa": 18409, "qasper": 3619, "multifieldqa_en": 4559, "multifieldqa_zh": 6701, "hotpotqa": 9151,
+    "2wikimqa": 4887, "musique": 11214, "dureader": 15768, "gov_report": 8734, "qmsum": 10614, "multi_news": 2113,
+    "vcsum": 15380, "trec": 5177, "triviaqa": 8209, "samsum": 6258, "lsht": 22337, "passage_count": 11141,
+    "passage_retrieval_en": 9289, "passage_retrieval_zh": 6745, "lcc": 1235, "repobench-p": 4206,
 }
 
 # The six categories of LongBench's task.md, in its order (Chinese tasks belong to the same categories).
