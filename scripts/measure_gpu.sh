@@ -2,12 +2,15 @@
 # The GPU measurements recorded in docs/results.md, one phase per call; every phase resumes where it stopped.
 # Runs the project's own commands on the embedded model (EVALKV_EMBEDDED_GGUF points at the assembled file).
 #   usage: scripts/measure_gpu.sh PHASE
-#   phases: passkey, prepare, overhead, methods, needle, ruler, longbench, perf
+#   phases: passkey, prepare, overhead, methods, needle, ruler, longbench, perf, tables
 #   env: EVALKV (default: python3 -m evalkv.cli), MODEL (default: the embedded qwen2.5-coder-0.5b-instruct),
 #        RESULTS (runs; default /root/results), OUT (tables; default RESULTS), ESSAYS (RULER's
-#        PaulGrahamEssays.json), RULER_SAMPLES (samples per RULER task and length; default 3), LONGBENCH (folder of
+#        PaulGrahamEssays.json), RULER_SAMPLES (samples per RULER task and length; default 50), LONGBENCH (folder of
 #        the official task files), LONGBENCH_SAMPLES (samples per LongBench task; default 200, the whole file),
-#        BATCH_SIZE (samples decoding together; default 16), PERF_MODEL (perf phase; default random-llama-3.1-8b)
+#        BATCH_SIZE (samples decoding together; default 16), PERF_MODEL (perf phase; default random-llama-3.1-8b),
+#        SWEEP_METHODS / SWEEP_BUDGETS (ruler and longbench phases: a part of their sweep, e.g. to run parts as
+#        parallel processes on one GPU), BUDGETS (methods phase; default "128 512"), METHOD_TASKS (methods phase;
+#        default "passkey ruler"), SKIP_TABLES=1 (score and tabulate later, with the tables phase)
 set -euo pipefail
 phase=${1:?usage: scripts/measure_gpu.sh PHASE}
 root=${RESULTS:-/root/results}
@@ -20,6 +23,7 @@ run() { echo "+ $*" >&2; "$@"; }
 pred() { run $evalkv pred "model=$model" progress=false "batch_size=${BATCH_SIZE:-16}" "$@"; }
 tables() {  # scores of every run under a folder, then its tables into $out
   local dir=$1 name=$2; shift 2
+  [[ -n ${SKIP_TABLES:-} ]] && return
   run $evalkv score --quiet "$dir"
   $evalkv table "$dir" > "$out/$name.md"
   for view in "$@"; do $evalkv table "$dir" --view "$view" > "$out/$name.$view.md"; done
@@ -44,6 +48,13 @@ every_method() {  # every_method BUDGET TASK-OVERRIDES...: all methods at one bu
   pred "$@" method=learned_mlp budget=$budget "method.policy_path=$root/policy.safetensors"
 }
 
+sweep() {  # sweep DEFAULT-METHODS DEFAULT-BUDGETS TASK-OVERRIDES...: full once, the others at every budget
+  local methods=${SWEEP_METHODS:-$1} budgets=${SWEEP_BUDGETS:-$2}; shift 2
+  local others=$(tr , '\n' <<< "$methods" | grep -vx full | paste -sd, -)
+  if grep -qx full <<< "$(tr , '\n' <<< "$methods")"; then pred "$@" method=full; fi
+  if [[ -n $others ]]; then pred --multirun "$@" "method=$others" "budget=$budgets"; fi
+}
+
 case $phase in
 passkey)  # issue 3: passkey 4K-32K, depths 0-100%, full + four methods at budgets 128 and 1024
   task=(task=passkey "task.lengths=[4096,8192,16384,32768]" "task.depths=[0,20,40,60,80,100]"
@@ -66,11 +77,16 @@ overhead)  # issue 6: each method's eviction overhead as a fraction of the full 
     -o "$out/overhead.json" > "$out/overhead.md"
   ;;
 methods)  # issue 6: every method at budgets 128 and 512: passkey 8K-32K, RULER niah_single_2 + niah_multikey_1
-  for budget in 128 512; do
-    every_method $budget task=passkey "task.lengths=[8192,16384,32768]" "task.depths=[10,50,90]" \
-      "output_dir=$root/methods"
-    every_method $budget task=ruler "task.tasks=[niah_single_2,niah_multikey_1]" "task.lengths=[8192,16384]" \
-      task.num_samples=3 "task.essay_path=$ESSAYS" "output_dir=$root/methods"
+  for budget in ${BUDGETS:-128 512}; do
+    for method_task in ${METHOD_TASKS:-passkey ruler}; do
+      if [[ $method_task == passkey ]]; then
+        every_method $budget task=passkey "task.lengths=[8192,16384,32768]" "task.depths=[10,50,90]" \
+          "output_dir=$root/methods"
+      else
+        every_method $budget task=ruler "task.tasks=[niah_single_2,niah_multikey_1]" "task.lengths=[8192,16384]" \
+          task.num_samples=3 "task.essay_path=$ESSAYS" "output_dir=$root/methods"
+      fi
+    done
   done
   tables "$root/methods" methods by_context_length timing
   ;;
@@ -87,16 +103,14 @@ needle)  # issue 5: needle heatmaps up to 32K for full and snapkv@256 (the KV-ca
   ;;
 ruler)  # issue 5: RULER 4K/8K/16K (11 tasks) for full, snapkv, streaming_llm, h2o at budgets 256 and 1024
   spec=(task=ruler "task.essay_path=$ESSAYS" "task.lengths=[4096,8192,16384]"
-        task.num_samples=${RULER_SAMPLES:-3} "output_dir=$root/ruler")
-  pred "${spec[@]}" method=full
-  pred --multirun "${spec[@]}" method=snapkv,streaming_llm,h2o budget=256,1024
+        task.num_samples=${RULER_SAMPLES:-50} "output_dir=$root/ruler")
+  sweep full,snapkv,streaming_llm,h2o 256,1024 "${spec[@]}"
   tables "$root/ruler" ruler by_context_length timing
   ;;
 longbench)  # issue 4: the three official task files for full, snapkv, streaming_llm, h2o, tova at 128/512/2048
   spec=(task=longbench "task.data_dir=$LONGBENCH" "task.tasks=[multi_news,multifieldqa_zh,passage_retrieval_zh]"
         task.samples_per_task=${LONGBENCH_SAMPLES:-200} "output_dir=$root/longbench")
-  pred "${spec[@]}" method=full
-  pred --multirun "${spec[@]}" method=snapkv,streaming_llm,h2o,tova budget=128,512,2048
+  sweep full,snapkv,streaming_llm,h2o,tova 128,512,2048 "${spec[@]}"
   tables "$root/longbench" longbench timing
   ;;
 perf)  # issue 8: batched decoding vs the HBM bound; a 128K-token prefill, full cache vs snapkv@2048 + chunked MLP
@@ -108,8 +122,16 @@ perf)  # issue 8: batched decoding vs the HBM bound; a 128K-token prefill, full 
   run $evalkv bench --model "$perf_model" --methods full --lengths 131072 --new-tokens 8 --repeats 1 --warmup 0 \
     -o "$out/perf_128k_full.json" > "$out/perf_128k_full.md" || echo "full-cache 128K prefill failed" >&2
   ;;
+tables)  # scores and tables of every folder the other phases fill (after parallel runs with SKIP_TABLES=1)
+  unset SKIP_TABLES
+  if [[ -d $root/passkey ]]; then tables "$root/passkey" passkey by_context_length by_depth timing; fi
+  if [[ -d $root/methods ]]; then tables "$root/methods" methods by_context_length timing; fi
+  if [[ -d $root/needle ]]; then tables "$root/needle" needle by_context_length; fi
+  if [[ -d $root/ruler ]]; then tables "$root/ruler" ruler by_context_length timing; fi
+  if [[ -d $root/longbench ]]; then tables "$root/longbench" longbench timing; fi
+  ;;
 *)
-  echo "unknown phase $phase; phases: passkey, prepare, overhead, methods, needle, ruler, longbench, perf" >&2
+  echo "unknown phase $phase; phases: passkey, prepare, overhead, methods, needle, ruler, longbench, perf, tables" >&2
   exit 2
   ;;
 esac
