@@ -80,7 +80,8 @@ def test_workload_bench_generates_every_sample_max_new_tokens(tmp_path, capsys):
     assert workload["evalkv"] == {"methods": {"snapkv": {"budget": 32, "window_size": 32, "kernel_size": 7,
                                                          "pooling": "max"}}}
     out = capsys.readouterr().out
-    assert "EOS ignored" in out and f"| snapkv | 32 | 0 | 16 | {row['prompt_tokens']} | {expected_new_tokens} | 16 |" in out
+    assert "EOS ignored" in out
+    assert f"| snapkv | 32 | 0 | 16 | {row['prompt_tokens']} | {expected_new_tokens} | 16 |" in out
 
 
 def test_workload_bench_runs_a_saved_workload(tmp_path):

@@ -277,14 +277,15 @@ def run_workload_bench(model: LoadedModel, methods: list[tuple[str, dict]], work
 
 
 def format_workload_rows(report: dict) -> str:
-    header = ["method", "budget", "graphed", "samples", "prompt_tok", "new_tok", "batch", "wall_s", "samples/s", "tok/s",
-              "peak_GB"]
+    header = ["method", "budget", "graphed", "samples", "prompt_tok", "new_tok", "batch", "wall_s", "samples/s",
+              "tok/s", "peak_GB"]
     cells = []
     for row in report["rows"]:
         batch = f"{row['batch_size']}" + ("" if row["mean_decode_batch"] == row["batch_size"] else
                                           f" (decoded {row['mean_decode_batch']:g} on average)")
         cells.append([
-            row["method"], f"{row['options'].get('budget', '-')}", f"{row['graph_samples']}", f"{row['samples']}", f"{row['prompt_tokens']}",
+            row["method"], f"{row['options'].get('budget', '-')}",
+            f"{row['graph_samples']}", f"{row['samples']}", f"{row['prompt_tokens']}",
             f"{row['generated_tokens']}", batch, f"{row['wall_s']:.2f}", f"{row['samples_per_s']:.3f}",
             f"{row['generated_tokens_per_s']:.1f}", _peak(row),
         ])
