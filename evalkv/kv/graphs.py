@@ -27,13 +27,10 @@ from evalkv.kv.view import ModelGeometry
 
 def can_decode_static(session, device: torch.device) -> bool:
     """Whether `session`'s decode steps only append to dense layers on `device`, with no method state to update."""
-    method = session.method
-    if method.evicts_while_decoding or session.trace is not None or session.sample.state or any(session.layer_state):
+    if session.method.evicts_while_decoding or not session.decodes_from_entries():
         return False
-    for layer in session.cache.layers:
-        if layer.is_ragged or layer.keys is None or layer.extras or layer.keys.device != device:
-            return False
-    return True
+    return all(layer.keys is not None and not layer.extras and layer.keys.device == device
+               for layer in session.cache.layers)
 
 
 class StaticDecoder:

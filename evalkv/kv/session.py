@@ -44,9 +44,7 @@ class Session:
         The full cache never batches: its sessions differ in length and hold the whole prompt's KV.
         """
         method = self.method
-        if not (method.batch_decoding and method.requires_budget()) or self.trace is not None:
-            return None
-        if self.sample.state or any(self.layer_state) or any(layer.is_ragged for layer in self.cache.layers):
+        if not (method.batch_decoding and method.requires_budget() and self.decodes_from_entries()):
             return None
         shapes = tuple(
             (tuple(layer.keys.shape[1:]), layer.keys.dtype, str(layer.keys.device),
@@ -54,6 +52,12 @@ class Session:
             for layer in self.cache.layers
         )
         return (shapes, method.decode_group_key(self.sample.prompt_length), self.sample.phase)
+
+    def decodes_from_entries(self) -> bool:
+        """Whether decode steps read nothing of this session but its dense layers' entries: no trace, no per-sample
+        or per-layer method state, no ragged layer (what batched and CUDA-graph decoding both need)."""
+        return (self.trace is None and not self.sample.state and not any(self.layer_state)
+                and not any(layer.is_ragged for layer in self.cache.layers))
 
     @classmethod
     def merge(cls, sessions: list[Session]) -> Session:

@@ -78,6 +78,28 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _environment(model: LoadedModel) -> dict:
+    """The head of every report: versions, device, model and date."""
+    device = model.device
+    return {
+        "evalkv": evalkv.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": model.description, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_gb(device: torch.device) -> float | None:
+    """torch.cuda.max_memory_allocated since the last reset, in GB (None off the GPU)."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+
 def bench_method(
     model: LoadedModel, method_name: str, options: dict, lengths: list[int], new_tokens: int, repeats: int,
     warmup: int, seed: int, batch_sizes: list[int] = (1,), bound_step_s: float | None = None,
@@ -96,9 +118,7 @@ def bench_method(
             for _ in range(warmup):  # full length: a CUDA graph of these shapes is captured here, then replayed
                 engine.generate_batch([Request(prompt, new_tokens) for prompt in prompts])
             prefill, decode = [], []
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
+            _reset_peak_memory(device)
             for _ in range(repeats):
                 synchronize(device)
                 began = time.perf_counter()
@@ -107,7 +127,7 @@ def bench_method(
                 wall = time.perf_counter() - began
                 prefill.extend(g.prefill_s for g in generations)
                 decode.append(wall - sum(g.prefill_s for g in generations))
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            peak = _peak_memory_gb(device)
             decode_median = statistics.median(decode)
             steps = max(1, new_tokens - 1)
             together = generations[0].decode_batch
@@ -120,7 +140,7 @@ def bench_method(
                 decode_step_s=step_s, decode_tokens_per_s=round(1 / step_s, 2) if step_s > 0 else 0.0,
                 throughput_tokens_per_s=round(batch_size * steps / decode_median, 2) if decode_median > 0 else 0.0,
                 hbm_bound_fraction=None if bound_step_s is None or step_s <= 0 else round(bound_step_s / step_s, 4),
-                decode_s_all=[round(x, 4) for x in decode], peak_memory_gb=None if peak is None else round(peak, 3),
+                decode_s_all=[round(x, 4) for x in decode], peak_memory_gb=peak,
                 kv_bytes_after_prefill=generations[0].kv_bytes, kv_bytes_final=generations[0].final_kv_bytes,
                 kept_tokens=round(generations[0].kept_tokens, 2),
             ))
@@ -151,9 +171,7 @@ def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list
                                      bound_step_s, mlp_chunk, mode))
     add_overheads(rows)
     return {
-        "evalkv": evalkv.__version__, "torch": torch.__version__, "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": model.description, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **_environment(model),
         "note": "random prompt ids; fixed generation length (end-of-turn tokens ignored); medians over repeats",
         "weight_bytes": weights, "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "hbm_bound_step_s": bound_step_s, "mlp_chunk": mlp_chunk, "decode_graphs": list(decode_graphs),
@@ -221,9 +239,7 @@ def bench_workload_method(model: LoadedModel, method_name: str, options: dict, s
     requests = [Request(torch.tensor(sample["prompt_ids"]), sample["max_new_tokens"]) for sample in samples]
     for _ in range(warmup):
         engine.generate_batch([Request(requests[0].prompt_ids, min(4, requests[0].max_new_tokens))])
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak_memory(device)
     walls = []
     for _ in range(repeats):
         synchronize(device)
@@ -236,7 +252,7 @@ def bench_workload_method(model: LoadedModel, method_name: str, options: dict, s
     short = [i for i, (g, r) in enumerate(zip(generations, requests)) if len(g.token_ids) != r.max_new_tokens]
     if short:
         raise RuntimeError(f"workload samples {short[:5]} did not generate their max new tokens")
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = _peak_memory_gb(device)
     wall = statistics.median(walls)
     generated = sum(len(g.token_ids) for g in generations)
     return WorkloadRow(
@@ -248,7 +264,7 @@ def bench_workload_method(model: LoadedModel, method_name: str, options: dict, s
         samples_per_s=round(len(samples) / wall, 3), generated_tokens_per_s=round(generated / wall, 2),
         prefill_s=round(sum(g.prefill_s for g in generations), 3),
         kept_tokens=round(statistics.mean(g.kept_tokens for g in generations), 2),
-        peak_memory_gb=None if peak is None else round(peak, 3),
+        peak_memory_gb=peak,
     )
 
 
@@ -261,12 +277,8 @@ def run_workload_bench(model: LoadedModel, methods: list[tuple[str, dict]], work
             rows.append(bench_workload_method(model, name, options, workload["samples"], batch_size, repeats,
                                               warmup, mlp_chunk, mode))
             print(json.dumps(asdict(rows[-1])), file=sys.stderr, flush=True)
-    device = model.device
     return {
-        "evalkv": evalkv.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": model.description, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **_environment(model),
         "note": "LongBench-shaped workload of random prompt ids; EOS ignored: every sample generates exactly its "
                 "task's max new tokens (LongBench's dataset2maxlen); wall time = prefill + compression + decode of "
                 "every sample, model load excluded; median over repeats",
