@@ -44,6 +44,8 @@ main keys (defaults in configs/config.yaml):
   model.device_map=auto  spread one model over the host's GPUs (also balanced, balanced_low_0, sequential)
   batch_size=N          samples whose compressed caches match decode together (default 8; 1 = one at a time)
   mlp_chunk=N           run each MLP over N prompt tokens at a time (low-memory long prefill; default off)
+  decode_graphs=MODE    auto (default): decode steps replayed as CUDA graphs where the method allows, on CUDA;
+                        compile: the same with a torch.compile'd step (compiled once per batch shape); off
 
 several GPUs, one model each (data parallel; the run's files are those of a one-process run):
   torchrun --standalone --nproc-per-node 4 -m evalkv.cli pred KEY=VALUE ...
@@ -318,7 +320,8 @@ def cmd_bench(args: list[str]) -> int:
     parser.add_argument("--mlp-chunk", type=int, help="run the MLP over at most this many prompt tokens at a time "
                         "(low-memory long prefill)")
     parser.add_argument("--decode-graphs", default="auto", help="comma-separated decode_graphs modes to compare: "
-                        "auto (CUDA graphs where the method allows, on CUDA) and/or off (default auto)")
+                        "auto (CUDA graphs where the method allows, on CUDA), compile (graphs of a torch.compile'd "
+                        "step; the warm-up run compiles), off, eager (default auto)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per run (EOS ignored; default 64)")
     parser.add_argument("--repeats", type=int, help="timed runs (default 3; 1 with --workload)")
     parser.add_argument("--warmup", type=int, default=1)

@@ -64,6 +64,28 @@ def prompt_ids(tokenizer, repeats: int = 12) -> list[int]:
 
 
 @pytest.fixture
+def dynamo_counters():
+    """torch._dynamo's counters from zero over an empty dynamo cache: earlier tests' compiled steps (and dynamo's
+    recompile limit, which they count towards) decide nothing here."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def traced_compile(monkeypatch, dynamo_counters):
+    """decode_graphs="compile" through dynamo's aot_eager backend: the step is traced and partitioned as inductor would
+    receive it, without inductor's code generation (half a minute on two cores the first time). Yields the counters."""
+    from evalkv.kv import graphs
+
+    monkeypatch.setattr(graphs, "COMPILE_BACKEND", "aot_eager")
+    return dynamo_counters
+
+
+@pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """A private EVALKV_CACHE so tests never touch the user's cache."""
     monkeypatch.setenv("EVALKV_CACHE", str(tmp_path / "cache"))

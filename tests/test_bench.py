@@ -35,21 +35,24 @@ def test_bench_reports_batched_decoding_and_the_bandwidth_bound(tmp_path, capsys
     assert "| snapkv | no | 96 | 3 |" in table and "| full | no | 96 | 3 (decoded 1 at a time) |" in table
 
 
-def test_bench_compares_decode_graph_modes_in_one_run(tmp_path):
-    """Both modes in one report; on the CPU "auto" cannot capture graphs, so no row claims it did."""
+def test_bench_compares_decode_graph_modes_in_one_run(tmp_path, capsys, traced_compile):
+    """Every mode in one report; on the CPU "auto" and "compile" cannot capture graphs, so no row claims it did, and
+    "compile" runs its compiled step."""
     report_path = tmp_path / "bench.json"
     assert main(["bench", "--model", "random-tiny-llama", "--model-option", "device=cpu", "--methods", "snapkv",
                  "--budget", "32", "--lengths", "96", "--batch-sizes", "2", "--new-tokens", "12", "--repeats", "1",
-                 "--warmup", "0", "--decode-graphs", "off,auto", "-o", str(report_path)]) == 0
+                 "--warmup", "0", "--decode-graphs", "off,auto,compile", "-o", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
-    assert report["decode_graphs"] == ["off", "auto"]
-    assert [(row["decode_graphs"], row["decode_graph"]) for row in report["rows"]] == [("off", False), ("auto", False)]
+    assert report["decode_graphs"] == ["off", "auto", "compile"]
+    assert [(row["decode_graphs"], row["decode_graph"], row["decode_compiled"]) for row in report["rows"]] == [
+        ("off", False, False), ("auto", False, False), ("compile", False, True)]
+    assert "| snapkv | no, compiled | 96 | 2 |" in capsys.readouterr().out
 
 
 def test_bench_rejects_an_unknown_decode_graphs_mode(capsys):
     assert main(["bench", "--model", "random-tiny-llama", "--model-option", "device=cpu",
                  "--decode-graphs", "sometimes"]) != 0
-    assert "unknown decode_graphs 'sometimes'; known: auto, off, eager" in capsys.readouterr().err
+    assert "unknown decode_graphs 'sometimes'; known: auto, off, eager, compile" in capsys.readouterr().err
 
 
 def test_bench_rejects_a_bad_batch_size(capsys):

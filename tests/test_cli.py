@@ -108,6 +108,21 @@ def test_batched_run_writes_the_records_of_an_unbatched_run(tmp_path):
     assert [r["decode_batch"] for r in batched] == [4] * 4
 
 
+def test_compiled_decoding_resumes_an_ordinary_run_with_the_same_records(tmp_path, traced_compile):
+    """decode_graphs may change when a run resumes: samples decoded by a compiled step join those decoded ordinarily,
+    with the same predictions; each record says how it decoded."""
+    args = ["method=snapkv", "budget=48", "method.window_size=8", "task.lengths=[256]", "batch_size=2"]
+    assert _pred(tmp_path / "off", *args) == 0
+    assert _pred(tmp_path / "mixed", *args, "task.n_samples=2") == 0
+    assert _pred(tmp_path / "mixed", *args, "decode_graphs=compile") == 0
+    expected = read_records(_only_run_dir(tmp_path / "off" / "results") / "predictions.jsonl")
+    mixed = read_records(_only_run_dir(tmp_path / "mixed" / "results") / "predictions.jsonl")
+    how = TIMING | {"decode_compiled"}
+    assert [{k: v for k, v in r.items() if k not in how} for r in mixed] == [
+        {k: v for k, v in r.items() if k not in how} for r in expected]
+    assert [r["decode_compiled"] for r in mixed] == [False, False, True, True, True]
+
+
 def test_run_killed_with_sigkill_resumes_to_identical_records(tmp_path):
     overrides = [*TINY, "method=h2o", "budget=48", "task.lengths=[512,1024]",
                  "task.depths=[0,10,20,30,40,50,60,70,80,90,100]"]

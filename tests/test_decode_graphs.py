@@ -1,4 +1,5 @@
-"""Decode steps over fixed-size buffers (what a CUDA graph replays) generate what ordinary decoding generates."""
+"""Decode steps over fixed-size buffers (what a CUDA graph replays), compiled or not, generate what ordinary decoding
+generates."""
 
 from __future__ import annotations
 
@@ -114,8 +115,82 @@ def test_buffers_refuse_more_steps_than_they_hold(tokenizer):
 
 
 def test_unknown_decode_graphs_mode_lists_the_known_ones():
-    with pytest.raises(EvalkvError, match="auto, off, eager"):
+    with pytest.raises(EvalkvError, match="auto, off, eager, compile"):
         Engine(tiny_model(), build_method("full", {}), decode_graphs="always")
+
+
+@pytest.mark.parametrize("architecture", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("method", ["snapkv", "full"])
+def test_compiled_steps_generate_what_ordinary_decoding_generates(architecture, method, tokenizer, traced_compile):
+    """Alone and batched, same tokens and memory figures; the full cache compiles one step per prompt length (its
+    prompts decode alone), snapkv one for the lone shape and one for the batch of three."""
+    model = tiny_model(architecture)
+    options = {"budget": 64} if method == "snapkv" else {}
+    ordinary = Engine(model, build_method(method, options), decode_graphs="off")
+    compiled = Engine(model, build_method(method, options), decode_graphs="compile")
+    prompts = _prompts(tokenizer)
+    for ids in prompts:
+        generation = compiled.generate(ids, NEW_TOKENS)
+        assert _fields(generation) == _fields(ordinary.generate(ids, NEW_TOKENS))
+        assert generation.decode_compiled and not generation.decode_graph
+    requests = [Request(ids, NEW_TOKENS) for ids in prompts]
+    assert [_fields(g) for g in compiled.generate_batch(requests)] == [
+        _fields(g) for g in ordinary.generate_batch(requests)]
+    assert traced_compile["stats"]["unique_graphs"] == (2 if method == "snapkv" else len(prompts))
+    assert not traced_compile["graph_break"]
+
+
+@pytest.mark.parametrize("architecture", ["tiny-llama", "tiny-qwen2"])
+def test_a_compiled_step_is_one_graph_compiled_once(architecture, tokenizer, traced_compile):
+    """The whole model step traces as one graph with no break, and later steps (new ids, positions and step index in
+    the same tensors) run it without recompiling."""
+    engine = Engine(tiny_model(architecture), build_method("snapkv", {"budget": 64}), decode_graphs="off")
+    session = engine.generate(_prompts(tokenizer)[0], 1, keep_session=True).session
+    decoder = StaticDecoder(engine.model, engine.geometry, session.cache.layers, steps=3, graph=False, compiled=True)
+    decoder.load(session.cache.layers, release=False)
+    with torch.inference_mode():
+        decoder.step([1], [500])
+        assert traced_compile["stats"]["unique_graphs"] == 1 and not traced_compile["graph_break"]
+        with torch.compiler.set_stance("fail_on_recompile"):
+            decoder.step([2], [501])
+            decoder.step([3], [502])
+    assert traced_compile["stats"]["unique_graphs"] == 1
+
+
+def test_a_compiled_decoder_is_reused_for_batches_of_the_same_shape(tokenizer, traced_compile):
+    """The next batch of the same shape reuses the decoder and its compiled step: nothing compiles again."""
+    model = tiny_model("tiny-llama")
+    compiled = Engine(model, build_method("snapkv", {"budget": 64}), decode_graphs="compile")
+    ordinary = Engine(model, build_method("snapkv", {"budget": 64}), decode_graphs="off")
+    prompts = _prompts(tokenizer)
+    first = compiled.generate_batch([Request(ids, NEW_TOKENS) for ids in prompts[:2]])
+    decoder, step = compiled._static[1], compiled._static[1]._model_step
+    with torch.compiler.set_stance("fail_on_recompile"):
+        second = compiled.generate_batch([Request(ids, NEW_TOKENS + 3) for ids in prompts[1:]])
+    assert compiled._static[1] is decoder and decoder._model_step is step
+    assert traced_compile["stats"]["unique_graphs"] == 1
+    expected = ordinary.generate_batch([Request(ids, NEW_TOKENS) for ids in prompts[:2]])
+    expected += ordinary.generate_batch([Request(ids, NEW_TOKENS + 3) for ids in prompts[1:]])
+    assert [g.token_ids for g in first + second] == [g.token_ids for g in expected]
+
+
+def test_methods_that_evict_while_decoding_are_not_compiled(tokenizer, traced_compile):
+    """h2o evicts at every step: under "compile" it decodes as it always does, and its records say so."""
+    generations = Engine(tiny_model(), build_method("h2o", {"budget": 64}), decode_graphs="compile").generate_batch(
+        [Request(ids, NEW_TOKENS) for ids in _prompts(tokenizer)])
+    assert not any(g.decode_compiled for g in generations)
+    assert not traced_compile["stats"]["unique_graphs"]
+
+
+def test_inductor_compiled_steps_generate_what_ordinary_decoding_generates(tokenizer, dynamo_counters):
+    """The real backend: inductor's generated C++ kernels on the CPU, batched, give the ordinary tokens in fp32."""
+    model = tiny_model("tiny-qwen2")
+    compiled = Engine(model, build_method("snapkv", {"budget": 64}), decode_graphs="compile")
+    ordinary = Engine(model, build_method("snapkv", {"budget": 64}), decode_graphs="off")
+    requests = [Request(ids, NEW_TOKENS) for ids in _prompts(tokenizer)]
+    assert [_fields(g) for g in compiled.generate_batch(requests)] == [
+        _fields(g) for g in ordinary.generate_batch(requests)]
+    assert dynamo_counters["stats"]["unique_graphs"] == 1 and dynamo_counters["inductor"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -2,23 +2,20 @@
 
 transformers >= 5 routes every attention call through `AttentionInterface` and every cache write through
 `Cache.update`. evalkv registers an attention function named "evalkv" and passes a `Cache` whose layers store into
-the active `Session`; with those two seams a method sees, for every layer of every model family that uses the
-interface (Llama, Qwen2, Mistral, ...), the queries, the keys and values after RoPE and the attention output, and
-the cache it shrinks is the one the model reads. No model class is patched.
+a `Session` (or a `StaticDecoder`); with those two seams a method sees, for every layer of every model family that
+uses the interface (Llama, Qwen2, Mistral, ...), the queries, the keys and values after RoPE and the attention
+output, and the cache it shrinks is the one the model reads. No model class is patched.
 
 Contract pinned by tests/test_adapter.py on tiny Llama, Qwen2 and Mistral configs:
 - the model calls `past_key_values.update(key, value, layer_idx)` with post-RoPE keys, then the attention function
-  with `module.layer_idx`, the query after RoPE and `scaling=`; it returns `[B, q, H, d]`;
+  with `module.layer_idx`, the query after RoPE, `scaling=` and the forward's extra keyword arguments (evalkv passes
+  the store as `evalkv_store=`: no global state, which torch.compile could not trace); it returns `[B, q, H, d]`;
 - explicit `position_ids` set RoPE positions (so positions stay true after eviction);
 - an attention implementation absent from the mask registry gets `attention_mask=None` (no n x n mask is built);
 - `logits_to_keep=1` computes the last position's logits only.
 """
 
 from __future__ import annotations
-
-import contextlib
-import contextvars
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -27,18 +24,16 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from evalkv.errors import EvalkvError
 from evalkv.kv.rope import RotaryTable
-from evalkv.kv.session import Session
 from evalkv.kv.view import ModelGeometry
 
 ATTENTION_NAME = "evalkv"
-_ACTIVE: contextvars.ContextVar[Session | None] = contextvars.ContextVar("evalkv_session", default=None)
 
 
-def _evalkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    session = _ACTIVE.get()
-    if session is None:
+def _evalkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, evalkv_store=None,
+                      **kwargs):
+    if evalkv_store is None:
         raise RuntimeError("the evalkv attention ran outside an evalkv session; use evalkv.kv.engine.Engine")
-    output = session.attention(module.layer_idx, query, scaling if scaling is not None else module.scaling)
+    output = evalkv_store.attention(module.layer_idx, query, scaling if scaling is not None else module.scaling)
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -46,7 +41,7 @@ AttentionInterface.register(ATTENTION_NAME, _evalkv_attention)
 
 
 class _StoreLayer(DynamicLayer):
-    """A cache layer whose storage is evalkv's: the active `Session`'s shrinking `LayerCache`, or a
+    """A cache layer whose storage is evalkv's: a `Session`'s shrinking `LayerCache`, or a
     `StaticDecoder`'s fixed-size buffer (CUDA-graph decoding). The store has `append` and `layer_length`."""
 
     def __init__(self, store, layer_idx: int):
@@ -69,9 +64,24 @@ class _StoreLayer(DynamicLayer):
         return self.get_seq_length() + query_length, 0
 
 
-def make_cache(store) -> Cache:
-    """The cache passed to the model: a `Session` or `StaticDecoder` stores what each layer adds."""
-    return Cache(layers=[_StoreLayer(store, i) for i in range(store.geometry.num_layers)])
+class _StoreCache(Cache):
+    """The model's cache; `store` (a `Session` or `StaticDecoder`) keeps what each layer adds and attends."""
+
+    def __init__(self, store):
+        super().__init__(layers=[_StoreLayer(store, i) for i in range(store.geometry.num_layers)])
+        self.store = store
+
+
+def make_cache(store, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Cache:
+    """The cache passed to `forward`: `store` (a `Session` or `StaticDecoder`) keeps what each layer adds.
+
+    dtype, device: initialise the layers now rather than at the first update, so that a compiled step sees the same
+    cache at every call (a flag that flips after the first call would recompile it)."""
+    cache = _StoreCache(store)
+    if dtype is not None:
+        for layer in cache.layers:
+            layer.dtype, layer.device, layer.is_initialized = dtype, device, True
+    return cache
 
 
 def geometry(model) -> ModelGeometry:
@@ -162,19 +172,11 @@ def _chunked_forward(mlp):
     return forward
 
 
-@contextlib.contextmanager
-def activated(session) -> Iterator[None]:
-    """Route the evalkv attention to `session` (a `Session`, or a `StaticDecoder`: anything with `attention`)."""
-    token = _ACTIVE.set(session)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
 def forward(model, input_ids: Tensor, positions: Tensor, cache: Cache) -> Tensor:
-    """One forward pass over `input_ids` at true `positions`; returns the last position's logits `[B, vocab]`."""
-    output = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    """One forward pass over `input_ids` at true `positions` (`cache` from `make_cache`: its store attends); returns
+    the last position's logits `[B, vocab]`."""
+    output = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                   evalkv_store=cache.store)
     return output.logits[:, -1, :]
 
 

@@ -12,6 +12,7 @@ CPU in the tests).
 CUDA graphs (`decode_graphs="auto"`, on CUDA devices): a group whose cache only grows while decoding decodes through a
 `StaticDecoder`, whose step is captured once and replayed (evalkv/kv/graphs.py). The captured graph is kept for the
 next group of the same shape when the method holds a budget (its cache size does not depend on the prompt).
+`decode_graphs="compile"` compiles that step with torch.compile before capturing it (on the CPU: runs it compiled).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from evalkv.kv.view import Phase
 from evalkv.methods.base import Method
 
 # auto: CUDA graphs for decode steps on CUDA devices where the method allows; off: never; eager: the graphs' fixed-size
-# buffers without capturing (what a replay computes, runnable on the CPU: tests and debugging).
-DECODE_GRAPHS = ("auto", "off", "eager")
+# buffers without capturing (what a replay computes, runnable on the CPU: tests and debugging); compile: auto's graph of
+# a torch.compile'd step (fused kernels; compiled once per buffer shape), on the CPU the compiled step without a graph.
+DECODE_GRAPHS = ("auto", "off", "eager", "compile")
 # Capturing costs about two eager steps, so shorter generations decode eagerly; buffers are sized in steps of this
 # many tokens so that batches with slightly different lengths reuse one graph.
 _GRAPH_MIN_STEPS = 8
@@ -66,6 +68,7 @@ class Generation:
     decode_s: float  # decode steps until this sample stopped (shared wall time when decoded in a batch)
     decode_batch: int = 1  # samples decoding together when this one started decoding
     decode_graph: bool = False  # its decode steps replayed a captured CUDA graph
+    decode_compiled: bool = False  # its decode steps ran a torch.compile'd step (decode_graphs="compile")
     trace: list | None = None  # Session.trace when asked for
     forwards: list | None = None  # with trace: (input ids, positions, last logits) of every forward
     session: Session | None = None  # kept when asked for (tests inspect the cache)
@@ -88,6 +91,7 @@ class _Row:
     final_kept_tokens: float = 0.0
     final_kv_bytes: int = 0
     decode_graph: bool = False
+    decode_compiled: bool = False
 
     def finished(self) -> bool:
         return len(self.tokens) >= self.request.max_new_tokens or self.tokens[-1] in self.stops
@@ -97,6 +101,7 @@ class _Row:
             token_ids=self.tokens, prompt_tokens=self.length, kept_tokens=self.kept_tokens, kv_bytes=self.kv_bytes,
             final_kept_tokens=self.final_kept_tokens, final_kv_bytes=self.final_kv_bytes, prefill_s=self.prefill_s,
             decode_s=self.decode_s, decode_batch=decode_batch, decode_graph=self.decode_graph,
+            decode_compiled=self.decode_compiled,
             trace=self.session.trace if self.session else None,
             forwards=self.forwards, session=self.session if keep_session else None,
         )
@@ -108,7 +113,8 @@ class Engine:
     def __init__(self, model, method: Method, backend: str = "sdpa", tokenizer=None, mlp_chunk: int | None = None,
                  decode_graphs: str = "auto"):
         """mlp_chunk: run the MLP over at most this many prompt tokens at a time (low-memory long prefill).
-        decode_graphs: "auto" replays decode steps as CUDA graphs where it can, "off" never (see DECODE_GRAPHS)."""
+        decode_graphs: "auto" replays decode steps as CUDA graphs where it can, "off" never, "compile" replays graphs of
+            a compiled step (see DECODE_GRAPHS)."""
         if decode_graphs not in DECODE_GRAPHS:
             raise EvalkvError(f"unknown decode_graphs {decode_graphs!r}; known: {', '.join(DECODE_GRAPHS)}")
         adapter.install(model)
@@ -198,22 +204,21 @@ class Engine:
         def positions(start: int, count: int) -> Tensor:
             return torch.arange(start, start + count, device=self.device)[None, :]
 
-        with adapter.activated(session):
-            adapter.synchronize(self.device)
-            began = time.perf_counter()
-            length = prompt.shape[-1]
-            chunk = self.method.prefill_chunk_size() or length
-            for start in range(0, length, chunk):
-                end = min(length, start + chunk)
-                logits = self._forward(session, cache, prompt[:, start:end], positions(start, end - start),
-                                       Phase.PREFILL, forwards, last_chunk=end == length)
-            if suffix is not None:
-                logits = self._forward(session, cache, suffix, positions(length, suffix.shape[-1]), Phase.SUFFIX,
-                                       forwards)
-                length += suffix.shape[-1]
-            row = _Row(request, session, length, 0.0, 0.0, 0, forwards, stops=set(map(int, request.stop_token_ids)))
-            row.tokens.append(int(self._choose(logits, [row])[0]))
-            adapter.synchronize(self.device)
+        adapter.synchronize(self.device)
+        began = time.perf_counter()
+        length = prompt.shape[-1]
+        chunk = self.method.prefill_chunk_size() or length
+        for start in range(0, length, chunk):
+            end = min(length, start + chunk)
+            logits = self._forward(session, cache, prompt[:, start:end], positions(start, end - start),
+                                   Phase.PREFILL, forwards, last_chunk=end == length)
+        if suffix is not None:
+            logits = self._forward(session, cache, suffix, positions(length, suffix.shape[-1]), Phase.SUFFIX,
+                                   forwards)
+            length += suffix.shape[-1]
+        row = _Row(request, session, length, 0.0, 0.0, 0, forwards, stops=set(map(int, request.stop_token_ids)))
+        row.tokens.append(int(self._choose(logits, [row])[0]))
+        adapter.synchronize(self.device)
         row.prefill_s = time.perf_counter() - began
         row.kept_tokens, row.kv_bytes = session.cache.kept_tokens(), session.cache.nbytes
         return row
@@ -236,32 +241,33 @@ class Engine:
             return
         cache = adapter.make_cache(session)
         active = list(rows)
-        with adapter.activated(session):
-            adapter.synchronize(self.device)
-            began = time.perf_counter()
-            while active:
-                ids = torch.tensor([[row.tokens[-1]] for row in active], device=self.device)
-                positions = torch.tensor([[row.length + len(row.tokens) - 1] for row in active], device=self.device)
-                logits = self._forward(session, cache, ids, positions, Phase.DECODE,
-                                       active[0].forwards if len(active) == 1 else None)
-                for row, token in zip(active, self._choose(logits, active)):
-                    row.tokens.append(token)
-                staying = [index for index, row in enumerate(active) if not row.finished()]
-                if len(staying) < len(active):
-                    adapter.synchronize(self.device)
-                    elapsed = time.perf_counter() - began
-                    for index, row in enumerate(active):
-                        if index not in staying:
-                            row.decode_s = elapsed
-                            self._finish(row, session)
-                    if staying:
-                        session.keep_rows(staying)
-                    active = [active[index] for index in staying]
+        adapter.synchronize(self.device)
+        began = time.perf_counter()
+        while active:
+            ids = torch.tensor([[row.tokens[-1]] for row in active], device=self.device)
+            positions = torch.tensor([[row.length + len(row.tokens) - 1] for row in active], device=self.device)
+            logits = self._forward(session, cache, ids, positions, Phase.DECODE,
+                                   active[0].forwards if len(active) == 1 else None)
+            for row, token in zip(active, self._choose(logits, active)):
+                row.tokens.append(token)
+            staying = [index for index, row in enumerate(active) if not row.finished()]
+            if len(staying) < len(active):
+                adapter.synchronize(self.device)
+                elapsed = time.perf_counter() - began
+                for index, row in enumerate(active):
+                    if index not in staying:
+                        row.decode_s = elapsed
+                        self._finish(row, session)
+                if staying:
+                    session.keep_rows(staying)
+                active = [active[index] for index in staying]
 
     def _static_allowed(self, rows: list[_Row], session: Session, steps: int) -> bool:
         if self.decode_graphs == "off" or rows[0].forwards is not None:
             return False
-        if self.decode_graphs == "auto" and (self.device.type != "cuda" or steps < _GRAPH_MIN_STEPS):
+        if self.decode_graphs == "auto" and not self._captures():
+            return False
+        if self._captures() and steps < _GRAPH_MIN_STEPS:
             return False
         return can_decode_static(session, self.device)
 
@@ -275,7 +281,8 @@ class Engine:
             decoder = self._static[1]
         else:
             self._static = None  # the previous buffers and graph go before the new ones are allocated
-            decoder = StaticDecoder(self.model, self.geometry, layers, steps, graph=self.decode_graphs == "auto")
+            decoder = StaticDecoder(self.model, self.geometry, layers, steps, graph=self._captures(),
+                                    compiled=self.decode_graphs == "compile")
         decoder.load(layers, release=True)
         active = list(range(len(rows)))
         adapter.synchronize(self.device)
@@ -294,9 +301,14 @@ class Engine:
                     row.decode_s = elapsed
                     row.final_kept_tokens, row.final_kv_bytes = decoder.held(len(row.tokens) - 1)
                     row.decode_graph = decoder.graph is not None
+                    row.decode_compiled = decoder.compiled
                 active = [index for index in active if index not in finished]
         if session.method.requires_budget():
             self._static = (key, decoder)
+
+    def _captures(self) -> bool:
+        """Whether static decoding captures CUDA graphs: "auto" and "compile" on a CUDA device."""
+        return self.decode_graphs in ("auto", "compile") and self.device.type == "cuda"
 
     @staticmethod
     def _finish(row: _Row, session: Session) -> None:

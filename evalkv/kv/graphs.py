@@ -12,6 +12,13 @@ hooks do nothing, so a step is the model's forward alone and the graph replays e
 Unwritten slots hold zeros or earlier batches' finite entries: masked to -inf before the fp32 softmax, they weigh
 exactly zero. The sums over the padded length may round differently from the unpadded eager step in bf16 (as
 batched decoding's do); the CPU tests check identical tokens in fp32.
+
+`decode_graphs="compile"` also compiles the step with `torch.compile` (inductor, default mode: evalkv captures the
+graph itself) before capturing it, which fuses the small kernels a graph still launches one by one (RMSNorm's
+pieces, RoPE, the masked softmax, SiLU x mul, residual adds). The whole step traces as one graph: the store reaches
+the attention through the forward's keyword arguments, and every tensor the step reads keeps its shape, so a
+decoder compiles once (dynamo's counters in tests/test_decode_graphs.py check it) and a new decoder of the same shape
+reuses dynamo's code. Inductor fuses bf16 chains in fp32 and rounds once, so bf16 tokens may differ from eager ones.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from evalkv.kv import adapter
 from evalkv.kv.attention import repeat_kv
 from evalkv.kv.cache import LayerCache
 from evalkv.kv.view import ModelGeometry
+
+# The backend of compiled steps; tests may set "aot_eager" (dynamo's tracing without inductor's code generation).
+COMPILE_BACKEND = "inductor"
 
 
 def can_decode_static(session, device: torch.device) -> bool:
@@ -38,9 +48,11 @@ class StaticDecoder:
 
     graph: capture the step as a CUDA graph on its first call and replay it afterwards (CUDA only); otherwise run it
     eagerly (the same computation, which the tests compare with the ordinary decode on the CPU).
+    compiled: run the step through `torch.compile` (compiled on the first call, before any capture).
     """
 
-    def __init__(self, model, geometry: ModelGeometry, layers: list[LayerCache], steps: int, graph: bool):
+    def __init__(self, model, geometry: ModelGeometry, layers: list[LayerCache], steps: int, graph: bool,
+                 compiled: bool = False):
         first = layers[0].keys
         self.model = model
         self.geometry = geometry
@@ -57,7 +69,9 @@ class StaticDecoder:
         self.step_index = torch.zeros((), dtype=torch.long, device=self.device)
         self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
-        self.cache = adapter.make_cache(self)
+        self.cache = adapter.make_cache(self, first.dtype, self.device)
+        self.compiled = compiled
+        self._model_step = _compile(adapter.forward) if compiled else adapter.forward
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.taken = 0  # steps run since the last `load`
@@ -97,19 +111,21 @@ class StaticDecoder:
         return self.logits
 
     def _forward(self) -> Tensor:
-        with adapter.activated(self):
-            return adapter.forward(self.model, self.ids, self.positions, self.cache)
+        return self._model_step(self.model, self.ids, self.positions, self.cache)
 
     def _capture(self) -> None:
-        # One eager run on a side stream first: cuBLAS and the allocator initialise lazily, which capture forbids.
-        # It writes this step's entries, which the first replay writes again identically.
+        # Uncaptured runs on a side stream first: cuBLAS, the allocator and a compiled step (dynamo's compile,
+        # inductor's kernels) initialise lazily, which capture forbids; a compiled step runs twice, so that a guard
+        # the first run invalidated recompiles here, and capture refuses to compile. The runs write this step's
+        # entries, which the first replay writes again identically.
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._forward()
+            for _ in range(2 if self.compiled else 1):
+                self._forward()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(self.graph):
             self.logits = self._forward()
 
     # The adapter's hooks: the model stores each layer's new key/value here, then attends through `attention`.
@@ -144,3 +160,9 @@ class StaticDecoder:
         element = self.keys[0].element_size() * self.keys[0].shape[-1] * 2
         kept = sum(entries) / self.geometry.num_kv_heads / len(entries)
         return kept, sum(entries) * element
+
+
+def _compile(step):
+    """`step` compiled as `decode_graphs="compile"` asks: inductor's default mode, since evalkv captures the CUDA graph
+    itself (reduce-overhead would capture its own); static shapes; a graph break runs that part eagerly."""
+    return torch.compile(step, backend=COMPILE_BACKEND, fullgraph=False, dynamic=False)

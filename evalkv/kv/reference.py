@@ -57,8 +57,7 @@ def masked_reference_logits(
     session = _MaskedSession(adapter.geometry(model), forwards[0], visible)
     cache = adapter.make_cache(session)
     logits = []
-    with adapter.activated(session):
-        for ids, pos in zip(forwards, positions):
-            session.begin_forward(Phase.PREFILL, pos)
-            logits.append(adapter.forward(model, ids, pos, cache))
+    for ids, pos in zip(forwards, positions):
+        session.begin_forward(Phase.PREFILL, pos)
+        logits.append(adapter.forward(model, ids, pos, cache))
     return logits

@@ -43,6 +43,7 @@ class BenchRow:
     decode_batch: int  # how many of them decoded together (1: the method's caches cannot batch, e.g. full)
     decode_graphs: str  # the engine's decode_graphs mode
     decode_graph: bool  # whether the decode steps replayed a CUDA graph
+    decode_compiled: bool  # whether the decode steps ran a torch.compile'd step
     new_tokens: int
     prefill_s: float  # median over repeats and prompts; one prompt's forward(s) with eviction (= TTFT)
     prefill_s_all: list[float]
@@ -115,7 +116,7 @@ def bench_method(
         for batch_size in batch_sizes:
             generator = torch.Generator().manual_seed(seed + length)
             prompts = [torch.randint(0, vocab, (length,), generator=generator).tolist() for _ in range(batch_size)]
-            for _ in range(warmup):  # full length: a CUDA graph of these shapes is captured here, then replayed
+            for _ in range(warmup):  # full length: a graph of these shapes is compiled and captured here, then replayed
                 engine.generate_batch([Request(prompt, new_tokens) for prompt in prompts])
             prefill, decode = [], []
             _reset_peak_memory(device)
@@ -135,6 +136,7 @@ def bench_method(
             rows.append(BenchRow(
                 method=method_name, context_length=length, batch_size=batch_size, decode_batch=together,
                 decode_graphs=decode_graphs, decode_graph=generations[0].decode_graph,
+                decode_compiled=generations[0].decode_compiled,
                 new_tokens=new_tokens, prefill_s=round(statistics.median(prefill), 4),
                 prefill_s_all=[round(x, 4) for x in prefill], eviction_overhead=None,
                 decode_step_s=step_s, decode_tokens_per_s=round(1 / step_s, 2) if step_s > 0 else 0.0,
@@ -188,6 +190,11 @@ def _peak(row: dict) -> str:
     return "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
 
 
+def _graph_cell(row: dict) -> str:
+    """yes / no: replayed a CUDA graph; ", compiled": of a torch.compile'd step."""
+    return ("yes" if row["decode_graph"] else "no") + (", compiled" if row["decode_compiled"] else "")
+
+
 def format_rows(report: dict) -> str:
     header = ["method", "graph", "length", "batch", "prefill_s", "overhead", "step_ms", "tok/s/seq", "tok/s",
               "of_bound", "peak_GB", "kv_MB", "kept"]
@@ -198,7 +205,7 @@ def format_rows(report: dict) -> str:
         batch = f"{row['batch_size']}" + ("" if row["decode_batch"] == row["batch_size"] else
                                            f" (decoded {row['decode_batch']} at a time)")
         cells.append([
-            row["method"], "yes" if row["decode_graph"] else "no", f"{row['context_length']}", batch,
+            row["method"], _graph_cell(row), f"{row['context_length']}", batch,
             f"{row['prefill_s']:.3f}", overhead,
             f"{1000 * row['decode_step_s']:.2f}", f"{row['decode_tokens_per_s']:.1f}",
             f"{row['throughput_tokens_per_s']:.1f}", bound, _peak(row), f"{row['kv_bytes_after_prefill'] / 2**20:.1f}",
@@ -216,6 +223,7 @@ class WorkloadRow:
     mean_decode_batch: float  # mean over samples of how many decoded together
     decode_graphs: str  # the engine's decode_graphs mode
     graph_samples: int  # samples whose decode steps replayed a CUDA graph
+    compiled_samples: int  # samples whose decode steps ran a torch.compile'd step
     prompt_tokens: int
     generated_tokens: int  # the sum of the samples' max new tokens (EOS ignored; checked)
     wall_s: float  # median over repeats of the whole workload: prefill, compression and decode of every sample
@@ -259,6 +267,7 @@ def bench_workload_method(model: LoadedModel, method_name: str, options: dict, s
         method=method_name, options=options, samples=len(samples), batch_size=batch_size,
         mean_decode_batch=round(statistics.mean(g.decode_batch for g in generations), 2),
         decode_graphs=decode_graphs, graph_samples=sum(g.decode_graph for g in generations),
+        compiled_samples=sum(g.decode_compiled for g in generations),
         prompt_tokens=sum(g.prompt_tokens for g in generations), generated_tokens=generated,
         wall_s=round(wall, 3), wall_s_all=[round(x, 3) for x in walls],
         samples_per_s=round(len(samples) / wall, 3), generated_tokens_per_s=round(generated / wall, 2),
@@ -297,7 +306,8 @@ def format_workload_rows(report: dict) -> str:
                                           f" (decoded {row['mean_decode_batch']:g} on average)")
         cells.append([
             row["method"], f"{row['options'].get('budget', '-')}",
-            f"{row['graph_samples']}", f"{row['samples']}", f"{row['prompt_tokens']}",
+            f"{row['graph_samples']}" + (f" ({row['compiled_samples']} compiled)" if row["compiled_samples"] else ""),
+            f"{row['samples']}", f"{row['prompt_tokens']}",
             f"{row['generated_tokens']}", batch, f"{row['wall_s']:.2f}", f"{row['samples_per_s']:.3f}",
             f"{row['generated_tokens_per_s']:.1f}", _peak(row),
         ])

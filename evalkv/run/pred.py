@@ -159,6 +159,7 @@ def make_record(sample: Sample, model: LoadedModel, method: Method, generation) 
         "decode_s": round(generation.decode_s, 4),
         "decode_batch": generation.decode_batch,
         "decode_graph": generation.decode_graph,
+        "decode_compiled": generation.decode_compiled,
         "method": method.name,
         **sample.metadata,
     }
