@@ -45,7 +45,7 @@ main keys (defaults in configs/config.yaml):
   batch_size=N          samples whose compressed caches match decode together (default 8; 1 = one at a time)
   mlp_chunk=N           run each MLP over N prompt tokens at a time (low-memory long prefill; default off)
   decode_graphs=MODE    auto (default): decode steps replayed as CUDA graphs where the method allows, on CUDA;
-                        compile: the same with a torch.compile'd step (compiled once per batch shape); off
+                        compile: the same with a torch.compile'd step (methods with a budget; once per batch shape); off
 
 several GPUs, one model each (data parallel; the run's files are those of a one-process run):
   torchrun --standalone --nproc-per-node 4 -m evalkv.cli pred KEY=VALUE ...

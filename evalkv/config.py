@@ -30,8 +30,8 @@ class RunConfig:
     mlp_chunk: run each layer's MLP over at most this many prompt tokens at a time (null: whole prompt); with an
         evicting method this keeps a 128K-token prefill within a few GB of the weights (docs/performance.md).
     decode_graphs: "auto" replays decode steps as CUDA graphs on CUDA devices, for methods whose cache only grows
-        while decoding (evalkv/kv/graphs.py); "compile" replays graphs of a torch.compile'd step (compiled once per
-        batch shape); "off" decodes eagerly.
+        while decoding (evalkv/kv/graphs.py); "compile" replays graphs of a torch.compile'd step for methods with a
+        budget (compiled once per batch shape); "off" decodes eagerly.
     output_dir: runs go to `<output_dir>/<task>/<model>/<method label>/` unless `run_dir` names the folder.
     """
 

@@ -10,7 +10,8 @@
 #        BATCH_SIZE (samples decoding together; default 16), PERF_MODEL (perf phase; default random-llama-3.1-8b),
 #        SWEEP_METHODS / SWEEP_BUDGETS (ruler and longbench phases: a part of their sweep, e.g. to run parts as
 #        parallel processes on one GPU), BUDGETS (methods phase; default "128 512"), METHOD_TASKS (methods phase;
-#        default "passkey ruler"), SKIP_TABLES=1 (score and tabulate later, with the tables phase)
+#        default "passkey ruler"), SKIP_TABLES=1 (score and tabulate later, with the tables phase),
+#        PRED_OVERRIDES (extra `evalkv pred` overrides for every run, space-separated, e.g. "decode_graphs=off")
 set -euo pipefail
 phase=${1:?usage: scripts/measure_gpu.sh PHASE}
 root=${RESULTS:-/root/results}
@@ -20,7 +21,8 @@ model=${MODEL:-qwen2.5-coder-0.5b-instruct}
 mkdir -p "$root" "$out"
 
 run() { echo "+ $*" >&2; "$@"; }
-pred() { run $evalkv pred "model=$model" progress=false "batch_size=${BATCH_SIZE:-16}" "$@"; }
+# shellcheck disable=SC2086  # PRED_OVERRIDES is a list of words
+pred() { run $evalkv pred "model=$model" progress=false "batch_size=${BATCH_SIZE:-16}" ${PRED_OVERRIDES:-} "$@"; }
 tables() {  # scores of every run under a folder, then its tables into $out
   local dir=$1 name=$2; shift 2
   [[ -n ${SKIP_TABLES:-} ]] && return

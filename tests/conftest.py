@@ -69,10 +69,14 @@ def dynamo_counters():
     recompile limit, which they count towards) decide nothing here."""
     from torch._dynamo.utils import counters
 
+    from evalkv.kv.graphs import forget_compiled
+
     torch._dynamo.reset()
+    forget_compiled()
     counters.clear()
     yield counters
     torch._dynamo.reset()
+    forget_compiled()
 
 
 @pytest.fixture

@@ -114,6 +114,29 @@ def test_buffers_refuse_more_steps_than_they_hold(tokenizer):
         decoder.step([1], [501])
 
 
+def test_a_failed_capture_warns_and_runs_the_steps_without_a_graph(tokenizer, monkeypatch, recwarn):
+    """A capture that fails (as cuBLASLt did under CUDA MPS) costs the graph, not the results: the decoder warns once
+    and its steps compute what a decoder without a graph computes."""
+    engine = Engine(tiny_model(), build_method("snapkv", {"budget": 64}), decode_graphs="off")
+    layers = engine.generate(_prompts(tokenizer)[0], 1, keep_session=True).session.cache.layers
+
+    def refuse(decoder):
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture\nmore detail")
+
+    monkeypatch.setattr(StaticDecoder, "_capture", refuse)
+    failing = StaticDecoder(engine.model, engine.geometry, layers, steps=4, graph=True)
+    plain = StaticDecoder(engine.model, engine.geometry, layers, steps=4, graph=False)
+    for decoder in (failing, plain):
+        decoder.load(layers, release=False)
+    for step in range(3):
+        logits = failing.step([5 + step], [500 + step]).clone()
+        assert torch.equal(logits, plain.step([5 + step], [500 + step]))
+    assert failing.graph is None and not failing.graph_enabled
+    warned = [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert warned == ["CUDA-graph capture of the decode step failed (CUDA error: operation failed due to a previous "
+                      "error during capture); this batch shape decodes without a graph"]
+
+
 def test_unknown_decode_graphs_mode_lists_the_known_ones():
     with pytest.raises(EvalkvError, match="auto, off, eager, compile"):
         Engine(tiny_model(), build_method("full", {}), decode_graphs="always")
@@ -122,8 +145,8 @@ def test_unknown_decode_graphs_mode_lists_the_known_ones():
 @pytest.mark.parametrize("architecture", ["tiny-llama", "tiny-qwen2"])
 @pytest.mark.parametrize("method", ["snapkv", "full"])
 def test_compiled_steps_generate_what_ordinary_decoding_generates(architecture, method, tokenizer, traced_compile):
-    """Alone and batched, same tokens and memory figures; the full cache compiles one step per prompt length (its
-    prompts decode alone), snapkv one for the lone shape and one for the batch of three."""
+    """Alone and batched, same tokens and memory figures; snapkv compiles one step for the lone shape and one for the
+    batch of three; the full cache, whose shape changes with every prompt, keeps the uncompiled step."""
     model = tiny_model(architecture)
     options = {"budget": 64} if method == "snapkv" else {}
     ordinary = Engine(model, build_method(method, options), decode_graphs="off")
@@ -132,12 +155,29 @@ def test_compiled_steps_generate_what_ordinary_decoding_generates(architecture, 
     for ids in prompts:
         generation = compiled.generate(ids, NEW_TOKENS)
         assert _fields(generation) == _fields(ordinary.generate(ids, NEW_TOKENS))
-        assert generation.decode_compiled and not generation.decode_graph
+        assert generation.decode_compiled == (method == "snapkv") and not generation.decode_graph
     requests = [Request(ids, NEW_TOKENS) for ids in prompts]
     assert [_fields(g) for g in compiled.generate_batch(requests)] == [
         _fields(g) for g in ordinary.generate_batch(requests)]
-    assert traced_compile["stats"]["unique_graphs"] == (2 if method == "snapkv" else len(prompts))
+    assert traced_compile["stats"]["unique_graphs"] == (2 if method == "snapkv" else 0)
     assert not traced_compile["graph_break"]
+
+
+def test_shapes_past_dynamos_limit_are_not_compiled(tokenizer, traced_compile, recwarn):
+    """Past dynamo's recompile limit dynamo would run the step uncompiled without saying so; evalkv stops compiling
+    there, warns, and the records say which samples ran compiled code."""
+    model = tiny_model("tiny-llama")
+    compiled = Engine(model, build_method("snapkv", {"budget": 64}), decode_graphs="compile")
+    ordinary = Engine(model, build_method("snapkv", {"budget": 64}), decode_graphs="off")
+    prompts = _prompts(tokenizer)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        alone = compiled.generate(prompts[0], NEW_TOKENS)
+        batch = compiled.generate_batch([Request(ids, NEW_TOKENS) for ids in prompts])  # a second shape
+    assert alone.decode_compiled and not any(g.decode_compiled for g in batch)
+    assert [_fields(g) for g in batch] == [_fields(g) for g in
+                                           ordinary.generate_batch([Request(ids, NEW_TOKENS) for ids in prompts])]
+    assert traced_compile["stats"]["unique_graphs"] == 1
+    assert any("recompile_limit" in str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning))
 
 
 @pytest.mark.parametrize("architecture", ["tiny-llama", "tiny-qwen2"])

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from evalkv.errors import EvalkvError
 from evalkv.kv import adapter
-from evalkv.kv.graphs import StaticDecoder, can_decode_static
+from evalkv.kv.graphs import StaticDecoder, can_decode_static, may_compile
 from evalkv.kv.session import Session
 from evalkv.kv.view import Phase
 from evalkv.methods.base import Method
@@ -282,7 +282,7 @@ class Engine:
         else:
             self._static = None  # the previous buffers and graph go before the new ones are allocated
             decoder = StaticDecoder(self.model, self.geometry, layers, steps, graph=self._captures(),
-                                    compiled=self.decode_graphs == "compile")
+                                    compiled=self._compiles(session, key))
         decoder.load(layers, release=True)
         active = list(range(len(rows)))
         adapter.synchronize(self.device)
@@ -305,6 +305,13 @@ class Engine:
                 active = [index for index in active if index not in finished]
         if session.method.requires_budget():
             self._static = (key, decoder)
+
+    def _compiles(self, session: Session, key: tuple) -> bool:
+        """Whether a new decoder compiles its step: with decode_graphs="compile", for methods with a budget (their
+        batches share a few shapes, so a compile is reused; a full cache's shape changes with every prompt and would
+        compile for every sample), within dynamo's limit of compiled shapes per process."""
+        return (self.decode_graphs == "compile" and session.method.requires_budget()
+                and may_compile(self.model, key))
 
     def _captures(self) -> bool:
         """Whether static decoding captures CUDA graphs: "auto" and "compile" on a CUDA device."""

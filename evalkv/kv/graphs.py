@@ -18,10 +18,13 @@ graph itself) before capturing it, which fuses the small kernels a graph still l
 pieces, RoPE, the masked softmax, SiLU x mul, residual adds). The whole step traces as one graph: the store reaches
 the attention through the forward's keyword arguments, and every tensor the step reads keeps its shape, so a
 decoder compiles once (dynamo's counters in tests/test_decode_graphs.py check it) and a new decoder of the same shape
-reuses dynamo's code. Inductor fuses bf16 chains in fp32 and rounds once, so bf16 tokens may differ from eager ones.
+reuses dynamo's code; `may_compile` keeps the compiled shapes within dynamo's per-process limit. Inductor fuses bf16
+chains in fp32 and rounds once, so bf16 tokens may differ from eager ones.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -33,6 +36,29 @@ from evalkv.kv.view import ModelGeometry
 
 # The backend of compiled steps; tests may set "aot_eager" (dynamo's tracing without inductor's code generation).
 COMPILE_BACKEND = "inductor"
+# (model, buffer shape) pairs whose step this process has compiled: dynamo's code cache is per process.
+_COMPILED: set[tuple] = set()
+
+
+def may_compile(model, key: tuple) -> bool:
+    """Whether a decoder of shape `key` may compile its step. Dynamo keeps at most `recompile_limit` compiled versions
+    of a function per process and past that runs it uncompiled without saying so; evalkv stops compiling new shapes
+    there instead (with a warning), so that records saying `decode_compiled` ran compiled code."""
+    entry = (id(model), key)
+    if entry in _COMPILED:
+        return True
+    limit = torch._dynamo.config.recompile_limit
+    if len(_COMPILED) >= limit:
+        warnings.warn(f"{limit} decode-step shapes are compiled already (torch._dynamo.config.recompile_limit); "
+                      "further shapes decode through graphs of the uncompiled step", RuntimeWarning, stacklevel=2)
+        return False
+    _COMPILED.add(entry)
+    return True
+
+
+def forget_compiled() -> None:
+    """Empty the record of compiled shapes (with `torch._dynamo.reset()`, which empties dynamo's cache)."""
+    _COMPILED.clear()
 
 
 def can_decode_static(session, device: torch.device) -> bool:
@@ -100,11 +126,11 @@ class StaticDecoder:
             raise RuntimeError(f"the static decode buffers hold {self.steps} steps; all are used")
         self.ids.copy_(torch.tensor(ids, dtype=torch.long).reshape(-1, 1))
         self.positions.copy_(torch.tensor(positions, dtype=torch.long).reshape(-1, 1))
-        if not self.graph_enabled:
+        if self.graph_enabled and self.graph is None:
+            self._try_capture()
+        if self.graph is None:
             self.logits = self._forward()
         else:
-            if self.graph is None:
-                self._capture()
             self.graph.replay()
         self.step_index += 1
         self.taken += 1
@@ -112,6 +138,22 @@ class StaticDecoder:
 
     def _forward(self) -> Tensor:
         return self._model_step(self.model, self.ids, self.positions, self.cache)
+
+    def _try_capture(self) -> None:
+        """Capture the step; where capture fails, warn and run this decoder's steps without a graph.
+
+        Capture can fail for reasons outside evalkv (seen on an H100 under CUDA MPS with many client processes:
+        cuBLASLt refused a matmul inside the capture). The failure invalidates the capture, not the data: the warm-up
+        run has already written this step's entries, so the eager step that follows computes exactly what a replay
+        would have. Records say `decode_graph: false` for such batches."""
+        try:
+            self._capture()
+        except RuntimeError as error:
+            self.graph, self.graph_enabled = None, False
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # a sticky error (a broken context) raises here, not later
+            warnings.warn(f"CUDA-graph capture of the decode step failed ({str(error).splitlines()[0]}); this batch "
+                          "shape decodes without a graph", RuntimeWarning, stacklevel=2)
 
     def _capture(self) -> None:
         # Uncaptured runs on a side stream first: cuBLAS, the allocator and a compiled step (dynamo's compile,
