@@ -145,7 +145,8 @@ def cmd_table(args: list[str]) -> int:
         "unfinished runs are named on stderr.")
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--format", default="md", choices=FORMATS)
-    parser.add_argument("--view", default="scores", help="scores (default); timing (mean cost per sample); ruler "
+    parser.add_argument("--view", default="scores", help="scores (default); timing (mean cost per sample); runs "
+                        "(samples, invocations, interrupted ones, processes, recorded wall time); ruler "
                         "(RULER's per-length averages); longbench_e (LongBench-E's 0-4k / 4-8k / 8k+ buckets, "
                         "averaged over its tasks); or one metric breakdown per task such as by_context_length, "
                         "by_depth, by_length")

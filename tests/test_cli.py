@@ -293,6 +293,22 @@ def test_table_views_show_timing_and_breakdowns(tmp_path, capsys):
     assert "no run has a 'by_nothing' view" in capsys.readouterr().err
 
 
+def test_table_runs_view_sums_the_recorded_wall_time_and_counts_interrupted_invocations(tmp_path, capsys):
+    """Two invocations: a killed one (no wall time; its records stay) and a data-parallel one that wrote 30 samples in
+    45 s. wall_s is the recorded 45 s, per sample 45 / 30 = 1.5; the killed one is counted, not guessed."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"task": "passkey", "pred": "7", "answers": ["7"]}] * 40
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "run.json").write_text(json.dumps({"status": "finished", "samples": 40, "invocations": [
+        {"started": "t0", "new_samples": 0},
+        {"started": "t1", "new_samples": 30, "processes": 2, "wall_s": 45.0}]}))
+    assert main(["table", str(run), "--view", "runs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| samples | invocations | interrupted | processes | wall_s | s_per_sample |")
+    assert lines[2].endswith("| 40 | 2 | 1 | 2 | 45.00 | 1.50 |")
+
+
 def test_score_a_folder_of_runs_scores_each_run(tmp_path, capsys):
     for name in ("a", "b/c"):
         run = tmp_path / name

@@ -23,6 +23,8 @@ from evalkv.tasks import build_task
 
 FULL = "full"
 NO_BUDGET = "-"
+# The `runs` view's columns, in this order (see `run_cells`).
+RUN_COLUMNS = ("samples", "invocations", "interrupted", "processes", "wall_s", "s_per_sample")
 
 
 @dataclass
@@ -36,15 +38,40 @@ class RunScores:
     query_aware: bool = True  # False when the task compressed the context without the question (query_agnostic)
     expected_tasks: list[str] = field(default_factory=list)  # the tasks its config asks for
     status: str = "finished"  # run.json's status ("running" when it was stopped or is still going)
+    info: dict = field(default_factory=dict)  # run.json's content
 
     def view(self, name: str) -> dict[str, float]:
-        """Columns of one view: `scores` (task -> score), `timing`, or a breakdown key."""
+        """Columns of one view: `scores` (task -> score), `timing`, `runs`, or a breakdown key."""
         if name == "scores":
             return {**{task: float("nan") for task in self.expected_tasks}, **self.task_scores}
+        if name == "runs":
+            return run_cells(self.info)
         source = self.scores.get("timing", {}) if name == "timing" else {
             task: views.get(name, {}) for task, views in self.scores.get("breakdown", {}).items()
         }
         return {f"{task}/{key}": value for task, values in source.items() for key, value in values.items()}
+
+
+def run_cells(info: dict) -> dict[str, float]:
+    """The `runs` view of one run.json: its samples, the `evalkv pred` invocations that wrote them, and their wall time.
+
+    An invocation that was killed (or is still going) records no wall time: `interrupted` counts those, and `wall_s`
+    sums the recorded ones only, so it is a lower bound whenever `interrupted` is not 0; `s_per_sample` divides it by
+    the samples the timed invocations wrote. `processes`: the most data-parallel processes one invocation used."""
+    if not info:
+        return {}
+    invocations = info.get("invocations", [])
+    timed = [entry for entry in invocations if entry.get("wall_s") is not None]
+    wall = sum(entry["wall_s"] for entry in timed)
+    written = sum(entry.get("new_samples", 0) for entry in timed)
+    return {
+        "samples": float(info.get("samples", float("nan"))),
+        "invocations": float(len(invocations)),
+        "interrupted": float(len(invocations) - len(timed)),
+        "processes": float(max((entry.get("processes", 1) for entry in invocations), default=1)),
+        "wall_s": round(wall, 2),
+        "s_per_sample": round(wall / written, 3) if written else float("nan"),
+    }
 
 
 def is_run(folder: Path) -> bool:
@@ -85,9 +112,11 @@ def load_run(run: Path) -> RunScores:
         scores = read_json(run / SCORES)
     else:
         scores = {}
-    status = str(read_json(run / RUN_INFO).get("status", "unknown")) if (run / RUN_INFO).exists() else "unknown"
+    info = read_json(run / RUN_INFO) if (run / RUN_INFO).exists() else {}
+    status = str(info.get("status", "unknown"))
     if not (run / CONFIG).exists():
-        return RunScores(run, "?", run.name, NO_BUDGET, dict(scores.get("task_scores", {})), scores, status=status)
+        return RunScores(run, "?", run.name, NO_BUDGET, dict(scores.get("task_scores", {})), scores, status=status,
+                         info=info)
     cfg = OmegaConf.load(run / CONFIG)
     method = build_method(cfg.method.name, options(cfg.method))
     variant = method_label(method).removeprefix(method.describe())
@@ -95,7 +124,7 @@ def load_run(run: Path) -> RunScores:
     return RunScores(
         run, str(cfg.model.name), method.name + variant, _budget_label(method), dict(scores.get("task_scores", {})),
         scores, query_aware=not getattr(task, "query_agnostic", False), expected_tasks=_expected_tasks(task),
-        status=status,
+        status=status, info=info,
     )
 
 

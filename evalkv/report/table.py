@@ -7,7 +7,9 @@ for a task it was asked for (or that another row has) leaves the cell empty (sho
 average over a missing cell is missing too.
 
 Other views of the same runs: `timing` (mean prompt tokens, new tokens, kept tokens, prefill and decode seconds per
-sample), any breakdown a metric writes (e.g. `by_context_length`, `by_depth`, LongBench-E's `by_length`): columns
+sample), `runs` (samples, the `evalkv pred` invocations that wrote them, interrupted ones, processes, their recorded
+wall time in total and per sample: report/runs.py `run_cells`), any breakdown a metric writes (e.g.
+`by_context_length`, `by_depth`, LongBench-E's `by_length`): columns
 `task/key`, and the benchmark views `ruler` (per context length, the mean over RULER's tasks, and their average as
 RULER reports it) and `longbench_e` (per length bucket 0-4k / 4-8k / 8k+, the mean over LongBench-E's tasks).
 `deltas=True` shows every row but the full cache's as its difference from the full-cache row of the same model.
@@ -21,11 +23,13 @@ import pandas as pd
 
 from evalkv.errors import EvalkvError
 from evalkv.report.columns import with_categories
-from evalkv.report.runs import FULL, NO_BUDGET, RunScores, load_runs, unfinished
+from evalkv.report.runs import FULL, NO_BUDGET, RUN_COLUMNS, RunScores, load_runs, unfinished
 from evalkv.tasks.longbench.spec import is_e_task
 from evalkv.tasks.ruler.constants import RULER_TASKS
 
 FORMATS = ("md", "csv", "latex", "json")
+# the `runs` view's counts, shown without decimals
+COUNT_COLUMNS = ("samples", "invocations", "interrupted", "processes")
 # view -> (the breakdown it averages over tasks, which tasks belong to it)
 BENCHMARK_VIEWS = {
     "ruler": ("by_context_length", lambda task: task in RULER_TASKS),
@@ -71,8 +75,8 @@ def build_table(runs: list[RunScores], view: str = "scores") -> pd.DataFrame:
     if not cells:
         raise EvalkvError("no runs found (a run directory holds predictions.jsonl or scores.json)")
     if not any(cells.values()):
-        raise EvalkvError(f"no run has a {view!r} view (views: scores, timing, ruler, longbench_e, or a breakdown "
-                          "such as by_depth, by_context_length, by_length)")
+        raise EvalkvError(f"no run has a {view!r} view (views: scores, timing, runs, ruler, longbench_e, or a "
+                          "breakdown such as by_depth, by_context_length, by_length)")
     order = sorted(cells, key=lambda key: (key[0], key[1] != FULL, key[1], key[3] != "aware",
                                            _budget_order(key[2])))
     names = ["model", "method", "budget", "query"]
@@ -82,6 +86,8 @@ def build_table(runs: list[RunScores], view: str = "scores") -> pd.DataFrame:
         frame = frame.droplevel("query")
     if view == "scores":
         return with_categories(frame)
+    if view == "runs":
+        return frame.reindex(list(RUN_COLUMNS), axis=1)
     return frame.reindex(sorted(frame.columns, key=_column_order), axis=1)
 
 
@@ -154,12 +160,21 @@ def render(frame: pd.DataFrame, fmt: str, deltas: bool = False) -> str:
 
 def formatted(frame: pd.DataFrame, deltas: bool = False) -> pd.DataFrame:
     """The cells as the Markdown table and the report page show them: `-` when missing, 2 decimals (4 for small
-    costs), and with deltas a sign on every row but the full cache's."""
+    costs; none for the runs view's counts), and with deltas a sign on every row but the full cache's."""
     cells = frame.astype(object).copy()
     for position, key in enumerate(frame.index):
         sign = "+" if deltas and dict(zip(frame.index.names, key))["method"] != FULL else ""
-        cells.iloc[position] = ["-" if _missing(v) else f"{v:{sign}.{_decimals(v)}f}" for v in frame.iloc[position]]
+        row = frame.iloc[position]
+        cells.iloc[position] = [_cell(value, column, sign) for column, value in zip(frame.columns, row)]
     return cells
+
+
+def _cell(value: float, column, sign: str) -> str:
+    if _missing(value):
+        return "-"
+    if column in COUNT_COLUMNS and not sign:
+        return f"{value:.0f}"
+    return f"{value:{sign}.{_decimals(value)}f}"
 
 
 def _decimals(value: float) -> int:
