@@ -15,7 +15,7 @@ import torch
 from evalkv.cli import main
 from evalkv.errors import EvalkvError
 from evalkv.models.config import ModelConfig
-from evalkv.run.parallel import ShardedRun, merge_shards, shard_path
+from evalkv.run.parallel import ShardedRun, gpu_for, merge_shards, shard_path
 from evalkv.run.records import read_records, record_line
 
 RUN = ["model=random-tiny-llama", "model.device=cpu", "progress=false", "method=h2o", "budget=48",
@@ -124,6 +124,18 @@ def test_device_map_with_data_parallel_is_refused():
     with pytest.raises(EvalkvError, match="model.device=cuda:1 with 2 data-parallel processes"):
         ShardedRun(rank=1, world_size=2).place(ModelConfig(device="cuda:1"))
     assert ShardedRun().place(ModelConfig(device_map="auto")).device_map == "auto"
+
+
+def test_processes_per_gpu_share_gpus_in_blocks_and_refuse_too_many_ranks():
+    assert [gpu_for(rank, 1, 4) for rank in range(4)] == [0, 1, 2, 3]
+    assert [gpu_for(rank, 3, 2) for rank in range(6)] == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(EvalkvError, match="LOCAL_RANK=6 with 3 process.*needs GPU 2, but only 2 are visible: start "
+                                          "at most 6 processes"):
+        gpu_for(6, 3, 2)
+    with pytest.raises(EvalkvError, match="LOCAL_RANK=1 with 1 process.*at most 1 processes .*PROCESSES_PER_GPU"):
+        gpu_for(1, 1, 1)
+    with pytest.raises(EvalkvError, match="EVALKV_PROCESSES_PER_GPU=0"):
+        gpu_for(0, 0, 1)
 
 
 def test_each_rank_takes_its_own_gpu_or_the_cpu():

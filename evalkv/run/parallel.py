@@ -34,6 +34,9 @@ from evalkv.tasks import Sample
 SHARD_GLOB = "predictions.rank*.jsonl"
 # Ranks finish at different times (samples differ in length); a failed rank ends the group through torchrun.
 _BARRIER_TIMEOUT = timedelta(days=1)
+# Processes that share one GPU (default 1): LOCAL_RANK r runs on GPU r // this. For small models, whose decode is
+# launch-bound, several processes keep one GPU busier; under CUDA MPS their kernels also run concurrently.
+PROCESSES_PER_GPU = "EVALKV_PROCESSES_PER_GPU"
 _LAUNCH = "torchrun --standalone --nproc-per-node N -m evalkv.cli pred ..."
 
 
@@ -82,6 +85,21 @@ def _environment_int(name: str, default: int) -> int:
     if not value.isdigit():
         raise EvalkvError(f"{name}={value!r} in the environment is not a non-negative integer; launch with {_LAUNCH}")
     return int(value)
+
+
+def gpu_for(local_rank: int, per_gpu: int, gpus: int) -> int:
+    """The GPU of the process with this LOCAL_RANK when `per_gpu` processes share each GPU: ranks 0..per_gpu-1 take
+    GPU 0, the next `per_gpu` GPU 1, and so on."""
+    if per_gpu < 1:
+        raise EvalkvError(f"{PROCESSES_PER_GPU}={per_gpu}: at least one process runs on each GPU")
+    index = local_rank // per_gpu
+    if index >= gpus:
+        raise EvalkvError(
+            f"LOCAL_RANK={local_rank} with {per_gpu} process(es) per GPU needs GPU {index}, but only {gpus} are "
+            f"visible: start at most {gpus * per_gpu} processes per node (--nproc-per-node), or set "
+            f"{PROCESSES_PER_GPU} to share each GPU between more processes"
+        )
+    return index
 
 
 def launched_ranks() -> tuple[int, int]:
@@ -137,7 +155,8 @@ class ShardedRun:
             dist.barrier()
 
     def place(self, model: ModelConfig) -> ModelConfig:
-        """The model config for this rank: the whole model on `cuda:LOCAL_RANK` (the CPU without GPUs)."""
+        """The model config for this rank: the whole model on `cuda:LOCAL_RANK` (with EVALKV_PROCESSES_PER_GPU=k,
+        `cuda:LOCAL_RANK // k`; the CPU without GPUs)."""
         if not self.parallel:
             return model
         if model.device_map is not None:
@@ -153,13 +172,9 @@ class ShardedRun:
             )
         if model.device == "cpu" or not torch.cuda.is_available():  # auto means the CPU; cuda fails in the loader
             return model
-        if self.local_rank >= torch.cuda.device_count():
-            raise EvalkvError(
-                f"LOCAL_RANK={self.local_rank} but only {torch.cuda.device_count()} GPUs are visible: start at most "
-                "one process per GPU (--nproc-per-node)"
-            )
-        torch.cuda.set_device(self.local_rank)
-        return dataclasses.replace(model, device=f"cuda:{self.local_rank}")
+        index = gpu_for(self.local_rank, _environment_int(PROCESSES_PER_GPU, 1), torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return dataclasses.replace(model, device=f"cuda:{index}")
 
     def resume(self, run_dir: Path) -> set[str]:
         """The ids already finished. Joins the process group; rank 0 first repairs what a kill may have left (a torn
