@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from evalkv.cli import main
 from evalkv.errors import EvalkvError
+from evalkv.run.pred import git_state
 from evalkv.run.records import read_records
 
 TINY = ["model=random-tiny-llama", "model.device=cpu", "progress=false"]
@@ -291,6 +293,26 @@ def test_table_views_show_timing_and_breakdowns(tmp_path, capsys):
     assert lengths[0].endswith("passkey/1024,passkey/2048") and lengths[1].endswith(",100.0,0.0")
     assert main(["table", str(run), "--view", "by_nothing"]) == 2
     assert "no run has a 'by_nothing' view" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
+def test_git_state_names_the_commit_and_whether_tracked_files_differ(tmp_path, tmp_path_factory, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("one\n")
+    git("add", "a.txt")
+    git("commit", "-qm", "first")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "untracked.txt").write_text("not part of the checkout\n")
+    assert git_state(tmp_path) == {"git": head, "git_dirty": False}
+    (tmp_path / "a.txt").write_text("two\n")
+    assert git_state(tmp_path) == {"git": head, "git_dirty": True}
+    outside = tmp_path_factory.mktemp("not_a_checkout")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(outside.parent))  # git must not find a repository above it
+    assert git_state(outside) == {"git": None, "git_dirty": None}
 
 
 def test_table_runs_view_sums_the_recorded_wall_time_and_counts_interrupted_invocations(tmp_path, capsys):

@@ -122,14 +122,19 @@ def check_resumable(run_dir: Path, composed: dict, task: Task, method: Method) -
         )
 
 
-def _git_hash() -> str | None:
+def git_state(folder: Path | None = None) -> dict:
+    """The commit evalkv runs from and whether tracked files differ from it (`git_dirty`): a run made from a modified
+    checkout cannot be reproduced from the hash alone. Both None outside a git checkout."""
+    folder = folder or Path(evalkv.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=folder).stdout.strip()
+
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(evalkv.__file__).resolve().parent,
-        ).stdout.strip()
+        head = git("rev-parse", "HEAD")
+        return {"git": head, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return {"git": None, "git_dirty": None}
 
 
 def _device_name(device: torch.device) -> str:
@@ -214,7 +219,7 @@ def _already_complete(run_dir: Path, task: Task, done: set[str]) -> bool:
 
 
 def _new_invocation() -> dict:
-    return {"started": _now(), "command": " ".join(sys.argv), "git": _git_hash(), "new_samples": 0}
+    return {"started": _now(), "command": " ".join(sys.argv), **git_state(), "new_samples": 0}
 
 
 def run_pred(cfg: DictConfig) -> Path:
