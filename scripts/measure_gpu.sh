@@ -11,7 +11,9 @@
 #        SWEEP_METHODS / SWEEP_BUDGETS (ruler and longbench phases: a part of their sweep, e.g. to run parts as
 #        parallel processes on one GPU), BUDGETS (methods phase; default "128 512"), METHOD_TASKS (methods phase;
 #        default "passkey ruler"), SKIP_TABLES=1 (score and tabulate later, with the tables phase),
-#        PRED_OVERRIDES (extra `evalkv pred` overrides for every run, space-separated, e.g. "decode_graphs=off")
+#        PRED_OVERRIDES (extra `evalkv pred` overrides for every run, space-separated, e.g. "decode_graphs=off"),
+#        PROCESSES (data-parallel `evalkv pred` processes per run, all on one GPU: torchrun with
+#        EVALKV_PROCESSES_PER_GPU; default 1, a plain process)
 set -euo pipefail
 phase=${1:?usage: scripts/measure_gpu.sh PHASE}
 root=${RESULTS:-/root/results}
@@ -21,8 +23,13 @@ model=${MODEL:-qwen2.5-coder-0.5b-instruct}
 mkdir -p "$root" "$out"
 
 run() { echo "+ $*" >&2; "$@"; }
+processes=${PROCESSES:-1}
+launcher=($evalkv)
+if (( processes > 1 )); then
+  launcher=(env "EVALKV_PROCESSES_PER_GPU=$processes" torchrun --standalone --nproc-per-node "$processes" -m evalkv.cli)
+fi
 # shellcheck disable=SC2086  # PRED_OVERRIDES is a list of words
-pred() { run $evalkv pred "model=$model" progress=false "batch_size=${BATCH_SIZE:-16}" ${PRED_OVERRIDES:-} "$@"; }
+pred() { run "${launcher[@]}" pred "model=$model" progress=false "batch_size=${BATCH_SIZE:-16}" ${PRED_OVERRIDES:-} "$@"; }
 tables() {  # scores of every run under a folder, then its tables into $out
   local dir=$1 name=$2; shift 2
   [[ -n ${SKIP_TABLES:-} ]] && return
