@@ -364,7 +364,7 @@ def cmd_bench(args: list[str]) -> int:
     for name in [m for m in (options.methods or default_methods).split(",") if m]:
         settings = {} if name == "full" else {"budget": options.budget}
         methods.append((name, {**settings, **extra.get(name, {})}))
-    graph_modes = [mode for mode in options.decode_graphs.split(",") if mode]
+    graph_modes = _graph_modes(options)
     if options.workload:
         report, table = _bench_workload(options, model, methods, graph_modes)
     else:
@@ -402,12 +402,14 @@ def _check_bench_arguments(options: argparse.Namespace) -> None:
     for name in ("batch_size", "samples_per_task", "repeats"):
         if getattr(options, name) is not None and getattr(options, name) < 1:
             raise EvalkvError(f"{_flag(name)} must be at least 1, got {getattr(options, name)}")
-    from evalkv.kv.engine import DECODE_GRAPHS
+    from evalkv.kv.engine import check_decode_graphs
 
-    modes = [mode for mode in options.decode_graphs.split(",") if mode]
-    unknown = [mode for mode in modes if mode not in DECODE_GRAPHS]
-    if unknown or not modes:
-        raise EvalkvError(f"unknown decode_graphs {(unknown or [''])[0]!r}; known: {', '.join(DECODE_GRAPHS)}")
+    for mode in _graph_modes(options) or [""]:
+        check_decode_graphs(mode)
+
+
+def _graph_modes(options: argparse.Namespace) -> list[str]:
+    return [mode for mode in options.decode_graphs.split(",") if mode]
 
 
 def _bench_grid(options, model, methods, graph_modes) -> tuple[dict, str]:

@@ -210,6 +210,8 @@ def test_table_shows_missing_cells_as_missing(tmp_path, capsys):
     (["pred", *TINY, "method=snapkv", "budget=0"], "budget must be a positive number"),
     (["pred", *TINY, "method=snapkv", "budget=-3"], "budget must be a positive number"),
     (["pred", *TINY, "method=snapkv", "budget=8", "batch_size=0"], "batch_size must be at least 1"),
+    (["pred", *TINY, "method=snapkv", "budget=8", "decode_graphs=always"],
+     "unknown decode_graphs 'always'; known: auto, off, eager, compile"),
     (["pred", *TINY, "method=snapkv"], "needs a budget"),
     (["pred", "model=hf", "model.path=./no/such/folder"], "does not exist"),
     (["pred", "model=gguf", "model.path=/no/such/model.gguf"], "not found"),

@@ -41,6 +41,12 @@ _GRAPH_MIN_STEPS = 8
 _GRAPH_STEP_QUANTUM = 32
 
 
+def check_decode_graphs(mode: str) -> None:
+    """Refuse an unknown decode_graphs mode, naming the known ones (callers check before loading a model)."""
+    if mode not in DECODE_GRAPHS:
+        raise EvalkvError(f"unknown decode_graphs {mode!r}; known: {', '.join(DECODE_GRAPHS)}")
+
+
 @dataclass
 class Request:
     """One prompt to complete greedily."""
@@ -115,8 +121,7 @@ class Engine:
         """mlp_chunk: run the MLP over at most this many prompt tokens at a time (low-memory long prefill).
         decode_graphs: "auto" replays decode steps as CUDA graphs where it can, "off" never, "compile" replays graphs of
             a compiled step (see DECODE_GRAPHS)."""
-        if decode_graphs not in DECODE_GRAPHS:
-            raise EvalkvError(f"unknown decode_graphs {decode_graphs!r}; known: {', '.join(DECODE_GRAPHS)}")
+        check_decode_graphs(decode_graphs)
         adapter.install(model)
         adapter.chunk_mlp(model, mlp_chunk)
         method.prepare(tokenizer)

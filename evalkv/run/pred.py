@@ -20,7 +20,7 @@ from tqdm import tqdm
 import evalkv
 from evalkv.config import options
 from evalkv.errors import EvalkvError
-from evalkv.kv.engine import Engine, Request
+from evalkv.kv.engine import Engine, Request, check_decode_graphs
 from evalkv.methods import build_method
 from evalkv.methods.base import Method
 from evalkv.models.config import ModelConfig
@@ -227,6 +227,7 @@ def run_pred(cfg: DictConfig) -> Path:
     (evalkv/run/parallel.py)."""
     if cfg.batch_size < 1:
         raise EvalkvError(f"batch_size must be at least 1 (1 decodes every sample alone), got {cfg.batch_size}")
+    check_decode_graphs(cfg.decode_graphs)  # before the model loads
     composed = OmegaConf.to_container(cfg, resolve=True)
     method = build_method(cfg.method.name, options(cfg.method))
     task = build_task(cfg.task.name, options(cfg.task))
