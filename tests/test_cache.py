@@ -31,6 +31,26 @@ def test_query_head_selection_expands_the_cache():
     assert torch.equal(layer.keys[0, 1, 0], _layer().keys[0, 0, 1])  # query head 1 reads KV head 0
 
 
+def test_query_head_selection_equals_expanding_then_gathering():
+    """Per-query-head indices on a KV-head cache (batch 2, shared index batch): the same entries as giving every
+    query head its own copy first, which the cache no longer does."""
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 2, 12, 4, generator=generator), torch.randn(2, 2, 12, 4, generator=generator)
+    indices = torch.sort(torch.rand(1, 6, 12, generator=generator).argsort(dim=-1)[..., :5], dim=-1).values
+    layer, expected = LayerCache(), LayerCache()
+    for cache in (layer, expected):
+        cache.append(keys, values, torch.arange(3, 15).expand(2, 12))
+    expected.expand_heads(6)
+    expected.keep(indices)
+    layer.keep(indices)
+    assert layer.num_heads == 6 and layer.length == 5
+    for name in ("keys", "values", "positions"):
+        assert torch.equal(getattr(layer, name), getattr(expected, name))
+    assert torch.equal(layer.keys[1, 4], keys[1, 1, indices[0, 4]])  # query head 4 reads KV head 1
+    with pytest.raises(ValueError, match="multiple"):
+        _layer(heads=2).keep(torch.zeros(1, 3, 1, dtype=torch.long))
+
+
 def test_ragged_layer_frees_memory_head_by_head_and_appends():
     layer = _layer()
     dense_bytes = layer.nbytes

@@ -60,6 +60,23 @@ def test_window_attention_equals_eager_rows(qkv):
     torch.testing.assert_close(window.double(), _eager_probs(query, keys, 0.35)[:, :, -6:], atol=1e-6, rtol=0)
 
 
+def test_window_attention_over_an_evicted_gqa_cache_masks_each_kv_heads_positions():
+    """Rows of the query heads of one KV head are scored against that head's own kept positions (the grouped product
+    reads each KV head once; here each KV head and batch row kept different earlier positions)."""
+    generator = torch.Generator().manual_seed(2)
+    kept = torch.stack([torch.stack([torch.cat([torch.sort(torch.randperm(40, generator=generator)[:14]).values,
+                                                torch.arange(40, 46)]) for _ in range(2)]) for _ in range(2)])
+    query = torch.randn(2, 6, 4, 8, generator=generator)  # 3 query heads per KV head
+    keys = torch.randn(2, 2, 20, 8, generator=generator)
+    query_positions = torch.tensor([[42, 43, 44, 45], [30, 43, 44, 45]])  # row 0 of batch 1 predates some keys
+    probs = window_attention(query, query_positions, keys, kept, 0.35)
+    logits = (query @ keys.repeat_interleave(3, dim=1).transpose(-1, -2)).double() * 0.35
+    future = kept.repeat_interleave(3, dim=1)[:, :, None, :] > query_positions[:, None, :, None]
+    expected = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    torch.testing.assert_close(probs.double(), expected, atol=1e-6, rtol=0)
+    assert probs[1, :, 0][kept.repeat_interleave(3, dim=1)[1] > 30].abs().max() == 0
+
+
 @pytest.mark.parametrize("q_len", [1, 7, 40])
 def test_attend_backends_agree_with_bottom_right_causality(qkv, q_len):
     query, keys, values, _ = qkv

@@ -107,10 +107,17 @@ def window_attention(
     query `[B, H, w, d]`, query_positions `[B, w]`, keys `[B, H_c, m, d]` (H_c divides H), key_positions
     `[B, H_c, m]`. Returns fp32 `[B, H, w, m]`, normalised over all m keys, keys after a query masked.
     """
-    groups = query.shape[1] // keys.shape[1]
-    keys = repeat_kv(keys, groups)
-    key_positions = key_positions.repeat_interleave(groups, dim=1) if groups > 1 else key_positions
-    return _masked_probs(query, query_positions[:, None, :], keys, key_positions, scaling)
+    batch, num_heads, rows, dim = query.shape
+    kv_heads = keys.shape[1]
+    if kv_heads == num_heads:
+        return _masked_probs(query, query_positions[:, None, :], keys, key_positions, scaling)
+    # The query heads of a KV head become rows of one product over that head's keys, which are read once and never
+    # copied per query head (a 32K prompt's keys repeated for 32 query heads would be 256 MiB per layer in bf16).
+    groups = num_heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups * rows, dim)
+    grouped_positions = query_positions[:, None, :].repeat(1, 1, groups)  # [B, 1, G * w], matching the rows
+    probs = _masked_probs(grouped, grouped_positions, keys, key_positions, scaling)
+    return probs.reshape(batch, num_heads, rows, keys.shape[-2])
 
 
 def attention_row_blocks(

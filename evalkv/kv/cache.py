@@ -121,6 +121,9 @@ class LayerCache:
         if self.heads is not None:
             self.keep_per_head([indices[0, min(h, indices.shape[1] - 1)] for h in range(self.num_heads)])
             return
+        if indices.shape[1] > self.num_heads and not self.extras:
+            self._keep_for_query_heads(indices)
+            return
         if indices.shape[1] > self.num_heads:
             self.expand_heads(indices.shape[1])
         shared = indices.shape[1] == 1
@@ -136,6 +139,24 @@ class LayerCache:
         self.positions = self.positions.gather(2, indices)
         self.extras = {name: value.gather(2, indices[:, : value.shape[1]]) for name, value in self.extras.items()}
 
+
+    def _keep_for_query_heads(self, indices: Tensor) -> None:
+        """`keep` with one index set per query head on a cache of KV heads: each query head gathers its entries from
+        its KV head, read through a broadcast view, so the cache is never first copied for every query head (what
+        `expand_heads` then `keep` would do: at 32K tokens, 4x the layer's KV written and read again)."""
+        batch, kv_heads, length, dim = self.keys.shape
+        if indices.shape[1] % kv_heads:
+            raise ValueError(f"keep indices have {indices.shape[1]} heads, not a multiple of the cache's {kv_heads}")
+        groups, kept = indices.shape[1] // kv_heads, indices.shape[-1]
+        indices = indices.to(self.keys.device).expand(batch, -1, -1).reshape(batch, kv_heads, groups, kept)
+
+        def take(source: Tensor) -> Tensor:  # [B, H_kv, m, *rest] -> [B, H_kv * G, k, *rest]
+            rest = source.shape[3:]
+            spread = source[:, :, None].expand(batch, kv_heads, groups, *source.shape[2:])
+            index = indices.reshape(*indices.shape, *(1 for _ in rest)).expand(*indices.shape, *rest)
+            return spread.gather(3, index).reshape(batch, kv_heads * groups, kept, *rest)
+
+        self.keys, self.values, self.positions = take(self.keys), take(self.values), take(self.positions)
 
     def keep_per_head(self, indices: Sequence[Tensor]) -> None:
         """Head h keeps `indices[h]` (1-D, ascending) of its entries; heads may keep different numbers.

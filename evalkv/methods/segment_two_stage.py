@@ -55,9 +55,13 @@ def segment_bounds(input_ids: Tensor, qa_ids: list[int], code_ids: list[int], pr
     return torch.unique(torch.cat([edges, bounds]))
 
 
-def segment_mean_scores(token_scores: Tensor, segments: Tensor) -> Tensor:
-    """Each token's score replaced by the mean score of the tokens of its segment present here: `[B, h, c]`."""
-    num_segments = int(segments.max()) + 1
+def segment_mean_scores(token_scores: Tensor, segments: Tensor, num_segments: int | None = None) -> Tensor:
+    """Each token's score replaced by the mean score of the tokens of its segment present here: `[B, h, c]`.
+
+    num_segments: any count above the largest segment index (default: read from `segments`, which waits for the
+    device; the bounds' length serves without waiting)."""
+    if num_segments is None:
+        num_segments = int(segments.max()) + 1
     shape = (*token_scores.shape[:-1], num_segments)
     sums = token_scores.new_zeros(shape).scatter_add(-1, segments, token_scores)
     counts = token_scores.new_zeros(shape).scatter_add(-1, segments, torch.ones_like(token_scores))
@@ -190,5 +194,6 @@ class SegmentTwoStage(Method):
             token_scores = reduce_query_heads(token_scores, view.cache.num_heads)
         positions = view.positions[..., :candidates]
         positions = positions.repeat_interleave(token_scores.shape[1] // positions.shape[1], dim=1)
-        segments = torch.searchsorted(self._segment_bounds(view), positions.contiguous(), right=True) - 1
-        return keep_best_and_tail(segment_mean_scores(token_scores, segments), keep, view.length)
+        bounds = self._segment_bounds(view)
+        segments = torch.searchsorted(bounds, positions.contiguous(), right=True) - 1
+        return keep_best_and_tail(segment_mean_scores(token_scores, segments, bounds.numel()), keep, view.length)

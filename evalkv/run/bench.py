@@ -52,6 +52,7 @@ class BenchRow:
     decode_tokens_per_s: float  # per sequence: 1 / decode_step_s when the batch decodes together
     throughput_tokens_per_s: float  # all sequences: batch_size x new tokens / decode wall time
     hbm_bound_fraction: float | None  # (weight bytes / copy bandwidth) / decode_step_s
+    kv_bound_fraction: float | None  # ((weight bytes + the decode batch's mean KV bytes) / copy bandwidth) / step
     decode_s_all: list[float]
     peak_memory_gb: float | None  # torch.cuda.max_memory_allocated over the run (GPU only)
     kv_bytes_after_prefill: int  # per sequence
@@ -104,7 +105,7 @@ def _peak_memory_gb(device: torch.device) -> float | None:
 def bench_method(
     model: LoadedModel, method_name: str, options: dict, lengths: list[int], new_tokens: int, repeats: int,
     warmup: int, seed: int, batch_sizes: list[int] = (1,), bound_step_s: float | None = None,
-    mlp_chunk: int | None = None, decode_graphs: str = "auto",
+    mlp_chunk: int | None = None, decode_graphs: str = "auto", bandwidth: float | None = None,
 ) -> list[BenchRow]:
     method = build_method(method_name, options)
     engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk,
@@ -133,6 +134,13 @@ def bench_method(
             steps = max(1, new_tokens - 1)
             together = generations[0].decode_batch
             step_s = decode_median / steps / (batch_size // together)
+            # A step reads the weights and every sequence's cache; the cache grows from its size after prefill to its
+            # final size, so its mean is what a step reads on average (a decode graph's buffer, with room for every
+            # step, is read whole: the bound then counts fewer bytes than are read, never more).
+            mean_kv = (generations[0].kv_bytes + generations[0].final_kv_bytes) / 2
+            kv_bound_s = None
+            if bound_step_s is not None and bandwidth:
+                kv_bound_s = bound_step_s + together * mean_kv / bandwidth
             rows.append(BenchRow(
                 method=method_name, context_length=length, batch_size=batch_size, decode_batch=together,
                 decode_graphs=decode_graphs, decode_graph=generations[0].decode_graph,
@@ -142,6 +150,7 @@ def bench_method(
                 decode_step_s=step_s, decode_tokens_per_s=round(1 / step_s, 2) if step_s > 0 else 0.0,
                 throughput_tokens_per_s=round(batch_size * steps / decode_median, 2) if decode_median > 0 else 0.0,
                 hbm_bound_fraction=None if bound_step_s is None or step_s <= 0 else round(bound_step_s / step_s, 4),
+                kv_bound_fraction=None if kv_bound_s is None or step_s <= 0 else round(kv_bound_s / step_s, 4),
                 decode_s_all=[round(x, 4) for x in decode], peak_memory_gb=peak,
                 kv_bytes_after_prefill=generations[0].kv_bytes, kv_bytes_final=generations[0].final_kv_bytes,
                 kept_tokens=round(generations[0].kept_tokens, 2),
@@ -170,7 +179,7 @@ def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list
     for mode in decode_graphs:
         for name, options in methods:
             rows.extend(bench_method(model, name, options, lengths, new_tokens, repeats, warmup, seed, batch_sizes,
-                                     bound_step_s, mlp_chunk, mode))
+                                     bound_step_s, mlp_chunk, mode, bandwidth))
     add_overheads(rows)
     return {
         **_environment(model),
@@ -197,18 +206,20 @@ def _graph_cell(row: dict) -> str:
 
 def format_rows(report: dict) -> str:
     header = ["method", "graph", "length", "batch", "prefill_s", "overhead", "step_ms", "tok/s/seq", "tok/s",
-              "of_bound", "peak_GB", "kv_MB", "kept"]
+              "of_bound", "of_bound_kv", "peak_GB", "kv_MB", "kept"]
     cells = []
     for row in report["rows"]:
         overhead = "-" if row["eviction_overhead"] is None else f"{100 * row['eviction_overhead']:.1f}%"
         bound = "-" if row["hbm_bound_fraction"] is None else f"{100 * row['hbm_bound_fraction']:.0f}%"
+        kv_bound = "-" if row.get("kv_bound_fraction") is None else f"{100 * row['kv_bound_fraction']:.0f}%"
         batch = f"{row['batch_size']}" + ("" if row["decode_batch"] == row["batch_size"] else
                                            f" (decoded {row['decode_batch']} at a time)")
         cells.append([
             row["method"], _graph_cell(row), f"{row['context_length']}", batch,
             f"{row['prefill_s']:.3f}", overhead,
             f"{1000 * row['decode_step_s']:.2f}", f"{row['decode_tokens_per_s']:.1f}",
-            f"{row['throughput_tokens_per_s']:.1f}", bound, _peak(row), f"{row['kv_bytes_after_prefill'] / 2**20:.1f}",
+            f"{row['throughput_tokens_per_s']:.1f}", bound, kv_bound, _peak(row),
+            f"{row['kv_bytes_after_prefill'] / 2**20:.1f}",
             f"{row['kept_tokens']:g}",
         ])
     return markdown_table(header, cells)
