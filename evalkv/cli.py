@@ -304,9 +304,11 @@ def cmd_bench(args: list[str]) -> int:
         prog="evalkv bench", description="Measure prefill time, eviction overhead (vs the full cache), decode "
         "tokens/s, time to first token, peak GPU memory and KV bytes held, per method and context length. Prompts "
         "are random token ids and generation has a fixed length (EOS ignored): a random-weight architecture "
-        "(e.g. --model random-llama-3.1-8b) measures speed and memory honestly. With --workload longbench, time a "
-        "whole LongBench-shaped workload end to end instead (lengths from LongBench's per-task length "
-        "distribution, each task's max new tokens; evalkv/run/workload.py).")
+        "(e.g. --model random-llama-3.1-8b) measures speed and memory honestly. of_bound is the decode step's "
+        "HBM-bandwidth bound (weight bytes over the measured copy bandwidth) over its time; of_bound_kv counts the "
+        "KV bytes a step reads too. With --workload longbench, time a whole LongBench-shaped workload end to end "
+        "instead (lengths from LongBench's per-task length distribution, each task's max new tokens; "
+        "evalkv/run/workload.py).")
     parser.add_argument("--model", default="random-llama-3.1-8b", help="a model config (evalkv list models)")
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. dtype=bfloat16 (repeatable)")
