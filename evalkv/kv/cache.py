@@ -139,7 +139,6 @@ class LayerCache:
         self.positions = self.positions.gather(2, indices)
         self.extras = {name: value.gather(2, indices[:, : value.shape[1]]) for name, value in self.extras.items()}
 
-
     def _keep_for_query_heads(self, indices: Tensor) -> None:
         """`keep` with one index set per query head on a cache of KV heads: each query head gathers its entries from
         its KV head, read through a broadcast view, so the cache is never first copied for every query head (what
