@@ -40,12 +40,20 @@ def test_query_head_selection_equals_expanding_then_gathering():
     layer, expected = LayerCache(), LayerCache()
     for cache in (layer, expected):
         cache.append(keys, values, torch.arange(3, 15).expand(2, 12))
+        cache.extras["score"] = torch.arange(48.0).reshape(2, 2, 12)  # per KV head: goes with its entries
+        cache.extras["rank"] = torch.arange(144.0).reshape(2, 6, 12)  # already per query head
     expected.expand_heads(6)
     expected.keep(indices)
     layer.keep(indices)
     assert layer.num_heads == 6 and layer.length == 5
     for name in ("keys", "values", "positions"):
         assert torch.equal(getattr(layer, name), getattr(expected, name))
+    for name in ("score", "rank"):
+        assert torch.equal(layer.extras[name], expected.extras[name])
+    with pytest.raises(ValueError, match="does not match"):
+        mismatched = _layer(heads=2)
+        mismatched.extras["score"] = torch.zeros(1, 1, 10)
+        mismatched.keep(torch.zeros(1, 4, 1, dtype=torch.long))
     assert torch.equal(layer.keys[1, 4], keys[1, 1, indices[0, 4]])  # query head 4 reads KV head 1
     with pytest.raises(ValueError, match="multiple"):
         _layer(heads=2).keep(torch.zeros(1, 3, 1, dtype=torch.long))

@@ -121,11 +121,9 @@ class LayerCache:
         if self.heads is not None:
             self.keep_per_head([indices[0, min(h, indices.shape[1] - 1)] for h in range(self.num_heads)])
             return
-        if indices.shape[1] > self.num_heads and not self.extras:
+        if indices.shape[1] > self.num_heads:
             self._keep_for_query_heads(indices)
             return
-        if indices.shape[1] > self.num_heads:
-            self.expand_heads(indices.shape[1])
         shared = indices.shape[1] == 1
         if not shared and indices.shape[1] != self.num_heads:
             raise ValueError(f"keep indices have {indices.shape[1]} heads, the cache has {self.num_heads}")
@@ -142,19 +140,30 @@ class LayerCache:
     def _keep_for_query_heads(self, indices: Tensor) -> None:
         """`keep` with one index set per query head on a cache of KV heads: each query head gathers its entries from
         its KV head, read through a broadcast view, so the cache is never first copied for every query head (what
-        `expand_heads` then `keep` would do: at 32K tokens, 4x the layer's KV written and read again)."""
-        batch, kv_heads, length, dim = self.keys.shape
-        if indices.shape[1] % kv_heads:
-            raise ValueError(f"keep indices have {indices.shape[1]} heads, not a multiple of the cache's {kv_heads}")
-        groups, kept = indices.shape[1] // kv_heads, indices.shape[-1]
-        indices = indices.to(self.keys.device).expand(batch, -1, -1).reshape(batch, kv_heads, groups, kept)
+        `expand_heads` then `keep` would do: at 32K tokens, 4x the layer's KV written and read again). Method state
+        per KV head goes with its entries the same way; state already per query head is gathered as it is."""
+        batch, kv_heads, length, _ = self.keys.shape
+        heads, kept = indices.shape[1], indices.shape[-1]
+        if heads % kv_heads:
+            raise ValueError(f"keep indices have {heads} heads, not a multiple of the cache's {kv_heads}")
+        groups = heads // kv_heads
+        indices = indices.to(self.keys.device).expand(batch, -1, -1)
+        grouped = indices.reshape(batch, kv_heads, groups, kept)
 
         def take(source: Tensor) -> Tensor:  # [B, H_kv, m, *rest] -> [B, H_kv * G, k, *rest]
             rest = source.shape[3:]
             spread = source[:, :, None].expand(batch, kv_heads, groups, *source.shape[2:])
-            index = indices.reshape(*indices.shape, *(1 for _ in rest)).expand(*indices.shape, *rest)
-            return spread.gather(3, index).reshape(batch, kv_heads * groups, kept, *rest)
+            index = grouped.reshape(*grouped.shape, *(1 for _ in rest)).expand(*grouped.shape, *rest)
+            return spread.gather(3, index).reshape(batch, heads, kept, *rest)
 
+        def take_state(name: str, value: Tensor) -> Tensor:
+            if value.shape[-1] == length and value.shape[1] == kv_heads > 1:
+                return take(value)
+            if value.shape[-1] == length and value.shape[1] == heads:
+                return value.gather(2, indices)
+            raise ValueError(f"method state {name!r} {tuple(value.shape)} does not match the cache entries")
+
+        self.extras = {name: take_state(name, value) for name, value in self.extras.items()}
         self.keys, self.values, self.positions = take(self.keys), take(self.values), take(self.positions)
 
     def keep_per_head(self, indices: Sequence[Tensor]) -> None:

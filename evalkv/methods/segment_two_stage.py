@@ -55,13 +55,11 @@ def segment_bounds(input_ids: Tensor, qa_ids: list[int], code_ids: list[int], pr
     return torch.unique(torch.cat([edges, bounds]))
 
 
-def segment_mean_scores(token_scores: Tensor, segments: Tensor, num_segments: int | None = None) -> Tensor:
+def segment_mean_scores(token_scores: Tensor, segments: Tensor, num_segments: int) -> Tensor:
     """Each token's score replaced by the mean score of the tokens of its segment present here: `[B, h, c]`.
 
-    num_segments: any count above the largest segment index (default: read from `segments`, which waits for the
-    device; the bounds' length serves without waiting)."""
-    if num_segments is None:
-        num_segments = int(segments.max()) + 1
+    num_segments: any count above the largest segment index (the bounds' length: known without waiting for the
+    device, as `segments.max()` would)."""
     shape = (*token_scores.shape[:-1], num_segments)
     sums = token_scores.new_zeros(shape).scatter_add(-1, segments, token_scores)
     counts = token_scores.new_zeros(shape).scatter_add(-1, segments, torch.ones_like(token_scores))

@@ -104,10 +104,12 @@ def _peak_memory_gb(device: torch.device) -> float | None:
 
 def bench_method(
     model: LoadedModel, method_name: str, options: dict, lengths: list[int], new_tokens: int, repeats: int,
-    warmup: int, seed: int, batch_sizes: list[int] = (1,), bound_step_s: float | None = None,
-    mlp_chunk: int | None = None, decode_graphs: str = "auto", bandwidth: float | None = None,
+    warmup: int, seed: int, batch_sizes: list[int] = (1,), bandwidth: float | None = None,
+    mlp_chunk: int | None = None, decode_graphs: str = "auto",
 ) -> list[BenchRow]:
+    """bandwidth: the device's copy bandwidth in bytes/s, for the bound columns (None: left empty)."""
     method = build_method(method_name, options)
+    bound_step_s = None if not bandwidth else weight_bytes(model.model) / bandwidth
     engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk,
                     decode_graphs=decode_graphs)
     vocab = model.model.config.vocab_size
@@ -138,9 +140,7 @@ def bench_method(
             # final size, so its mean is what a step reads on average (a decode graph's buffer, with room for every
             # step, is read whole: the bound then counts fewer bytes than are read, never more).
             mean_kv = (generations[0].kv_bytes + generations[0].final_kv_bytes) / 2
-            kv_bound_s = None
-            if bound_step_s is not None and bandwidth:
-                kv_bound_s = bound_step_s + together * mean_kv / bandwidth
+            kv_bound_s = None if bound_step_s is None else bound_step_s + together * mean_kv / bandwidth
             rows.append(BenchRow(
                 method=method_name, context_length=length, batch_size=batch_size, decode_batch=together,
                 decode_graphs=decode_graphs, decode_graph=generations[0].decode_graph,
@@ -179,7 +179,7 @@ def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list
     for mode in decode_graphs:
         for name, options in methods:
             rows.extend(bench_method(model, name, options, lengths, new_tokens, repeats, warmup, seed, batch_sizes,
-                                     bound_step_s, mlp_chunk, mode, bandwidth))
+                                     bandwidth, mlp_chunk, mode))
     add_overheads(rows)
     return {
         **_environment(model),
