@@ -478,7 +478,7 @@ HEADMASK_DEFAULTS = ["task=ruler", "task.tasks=[vt]", "task.lengths=[16384]"]
 
 def cmd_headmask(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="evalkv headmask", description="CateKV's offline head classification (specs/methods.md §8.2): run a "
+        prog="evalkv headmask", description="CateKV's offline head classification (docs/methods.md#catekv): run a "
         "reference task with the full cache, measure each layer's KV heads' consistency (CV of per-chunk hit "
         "counts of the last prompt queries), and write a CSV (one row per layer, one 0/1 column per KV head; "
         "1 = adaptive, kept full) for `method=catekv method.headmask_path=...`. Overrides pick the model and task "

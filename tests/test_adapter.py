@@ -94,11 +94,11 @@ def test_keys_before_rope_are_the_models_projected_keys(architecture, tokenizer)
     from evalkv.methods.streaming_llm import StreamingLLM
 
     class Recorder(StreamingLLM):
-        def after_attention(self, view):
+        def after_step(self, view):
             if view.layer_idx == 0 and view.phase is Phase.DECODE:
                 view.state["positions"] = view.positions[0, 0].clone()
                 view.state["keys"] = view.keys_before_rope()
-            return super().after_attention(view)
+            return super().after_step(view)
 
     model = tiny_model(architecture)
     ids = prompt_ids(tokenizer, repeats=2)

@@ -13,7 +13,8 @@ from evalkv.methods import build_method
 NEW_TOKENS = 6
 # Methods whose decode reads per-sample state (or whose cache is ragged, or full-length) decode one at a time.
 UNBATCHED = {"full", "sink_recent_uniform-stride", "adakv", "adakv-query_head-pyramid", "catekv", "lacache",
-             "segment_two_stage", "segment_two_stage-kv_head-v2", "kmeans-centroid-decode"}
+             "segment_two_stage", "segment_two_stage-kv_head-v2", "kmeans-centroid-decode",
+             "snapkv-decoding"}  # per-sample state (a query buffer, ...), ragged caches, or no budget
 
 
 def _prompts(tokenizer) -> list[list[int]]:
@@ -108,15 +109,15 @@ def test_caches_do_not_pile_up_while_a_batch_decodes(method, decodes, tokenizer,
     prefilled, others_alive = [], []
     prefill, decode = Engine._prefill, Engine._decode
 
-    def tracking_prefill(self, request, trace=False):
-        row = prefill(self, request, trace)
+    def tracking_prefill(self, request, *args, **kwargs):
+        row = prefill(self, request, *args, **kwargs)
         prefilled.append(weakref.ref(row.session))
         return row
 
-    def counting_decode(self, rows, session):
+    def counting_decode(self, rows, session, *args, **kwargs):
         gc.collect()
         others_alive.append(sum(ref() is not None and ref() is not session for ref in prefilled))
-        return decode(self, rows, session)
+        return decode(self, rows, session, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "_prefill", tracking_prefill)
     monkeypatch.setattr(Engine, "_decode", counting_decode)

@@ -1,4 +1,4 @@
-"""CateKV (specs/methods.md §8): chunk geometry, per-head-type selection, headmask construction."""
+"""CateKV (docs/methods.md#catekv): chunk geometry, per-head-type selection, headmask construction."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_chunk_selection_equals_brute_force():
     view = AttentionView(0, ModelGeometry(1, 4, 2, 8), sample, query, torch.arange(n)[None], 8 ** -0.5, layer, {})
     method = build_method("catekv", {**OPTIONS, "headmask_path": MIXED_HEADMASK})
     method._headmask = torch.tensor([[False, False]])
-    kept = method.after_attention(view)
+    kept = method.compress_prompt(view)
     geometry = ChunkGeometry(n, c, 16, 32)
     for kv_head in range(2):
         q = query[0, 2 * kv_head : 2 * kv_head + 2, -16:].double()

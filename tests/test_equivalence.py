@@ -1,5 +1,6 @@
-"""The property that pins eviction semantics (specs/methods.md §12.5): with any method, every forward's logits over
-the compressed cache equal those of a full-cache forward in which the keys the method evicted are masked out."""
+"""The property that pins eviction semantics (docs/methods.md#shared-masked-reference): with any method, every
+forward's logits over the compressed cache equal those of a full-cache forward in which the keys the method evicted are
+masked out."""
 
 from __future__ import annotations
 

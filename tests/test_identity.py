@@ -1,4 +1,4 @@
-"""Degenerate limits (specs/methods.md §12.4): a budget that covers everything changes nothing."""
+"""Degenerate limits (docs/methods.md#shared-invariants): a budget that covers everything changes nothing."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _covering_options(case: str, prompt_length: int) -> dict:
     (methods that hold the cache to the budget while decoding)."""
     options = dict(CASES[case])
     method = build_method(method_name(case), options)
-    budget = prompt_length + (NEW_TOKENS if method.evicts_while_decoding else 0)
+    budget = prompt_length + (NEW_TOKENS if method.acts_while_decoding else 0)
     if "uniform_stride" in options:
         options.update(sink=budget, recent=0)
     elif "budget" in options:

@@ -1,4 +1,4 @@
-"""k-means over keys (specs/methods.md §9.5): the clustering, whole-cluster selection, sinks + window, budgets."""
+"""k-means over keys (docs/methods.md#kmeans): the clustering, whole-cluster selection, sinks + window, budgets."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from conftest import prompt_ids, tiny_model
-from synthetic_layer import GEOMETRY, SyntheticLayer
+from single_layer import GEOMETRY, SingleLayer
 
 from evalkv.kv.cache import LayerCache
 from evalkv.kv.engine import Engine
@@ -13,7 +13,7 @@ from evalkv.methods import build_method
 
 
 def test_keeps_the_lowest_key_norms_of_each_kv_head():
-    layer = SyntheticLayer(build_method("knorm", {"budget": 10}), prompt_length=30, seed=2)
+    layer = SingleLayer(build_method("knorm", {"budget": 10}), prompt_length=30, seed=2)
     prompt = layer.prompt()
     norms = prompt.keys.norm(dim=-1)[0]  # [H_kv, n]
     expected = norms.argsort(dim=-1, stable=True)[:, :10].sort(dim=-1).values
@@ -30,7 +30,7 @@ def test_no_window_is_protected():
     cache.append(keys, torch.zeros_like(keys), torch.arange(30)[None, :])
     sample = SampleState(input_ids=torch.zeros(1, 30, dtype=torch.long), prompt_length=30)
     view = AttentionView(0, GEOMETRY, sample, torch.zeros(1, 4, 30, 8), torch.arange(30)[None, :], 1.0, cache, {})
-    keep = build_method("knorm", {"budget": 5}).after_attention(view)
+    keep = build_method("knorm", {"budget": 5}).compress_prompt(view)
     assert keep.tolist() == [[list(range(5))] * 2]
 
 

@@ -1,4 +1,4 @@
-"""LaCache (specs/methods.md §2.3): the ladder's index arithmetic on the spec's worked examples, iterative
+"""LaCache (docs/methods.md#lacache): the ladder's index arithmetic on the worked examples there, iterative
 compaction (startover), and the cache it leaves in a real run."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""learned_mlp and `evalkv train-policy` (specs/methods.md §9.6): the policy file, training, the method's rules."""
+"""learned_mlp and `evalkv train-policy` (docs/methods.md#learned_mlp): the policy file, training, the rules."""
 
 from __future__ import annotations
 
@@ -164,8 +164,8 @@ def test_learned_mlp_keeps_sinks_window_and_best_scores_at_every_step(tmp_path):
             kept = layer.cache.positions[0, head].tolist()
             assert len(kept) == budget
             assert kept[:sink] == list(range(sink)) and kept[-window:] == list(range(newest - window, newest))
-            norms = seen["values"][0, head].norm(dim=-1)
-            candidates = seen["positions"][0, head, sink:-window]
+            norms = seen.appended_values[0, head].norm(dim=-1)
+            candidates = seen.appended_positions[0, head, sink:-window]
             best = candidates[norms[sink:-window].argsort(descending=True)[: budget - sink - window]]
             assert kept[sink:-window] == sorted(best.tolist())
             torch.testing.assert_close(layer.cache.extras[SCORE][0, head], layer.cache.values[0, head].norm(dim=-1))

@@ -1,11 +1,11 @@
-"""LRU (specs/methods.md §9.3): access times from attention reads, the most recently read tokens kept."""
+"""LRU (docs/methods.md#lru): access times from attention reads, the most recently read tokens kept."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import prompt_ids, tiny_model
-from synthetic_layer import SyntheticLayer
+from single_layer import SingleLayer
 
 from evalkv.kv.engine import Engine
 from evalkv.methods import build_method
@@ -34,7 +34,7 @@ def _brute_force_reads(step, scaling: float, per_kv_head: bool) -> dict[tuple[in
 def test_keeps_the_most_recently_read_tokens_newer_first_on_ties(granularity):
     budget = 12
     method = build_method("lru", {"budget": budget, "granularity": granularity})
-    layer = SyntheticLayer(method, prompt_length=40, seed=7)
+    layer = SingleLayer(method, prompt_length=40, seed=7)
     heads = 1 if granularity == "layer" else 2
     access: dict[tuple[int, int], int] = {}
     for step_index in range(8):

@@ -1,21 +1,17 @@
-"""Cache-length and kept-set invariants of each core method (specs/methods.md §12.1, §12.2, §12.3, §3.4, §4)."""
+"""Cache-length and kept-set invariants of each core method (docs/methods.md#shared-invariants, #h2o, #snapkv)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import prompt_ids, tiny_model
+from single_layer import SingleLayer, eager_probs
 
 from evalkv.errors import EvalkvError
-from evalkv.kv.cache import LayerCache
 from evalkv.kv.engine import Engine
-from evalkv.kv.view import AttentionView, ModelGeometry, Phase, SampleState
 from evalkv.methods import build_method
 from evalkv.methods.h2o import SCORE
 from evalkv.methods.sink_recent_uniform import sink_recent_uniform_keep
-
-GEOMETRY = ModelGeometry(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8)
-SCALING = 8 ** -0.5
 
 
 def _run(method_name: str, options: dict, tokenizer, new_tokens: int = 6, architecture: str = "tiny-llama"):
@@ -30,45 +26,6 @@ def _run(method_name: str, options: dict, tokenizer, new_tokens: int = 6, archit
 def _attended(generation, forward: int, layer: int = 0) -> torch.Tensor:
     """Positions layer `layer` attended to in forward `forward`, [B, H_c, m]."""
     return generation.trace[forward][layer]
-
-
-def _eager_probs(query, keys):
-    """[B, H, q, m] causal attention, queries aligned to the last keys (fp64)."""
-    groups = query.shape[1] // keys.shape[1]
-    keys = keys.repeat_interleave(groups, dim=1)
-    q_len, kv_len = query.shape[-2], keys.shape[-2]
-    logits = (query.double() @ keys.double().transpose(-1, -2)) * SCALING
-    mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
-    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
-
-
-class _SyntheticLayer:
-    """Drives a method over one layer with random queries/keys: a prompt forward, then decode steps."""
-
-    def __init__(self, method, prompt_length: int, seed: int = 0):
-        self.method = method
-        self.generator = torch.Generator().manual_seed(seed)
-        self.cache = LayerCache()
-        self.state: dict = {}
-        self.sample = SampleState(input_ids=torch.zeros(1, prompt_length, dtype=torch.long),
-                                  prompt_length=prompt_length)
-        self.next_position = 0
-
-    def forward(self, q_len: int, phase: Phase):
-        keys = torch.randn(1, GEOMETRY.num_kv_heads, q_len, 8, generator=self.generator)
-        values = torch.randn(1, GEOMETRY.num_kv_heads, q_len, 8, generator=self.generator)
-        query = torch.randn(1, GEOMETRY.num_heads, q_len, 8, generator=self.generator) * 3
-        positions = torch.arange(self.next_position, self.next_position + q_len)[None, :]
-        self.next_position += q_len
-        self.sample.phase = phase
-        self.cache.append(keys, values, positions)
-        before = (self.cache.keys.clone(), self.cache.positions.clone())
-        view = AttentionView(0, GEOMETRY, self.sample, query, positions, SCALING, self.cache, self.state)
-        view.output = torch.zeros_like(query)
-        keep = self.method.after_attention(view)
-        if keep is not None:
-            self.cache.keep(keep)
-        return query, before
 
 
 # --- SnapKV ---------------------------------------------------------------------------------------------------
@@ -103,9 +60,10 @@ def test_snapkv_query_head_granularity_selects_per_query_head(tokenizer):
 def test_snapkv_selection_equals_brute_force(granularity, order):
     method = build_method("snapkv", {"budget": 20, "window_size": 4, "kernel_size": 3, "granularity": granularity,
                                      "gqa_order": order})
-    layer = _SyntheticLayer(method, prompt_length=50)
-    query, (keys, _) = layer.forward(50, Phase.PREFILL)
-    scores = _eager_probs(query[:, :, -4:], keys)[..., :46].sum(dim=-2)  # [1, H, 46]
+    layer = SingleLayer(method, prompt_length=50)
+    step = layer.prompt()
+    query, keys = step.query, step.appended_keys
+    scores = eager_probs(query[:, :, -4:], keys)[..., :46].sum(dim=-2)  # [1, H, 46]
 
     def pool(x):
         return torch.nn.functional.max_pool1d(x.reshape(-1, 1, 46), 3, 1, 1).reshape(x.shape)
@@ -153,12 +111,12 @@ def test_streaming_llm_budget_must_exceed_sinks():
 def test_h2o_accumulator_equals_brute_force_and_budget_holds(granularity):
     budget, recent = 24, 8
     method = build_method("h2o", {"budget": budget, "recent_size": recent, "granularity": granularity})
-    layer = _SyntheticLayer(method, prompt_length=40)
+    layer = SingleLayer(method, prompt_length=40)
     totals: dict[tuple[int, int], float] = {}  # (selection head, position) -> accumulated attention
     for step in range(8):
-        query, (keys, positions) = layer.forward(40 if step == 0 else 1, Phase.PREFILL if step == 0 else
-                                                 Phase.DECODE)
-        received = _eager_probs(query, keys).sum(dim=-2)[0]  # [H, m] over the pre-eviction cache
+        forward = layer.prompt() if step == 0 else layer.decode()
+        query, keys, positions = forward.query, forward.appended_keys, forward.appended_positions
+        received = eager_probs(query, keys).sum(dim=-2)[0]  # [H, m] over the pre-eviction cache
         if granularity == "kv_head":
             received = received.reshape(2, 2, -1).mean(dim=1)
         heads = received.shape[0]
@@ -195,11 +153,11 @@ def test_h2o_default_splits_budget_in_half(tokenizer):
 
 def test_tova_keeps_top_of_newest_row_averaged_over_heads():
     method = build_method("tova", {"budget": 12})
-    layer = _SyntheticLayer(method, prompt_length=30)
+    layer = SingleLayer(method, prompt_length=30)
     for step in range(5):
-        query, (keys, positions) = layer.forward(30 if step == 0 else 1, Phase.PREFILL if step == 0 else
-                                                 Phase.DECODE)
-        row = _eager_probs(query[:, :, -1:], keys)[0, :, 0].mean(dim=0)
+        forward = layer.prompt() if step == 0 else layer.decode()
+        query, keys, positions = forward.query, forward.appended_keys, forward.appended_positions
+        row = eager_probs(query[:, :, -1:], keys)[0, :, 0].mean(dim=0)
         expected = positions[0, 0][row.argsort(descending=True, stable=True)[:12].sort().values]
         assert layer.cache.length == 12
         for head in range(layer.cache.num_heads):
@@ -232,7 +190,7 @@ def test_sink_recent_uniform_worked_examples():
 
 
 def test_sink_recent_uniform_evicts_between_chunks_only(tokenizer):
-    options = {"budget": 200, "sink": 32, "recent": 64, "block_size": 16, "chunk_size": 100}
+    options = {"budget": 200, "sink": 32, "recent": 64, "block_size": 16, "prefill_chunk": 100}
     ids, generation = _run("sink_recent_uniform", options, tokenizer, new_tokens=5)
     chunks = (len(ids) + 99) // 100
     assert len(generation.trace) == chunks + 4

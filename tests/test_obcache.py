@@ -1,4 +1,4 @@
-"""OBCache (specs/methods.md §7.6, §12): the saliency scores are the output perturbations they claim to be, the
+"""OBCache (docs/methods.md#obcache): the saliency scores are the output perturbations they claim to be, the
 attention-only settings reproduce SnapKV and H2O, and the recent + heavy budget holds."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import prompt_ids, tiny_model
-from synthetic_layer import SyntheticLayer, eager_probs
+from single_layer import SingleLayer, eager_probs
 
 from evalkv.errors import EvalkvError
 from evalkv.kv.cache import LayerCache
@@ -84,7 +84,8 @@ def test_joint_score_without_cross_term_is_the_sum_of_value_and_key_scores():
 
 @pytest.mark.parametrize("pooling", ["max", "avg"])
 def test_attention_only_recent_window_setting_reproduces_snapkv(pooling):
-    """p=1, no value norm, the last W prompt queries, pooling (kernel 7) == SnapKV per query head (specs §7.6)."""
+    """p=1, no value norm, the last W prompt queries, pooling (kernel 7) == SnapKV per query head
+    (docs/methods.md#obcache-presets)."""
     window, budget = 6, 24
     obcache = build_method("obcache", {"budget": budget, "score": "V", "p": 1, "use_vnorm": False,
                                        "num_recent": window, "pooling": pooling, "decode_evict": False})
@@ -92,7 +93,7 @@ def test_attention_only_recent_window_setting_reproduces_snapkv(pooling):
                                      "granularity": "query_head"})
     kept = []
     for method in (obcache, snapkv):
-        layer = SyntheticLayer(method, prompt_length=80, seed=3)
+        layer = SingleLayer(method, prompt_length=80, seed=3)
         layer.prompt()
         kept.append(layer.cache.positions)
     assert kept[0].shape == (1, 4, budget)
@@ -104,7 +105,7 @@ def test_attention_only_fullhist_setting_reproduces_h2o_at_every_step():
     obcache = build_method("obcache", {"budget": 20, "num_recent": 6, "score": "V", "p": 1, "use_vnorm": False,
                                        "queries": "all"})
     h2o = build_method("h2o", {"budget": 20, "recent_size": 6, "granularity": "query_head"})
-    layers = [SyntheticLayer(method, prompt_length=40, seed=5) for method in (obcache, h2o)]
+    layers = [SingleLayer(method, prompt_length=40, seed=5) for method in (obcache, h2o)]
     for step in range(6):
         for layer in layers:
             layer.prompt() if step == 0 else layer.decode()
@@ -114,7 +115,7 @@ def test_attention_only_fullhist_setting_reproduces_h2o_at_every_step():
 
 def test_scores_accumulate_over_the_recent_prompt_rows_and_every_decode_row():
     method = build_method("kvcV", {"num_recent": 4, "num_heavy": 12})
-    layer = SyntheticLayer(method, prompt_length=30, seed=1)
+    layer = SingleLayer(method, prompt_length=30, seed=1)
     totals: dict[tuple[int, int], float] = {}
     for step in range(5):
         seen = layer.prompt() if step == 0 else layer.decode()
@@ -138,7 +139,7 @@ def test_scores_accumulate_over_the_recent_prompt_rows_and_every_decode_row():
 def test_tova_variant_uses_the_newest_row_only_and_no_recent_window():
     method = build_method("kvcV+tova", {"budget": 10})
     assert method.split(100) == (0, 10)
-    layer = SyntheticLayer(method, prompt_length=30, seed=2)
+    layer = SingleLayer(method, prompt_length=30, seed=2)
     for step in range(4):
         seen = layer.prompt() if step == 0 else layer.decode()
         probs = eager_probs(seen.query[:, :, -1:], seen.keys, SCALING)[0, :, 0]  # [H, m]
@@ -166,7 +167,7 @@ def test_budget_holds_while_decoding_and_prompt_only_mode_appends(tokenizer):
 def test_ratios_fix_the_split_at_the_prompt_length():
     method = build_method("kvcV", {"recent_ratio": 0.05, "heavy_ratio": 0.2})
     assert method.split(200) == (10, 40) and method.describe() == "kvcV"
-    layer = SyntheticLayer(method, prompt_length=200)
+    layer = SingleLayer(method, prompt_length=200)
     layer.prompt()
     layer.decode()
     assert layer.cache.length == 50
@@ -203,7 +204,7 @@ def test_presets_carry_the_reference_tags():
 
 def test_kv_head_granularity_selects_per_kv_head():
     method = build_method("kvcVK", {"budget": 16, "granularity": "kv_head"})
-    layer = SyntheticLayer(method, prompt_length=40, geometry=ModelGeometry(1, 4, 2, 8))
-    layer.forward(40, Phase.PREFILL)
+    layer = SingleLayer(method, prompt_length=40, geometry=ModelGeometry(1, 4, 2, 8))
+    layer.random(40, Phase.PREFILL)
     assert layer.cache.num_heads == 2 and layer.cache.length == 16
     assert not torch.equal(layer.cache.positions[0, 0], layer.cache.positions[0, 1])

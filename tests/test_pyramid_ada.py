@@ -1,4 +1,4 @@
-"""PyramidKV's layer budgets and AdaKV's head budgets (specs/methods.md §6)."""
+"""PyramidKV's layer budgets and AdaKV's head budgets (docs/methods.md#pyramidkv, #adakv)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from conftest import prompt_ids, tiny_model
 
 from evalkv.kv.engine import Engine
 from evalkv.methods import build_method
-from evalkv.methods.adakv import adaptive_head_budgets
-from evalkv.methods.pyramidkv import pyramid_prefix_budgets
+from evalkv.methods.budgets import adaptive_head_budgets, pyramid_prefix_budgets
 
 
 def test_pyramid_budgets_follow_the_reference_arithmetic():
@@ -74,8 +73,8 @@ def test_adakv_union_of_head_selections_is_the_global_top(tokenizer):
     view = AttentionView(0, ModelGeometry(1, 4, 2, 8), SampleState(torch.zeros(1, 40, dtype=torch.long), 40), query,
                          torch.arange(40)[None], 8 ** -0.5, layer, {})
     view.sample.phase = Phase.PREFILL
-    scores = method.prefix_scores(view, 4)[0]  # [2, 36]
+    scores = method.score(view, 36)[0]  # [2, 36]
     top = set(scores.flatten().argsort(descending=True)[:16].tolist())
-    kept = method.after_attention(view)
+    kept = method.compress_prompt(view)
     chosen = {h * 36 + int(i) for h, head in enumerate(kept) for i in head[:-4]}
     assert chosen == top

@@ -1,4 +1,4 @@
-"""The shared scoring and selection blocks against brute force (specs/methods.md §12.3)."""
+"""The shared scoring and selection blocks against brute force (docs/methods.md#shared-invariants)."""
 
 from __future__ import annotations
 

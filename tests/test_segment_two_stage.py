@@ -1,11 +1,11 @@
-"""SegKV-CF `segment_two_stage` (specs/methods.md §1.6): separators, segments, the coarse and the fine cut."""
+"""SegKV-CF `segment_two_stage` (docs/methods.md#segment_two_stage): separators, segments, coarse and fine cuts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import prompt_ids, tiny_model
-from synthetic_layer import SyntheticLayer, eager_probs
+from single_layer import SingleLayer, eager_probs
 
 from evalkv.errors import EvalkvError
 from evalkv.kv.engine import Engine
@@ -128,13 +128,13 @@ def _segment_ranking(token_scores, positions, bounds, keep):
 
 def test_fine_stage_keeps_the_best_segments_of_the_survivors():
     """Segment means of the mean attention that the last 32 prompt queries and the 2 lookahead queries give to the
-    stage-1 survivors, per query head, computed by brute force over the cache before the cut (§1.2, §1.3)."""
+    stage-1 survivors, per query head, computed by brute force over the cache before the cut."""
     input_ids = torch.zeros(1, 120, dtype=torch.long)
     input_ids[0, 9::10] = 1  # a separator every 10 tokens
     method = build_method("segment_two_stage", {"budget": 30, "window_size": 4, "coarse_budget": 60,
                                                 "lookahead_steps": 2})
     method.prepare(_HandMadeTokenizer(["x", "."]))
-    layer = SyntheticLayer(method, prompt_length=120, input_ids=input_ids, seed=4)
+    layer = SingleLayer(method, prompt_length=120, input_ids=input_ids, seed=4)
     prompt, first, second = layer.prompt(), layer.decode(), layer.decode()
     assert first.positions.shape == (1, 4, 61) and second.positions.shape == (1, 4, 30)
     rows = torch.cat([prompt.query[:, :, -32:], first.query, second.query], dim=-2).double()
@@ -154,7 +154,7 @@ def test_coarse_stage_ranking_equals_brute_force():
     input_ids[0, 6::7] = 1
     method = build_method("segment_two_stage", {"budget": 30, "window_size": 4, "coarse_budget": 40})
     method.prepare(_HandMadeTokenizer(["x", "."]))
-    layer = SyntheticLayer(method, prompt_length=100, input_ids=input_ids, seed=6)
+    layer = SingleLayer(method, prompt_length=100, input_ids=input_ids, seed=6)
     prompt = layer.prompt()
     token_scores = eager_probs(prompt.query[:, :, -4:], prompt.keys, layer.scaling)[0, :, :, :96].mean(dim=1)
     bounds = torch.tensor([0] + list(range(7, 96, 7)) + [96])

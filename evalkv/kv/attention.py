@@ -1,7 +1,8 @@
 """Attention over a (possibly compressed) cache, and the scoring blocks eviction methods read.
 
 Everything here works on plain tensors in the layout transformers uses, `[batch, heads, tokens, head_dim]`, and
-never materialises an n x n attention matrix: scoring recomputes small blocks (specs/methods.md §0.2, §0.7).
+never materialises an n x n attention matrix: scoring recomputes small blocks
+(docs/methods.md#shared-observation-window, #shared-cost-classes).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def _masked_probs(
 ) -> Tensor:
     """fp32 softmax of `query @ keys^T` where a key later than the query (by true position) is masked.
 
-    The product runs in the model's dtype and the softmax in fp32, as the reference codes do (specs §0.1).
+    The product runs in the model's dtype and the softmax in fp32, as the reference codes do; evalkv keeps the
+    probabilities in fp32 where the references cast them back to the model's dtype (docs/methods.md#shared-numerics).
     """
     logits = torch.matmul(query, keys.transpose(-1, -2)).float() * scaling
     future = key_positions[..., None, :] > query_positions[..., :, None]
@@ -102,7 +104,7 @@ def _head_chunks(num_heads: int, rows: int, length: int, batch: int) -> int:
 def window_attention(
     query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float
 ) -> Tensor:
-    """Attention probabilities of a few query rows over the whole cache (specs/methods.md §0.2).
+    """Attention probabilities of a few query rows over the whole cache (docs/methods.md#shared-observation-window).
 
     query `[B, H, w, d]`, query_positions `[B, w]`, keys `[B, H_c, m, d]` (H_c divides H), key_positions
     `[B, H_c, m]`. Returns fp32 `[B, H, w, m]`, normalised over all m keys, keys after a query masked.
@@ -128,7 +130,8 @@ def attention_row_blocks(
     in blocks of at most `max_elements` probabilities (one row at least).
 
     For scores that need more than column sums of every prompt row (OBCache `_fullhist`, LRU access times): one
-    extra attention pass of FLOPs, `O(block)` memory, never the n x n matrix (class F, specs/methods.md §0.7).
+    extra attention pass of FLOPs, `O(block)` memory, never the n x n matrix (class F,
+    docs/methods.md#shared-cost-classes).
     """
     batch, num_heads, q_len, _ = query.shape
     rows_per_block = max(1, max_elements // max(1, batch * num_heads * keys.shape[-2]))
@@ -142,8 +145,8 @@ def attention_column_sums(
 ) -> Tensor:
     """Sum over query rows of the causal attention probabilities: `[B, H, m]` fp32, computed block by block.
 
-    This is the H2O accumulated score of a forward (specs/methods.md §3.1, class F in §0.7): one extra pass of
-    attention FLOPs, `O(block x m)` memory, never the full matrix.
+    This is the H2O accumulated score of a forward (docs/methods.md#h2o, class F in #shared-column-sums): one
+    extra pass of attention FLOPs, `O(block x m)` memory, never the full matrix.
     """
     batch, num_heads, q_len, _ = query.shape
     length = keys.shape[-2]
@@ -176,7 +179,7 @@ def attention_column_sums(
 
 
 def reduce_query_heads(scores: Tensor, num_kv_heads: int, how: str = "mean") -> Tensor:
-    """`[B, H, ...]` per query head -> `[B, H_kv, ...]` per KV head (GQA granularity, specs/methods.md §0.4)."""
+    """`[B, H, ...]` per query head -> `[B, H_kv, ...]` per KV head (docs/methods.md#shared-gqa-granularity)."""
     batch, num_heads = scores.shape[:2]
     if num_heads == num_kv_heads:
         return scores
@@ -189,7 +192,7 @@ def reduce_query_heads(scores: Tensor, num_kv_heads: int, how: str = "mean") -> 
 
 
 def pool_scores(scores: Tensor, kernel_size: int, pooling: str) -> Tensor:
-    """Pool scores along positions with stride 1 and `padding = kernel_size // 2` (SnapKV, §4).
+    """Pool scores along positions with stride 1 and `padding = kernel_size // 2` (docs/methods.md#shared-pooling).
 
     `max` pads with -inf; `avg` pads with zeros that count in the average (edge scores are diluted), as the reference.
     """

@@ -68,6 +68,15 @@ class LayerCache:
             return 1
         return 1 if self.keys is None else self.keys.shape[0]
 
+    def clone(self) -> LayerCache:
+        """An independent copy: its entries, positions, method state and heads."""
+        return LayerCache(
+            None if self.keys is None else self.keys.clone(), None if self.values is None else self.values.clone(),
+            None if self.positions is None else self.positions.clone(),
+            {name: value.clone() for name, value in self.extras.items()},
+            None if self.heads is None else [head.clone() for head in self.heads],
+        )
+
     def stack_rows(self, parts: Sequence[LayerCache]) -> None:
         """Hold `parts` (dense, equal shapes) as the rows of one batch, in order."""
         self.keys = torch.cat([part.keys for part in parts])
@@ -103,7 +112,7 @@ class LayerCache:
             self.positions = torch.cat([self.positions, new_positions], dim=-1)
 
     def expand_heads(self, num_heads: int) -> None:
-        """Give every query head its own copy of its KV head (query-head granularity, specs/methods.md §0.4)."""
+        """Give every query head its own copy of its KV head (docs/methods.md#shared-gqa-granularity)."""
         old = self.num_heads
         groups = num_heads // old
         if groups == 1:
@@ -199,6 +208,11 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+    def clone(self) -> KVCache:
+        copy = KVCache(0, self.num_kv_heads)
+        copy.layers = [layer.clone() for layer in self.layers]
+        return copy
 
     @property
     def batch_size(self) -> int:

@@ -1,4 +1,4 @@
-"""Deterministic spherical k-means over cached keys, run per head on the keys' device (specs/methods.md §9.5).
+"""Deterministic spherical k-means over cached keys, run per head on the keys' device (docs/methods.md#kmeans).
 
 No randomness: centroids start at evenly spaced points, assignment ties go to the lowest cluster index, and
 per-cluster sums are one-hot matrix products computed in fixed blocks (no atomic scatter), so a rerun on the same

@@ -1,7 +1,7 @@
 """Greedy generation with an eviction method: prefill (one forward or chunks), optional suffix, decode steps.
 
 Prefill asks the model for the last position's logits only; every forward passes the tokens' true positions, so
-RoPE positions never shift after eviction (specs/methods.md §0.5).
+RoPE positions never shift after eviction (docs/methods.md#shared-positions).
 
 Batched decoding: `generate_batch` prefills each prompt alone (prompts differ in length), then decodes together the
 samples whose compressed caches have the same shape and whose method keeps no per-sample state for decoding
@@ -17,6 +17,7 @@ next group of the same shape when the method holds a budget (its cache size does
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,6 @@ from evalkv.kv import adapter
 from evalkv.kv.graphs import StaticDecoder, can_decode_static, may_compile
 from evalkv.kv.session import Session
 from evalkv.kv.view import Phase
-from evalkv.methods.base import Method
 
 # auto: CUDA graphs for decode steps on CUDA devices where the method allows; off: never; eager: the graphs' fixed-size
 # buffers without capturing (what a replay computes, runnable on the CPU: tests and debugging); compile: auto's graph of
@@ -75,6 +75,8 @@ class Generation:
     decode_batch: int = 1  # samples decoding together when this one started decoding
     decode_graph: bool = False  # its decode steps replayed a captured CUDA graph
     decode_compiled: bool = False  # its decode steps ran a torch.compile'd step (decode_graphs="compile")
+    decode_static: bool = False  # its decode steps ran over fixed-size buffers (`StaticDecoder`), hooks derived none
+    context_reused: bool = False  # its prompt's compression was reused (several questions about one context)
     trace: list | None = None  # Session.trace when asked for
     forwards: list | None = None  # with trace: (input ids, positions, last logits) of every forward
     session: Session | None = None  # kept when asked for (tests inspect the cache)
@@ -98,6 +100,8 @@ class _Row:
     final_kv_bytes: int = 0
     decode_graph: bool = False
     decode_compiled: bool = False
+    decode_static: bool = False
+    context_reused: bool = False
 
     def finished(self) -> bool:
         return len(self.tokens) >= self.request.max_new_tokens or self.tokens[-1] in self.stops
@@ -107,18 +111,61 @@ class _Row:
             token_ids=self.tokens, prompt_tokens=self.length, kept_tokens=self.kept_tokens, kv_bytes=self.kv_bytes,
             final_kept_tokens=self.final_kept_tokens, final_kv_bytes=self.final_kv_bytes, prefill_s=self.prefill_s,
             decode_s=self.decode_s, decode_batch=decode_batch, decode_graph=self.decode_graph,
-            decode_compiled=self.decode_compiled,
+            decode_compiled=self.decode_compiled, decode_static=self.decode_static, context_reused=self.context_reused,
             trace=self.session.trace if self.session else None,
             forwards=self.forwards, session=self.session if keep_session else None,
         )
 
 
+def _positions(start: int, count: int, device: torch.device) -> Tensor:
+    return torch.arange(start, start + count, device=device)[None, :]
+
+
+class _SharedContexts:
+    """The compressed prompts that later requests of one `generate_batch` share, each kept until its last use.
+
+    Requests with a suffix and the same prompt ids (by sha256) share the prompt's compression; a prompt no other
+    request shares is never copied."""
+
+    def __init__(self, requests: Sequence[Request]):
+        self.uses: dict[str, int] = {}
+        for request in requests:
+            key = self._key(request)
+            if key is not None:
+                self.uses[key] = self.uses.get(key, 0) + 1
+        self.sessions: dict[str, Session] = {}
+
+    @staticmethod
+    def _key(request: Request) -> str | None:
+        if request.suffix_ids is None or len(request.suffix_ids) == 0:
+            return None
+        ids = torch.as_tensor(request.prompt_ids, dtype=torch.long).cpu()
+        return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+
+    def take(self, request: Request) -> Session | None:
+        """A copy of the compressed prompt of an earlier request, or None (this request compresses it)."""
+        key = self._key(request)
+        if key not in self.sessions:
+            return None
+        self.uses[key] -= 1
+        return self.sessions.pop(key) if self.uses[key] == 0 else self.sessions[key].fork()
+
+    def keep(self, request: Request, session: Session) -> None:
+        """After compressing a request's prompt (before its suffix): keep a copy if later requests share it."""
+        key = self._key(request)
+        if key is not None:
+            self.uses[key] -= 1
+            if self.uses[key] > 0:
+                self.sessions[key] = session.fork()
+
+
 class Engine:
     """Runs one model with one method: `generate` for one prompt, `generate_batch` for several."""
 
-    def __init__(self, model, method: Method, backend: str = "sdpa", tokenizer=None, mlp_chunk: int | None = None,
+    def __init__(self, model, method, backend: str = "sdpa", tokenizer=None, mlp_chunk: int | None = None,
                  decode_graphs: str = "auto"):
-        """mlp_chunk: run the MLP over at most this many prompt tokens at a time (low-memory long prefill).
+        """method: an eviction method (`evalkv.methods`: its hooks, `capacity`, `prefill_chunk`, `prepare`).
+        mlp_chunk: run the MLP over at most this many prompt tokens at a time (low-memory long prefill).
         decode_graphs: "auto" replays decode steps as CUDA graphs where it can, "off" never, "compile" replays graphs of
             a compiled step (see DECODE_GRAPHS)."""
         check_decode_graphs(decode_graphs)
@@ -155,18 +202,20 @@ class Engine:
         if row.finished():
             self._finish(row, row.session)
         else:
-            self._decode([row], row.session, static=not keep_session)  # finishes the row when it stops
+            self._decode([row], row.session, keep_entries=keep_session)  # finishes the row when it stops
         return row.generation(1, keep_session)
 
     @torch.inference_mode()
     def generate_batch(self, requests: Sequence[Request], max_batch: int | None = None) -> list[Generation]:
         """`generate` for each request, in order; samples whose caches allow it decode together (at most
-        `max_batch` at once, default all)."""
+        `max_batch` at once, default all). Requests with a suffix whose prompts are equal share one compression of
+        the prompt (each continues from its own copy: `Generation.context_reused`)."""
         rows: list[_Row] = []
         sizes = [1] * len(requests)
         groups: dict[tuple, list[int]] = {}
+        contexts = _SharedContexts(requests)
         for index, request in enumerate(requests):
-            row = self._prefill(request)
+            row = self._prefill(request, contexts=contexts)
             rows.append(row)
             key = row.session.batch_key()
             if row.finished():
@@ -197,36 +246,50 @@ class Engine:
             forwards.append((ids, positions, logits.float().clone()))
         return logits
 
-    def _prefill(self, request: Request, trace: bool = False) -> _Row:
+    def _prefill(self, request: Request, trace: bool = False, contexts: _SharedContexts | None = None) -> _Row:
+        """The prompt's forwards (compressed by the method), then the suffix's, up to the first generated token.
+
+        contexts: prompts that several requests with a suffix share (several questions about one context) are
+        compressed once; each request continues from its own copy, and `prefill_s` of all but the first counts the
+        suffix alone (`context_reused`)."""
         prompt = torch.as_tensor(request.prompt_ids, dtype=torch.long, device=self.device).reshape(1, -1)
         suffix = None
         if request.suffix_ids is not None and len(request.suffix_ids) > 0:
             suffix = torch.as_tensor(request.suffix_ids, dtype=torch.long, device=self.device).reshape(1, -1)
-        session = Session(self.method, self.geometry, prompt, backend=self.backend, trace=trace, rotary=self.rotary)
-        cache = adapter.make_cache(session)
         forwards = [] if trace else None
-
-        def positions(start: int, count: int) -> Tensor:
-            return torch.arange(start, start + count, device=self.device)[None, :]
-
         adapter.synchronize(self.device)
         began = time.perf_counter()
+        session = contexts.take(request) if contexts is not None and not trace else None
+        reused = session is not None
+        if session is None:
+            session = Session(self.method, self.geometry, prompt, backend=self.backend, trace=trace,
+                              rotary=self.rotary)
+            logits = self._compress(session, prompt, forwards)
+            if contexts is not None and not trace:
+                contexts.keep(request, session)
         length = prompt.shape[-1]
-        chunk = self.method.prefill_chunk_size() or length
-        for start in range(0, length, chunk):
-            end = min(length, start + chunk)
-            logits = self._forward(session, cache, prompt[:, start:end], positions(start, end - start),
-                                   Phase.PREFILL, forwards, last_chunk=end == length)
         if suffix is not None:
-            logits = self._forward(session, cache, suffix, positions(length, suffix.shape[-1]), Phase.SUFFIX,
-                                   forwards)
+            logits = self._forward(session, adapter.make_cache(session), suffix, _positions(length, suffix.shape[-1],
+                                   self.device), Phase.SUFFIX, forwards)
             length += suffix.shape[-1]
-        row = _Row(request, session, length, 0.0, 0.0, 0, forwards, stops=set(map(int, request.stop_token_ids)))
+        row = _Row(request, session, length, 0.0, 0.0, 0, forwards, stops=set(map(int, request.stop_token_ids)),
+                   context_reused=reused)
         row.tokens.append(int(self._choose(logits, [row])[0]))
         adapter.synchronize(self.device)
         row.prefill_s = time.perf_counter() - began
         row.kept_tokens, row.kv_bytes = session.cache.kept_tokens(), session.cache.nbytes
         return row
+
+    def _compress(self, session: Session, prompt: Tensor, forwards: list | None) -> Tensor:
+        """Feed the prompt (in `prefill_chunk` pieces when the method asks); returns the last position's logits."""
+        cache = adapter.make_cache(session)
+        length = prompt.shape[-1]
+        chunk = self.method.prefill_chunk or length
+        for start in range(0, length, chunk):
+            end = min(length, start + chunk)
+            logits = self._forward(session, cache, prompt[:, start:end], _positions(start, end - start, self.device),
+                                   Phase.PREFILL, forwards, last_chunk=end == length)
+        return logits
 
     def _choose(self, logits: Tensor, rows: list[_Row]) -> list[int]:
         """Greedy choice per row; a row still under its `min_new_tokens` cannot choose a stop token."""
@@ -236,13 +299,14 @@ class Engine:
                 logits[index].index_fill_(-1, masked, float("-inf"))
         return logits.argmax(dim=-1).tolist()
 
-    def _decode(self, rows: list[_Row], session: Session, static: bool = True) -> None:
+    def _decode(self, rows: list[_Row], session: Session, keep_entries: bool = False) -> None:
         """Decode `rows` (held as batch rows of `session`, in order) until each stops.
 
-        static: may decode through a `StaticDecoder`, which takes the entries out of `session`."""
+        keep_entries: leave the final entries in `session` (a `StaticDecoder` takes them out while it decodes, and
+        puts them back only when asked: one row)."""
         steps = max(row.request.max_new_tokens - len(row.tokens) for row in rows)
-        if static and self._static_allowed(rows, session, steps):
-            self._decode_static(rows, session, steps)
+        if self._static_allowed(rows, session, steps):
+            self._decode_static(rows, session, steps, keep_entries)
             return
         cache = adapter.make_cache(session)
         active = list(rows)
@@ -276,7 +340,7 @@ class Engine:
             return False
         return can_decode_static(session, self.device)
 
-    def _decode_static(self, rows: list[_Row], session: Session, steps: int) -> None:
+    def _decode_static(self, rows: list[_Row], session: Session, steps: int, keep_entries: bool) -> None:
         """`_decode` over fixed-size buffers: every row stays in the batch until the last one stops (a finished row's
         steps are wasted, which costs little: a decode step's time is the weights' reading)."""
         steps = -(-steps // _GRAPH_STEP_QUANTUM) * _GRAPH_STEP_QUANTUM
@@ -307,7 +371,10 @@ class Engine:
                     row.final_kept_tokens, row.final_kv_bytes = decoder.held(len(row.tokens) - 1)
                     row.decode_graph = decoder.graph is not None
                     row.decode_compiled = decoder.compiled
+                    row.decode_static = True
                 active = [index for index in active if index not in finished]
+        if keep_entries:
+            decoder.unload(layers, len(rows[0].tokens) - 1)
         if session.method.requires_budget():
             self._static = (key, decoder)
 

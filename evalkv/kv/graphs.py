@@ -6,9 +6,10 @@ tensor to keep its address and shape, so `StaticDecoder` copies a batch's cache 
 tokens still to generate, writes each new key/value at slot `base + step` (`step` is a device tensor the graph
 reads), and attends over the whole buffer with the unwritten slots masked out.
 
-It serves caches that only grow while decoding: methods that compress the prompt and then append
-(`Method.evicts_while_decoding` false; no per-sample or per-layer state), dense layers, one device. Their decode
-hooks do nothing, so a step is the model's forward alone and the graph replays exactly what the eager step runs.
+It serves caches that only grow while decoding: methods that compress the prompt and then append (no `before_step`
+or `after_step` hook: `decodes_without_hooks`; no per-sample or per-layer state), dense layers, one device. No hook
+runs around their decode steps, so a step is the model's forward alone and the graph replays exactly what the eager
+step runs.
 Unwritten slots hold zeros or earlier batches' finite entries: masked to -inf before the fp32 softmax, they weigh
 exactly zero. The sums over the padded length may round differently from the unpadded eager step in bf16 (as
 batched decoding's do); the CPU tests check identical tokens in fp32.
@@ -61,9 +62,15 @@ def forget_compiled() -> None:
     _COMPILED.clear()
 
 
+def decodes_without_hooks(method) -> bool:
+    """Whether no hook of `method` runs around decode steps (it implements neither `before_step` nor `after_step`):
+    its decode steps are the model's forward alone, which a captured graph replays exactly."""
+    return method.before_step is None and method.after_step is None
+
+
 def can_decode_static(session, device: torch.device) -> bool:
     """Whether `session`'s decode steps only append to dense layers on `device`, with no method state to update."""
-    if session.method.evicts_while_decoding or not session.decodes_from_entries():
+    if not decodes_without_hooks(session.method) or not session.decodes_from_entries():
         return False
     return all(layer.keys is not None and not layer.extras and layer.keys.device == device
                for layer in session.cache.layers)
@@ -90,6 +97,9 @@ class StaticDecoder:
         self.keys = [first.new_zeros(self.batch, layer.num_heads, base + steps, first.shape[-1])
                      for layer, base in zip(layers, self.bases)]
         self.values = [torch.zeros_like(keys) for keys in self.keys]
+        # Each slot's true position (-1: unwritten), so that the entries held can be read back (`unload`).
+        self.entry_positions = [torch.full(keys.shape[:3], -1, dtype=torch.long, device=self.device)
+                                for keys in self.keys]
         self.slots = [torch.arange(base + steps, device=self.device) for base in self.bases]
         self.base_tensors = [torch.tensor(base, device=self.device) for base in self.bases]
         self.step_index = torch.zeros((), dtype=torch.long, device=self.device)
@@ -115,6 +125,8 @@ class StaticDecoder:
             base = self.bases[index]
             self.keys[index][:, :, :base].copy_(layer.keys)
             self.values[index][:, :, :base].copy_(layer.values)
+            self.entry_positions[index][:, :, :base].copy_(layer.positions)
+            self.entry_positions[index][:, :, base:].fill_(-1)
             if release:
                 layer.keys = layer.values = layer.positions = None
         self.step_index.zero_()
@@ -182,7 +194,17 @@ class StaticDecoder:
         keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
         self.keys[layer_idx].index_copy_(2, slot, keys)
         self.values[layer_idx].index_copy_(2, slot, values)
+        written = self.positions[:, None, :].expand(-1, keys.shape[1], -1)
+        self.entry_positions[layer_idx].index_copy_(2, slot, written)
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def unload(self, layers: list[LayerCache], fed: int) -> None:
+        """Put the entries held after `fed` decode tokens back into `layers` (batch rows that fed as many)."""
+        for index, layer in enumerate(layers):
+            end = self.bases[index] + fed
+            layer.keys = self.keys[index][:, :, :end].clone()
+            layer.values = self.values[index][:, :, :end].clone()
+            layer.positions = self.entry_positions[index][:, :, :end].clone()
 
     def attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor:
         """One query per row over the buffer; slots after this step's are masked. Returns `[B, H, 1, d]`."""

@@ -3,7 +3,7 @@
 `masked_reference_logits` replays a compressed run's forwards over an uncompressed cache with eager fp32
 attention, letting each layer's query heads see only the positions the compressed run attended to (its trace).
 If the compressed cache holds the right keys and values at the right RoPE positions, both runs give the same
-logits (specs/methods.md §12.5).
+logits (docs/methods.md#shared-masked-reference).
 """
 
 from __future__ import annotations
@@ -16,14 +16,24 @@ from torch import Tensor
 from evalkv.kv import adapter
 from evalkv.kv.session import Session
 from evalkv.kv.view import ModelGeometry, Phase
-from evalkv.methods.full import FullCache
+
+
+class _KeepEverything:
+    """The full cache as the session sees a method: no hook, no budget."""
+
+    name = "full"
+    compress_prompt = before_step = after_step = None
+
+    @staticmethod
+    def requires_budget() -> bool:
+        return False
 
 
 class _MaskedSession(Session):
     """Keeps every entry (the full-cache method) and masks, per query head, what the traced run did not see."""
 
     def __init__(self, geometry: ModelGeometry, prompt: Tensor, visible: list[list[Tensor]]):
-        super().__init__(FullCache(), geometry, prompt)
+        super().__init__(_KeepEverything(), geometry, prompt)
         self.visible = visible
         self.forward_index = -1
 

@@ -1,4 +1,4 @@
-"""Choosing which cache entries to keep: the one place with the tie rule (specs/methods.md §0.6).
+"""Choosing which cache entries to keep: the one place with the tie rule (docs/methods.md#shared-tie-rule).
 
 All functions return indices into the cache's entries, ascending; entries are stored in position order.
 """
@@ -12,7 +12,7 @@ from torch import Tensor
 def top_k_positions(scores: Tensor, k: int) -> Tensor:
     """Indices of the k best scores along the last dim, returned in ascending index order.
 
-    Ties rank by (score desc, index asc) through a stable sort (specs/methods.md §0.6 [evalkv choice]); cache
+    Ties rank by (score desc, index asc) through a stable sort (evalkv's choice, docs/methods.md#shared-tie-rule); cache
     entries are kept in position order, so the index order is the position order.
     """
     k = max(0, min(k, scores.shape[-1]))

@@ -7,6 +7,9 @@ passes through here, with no knowledge of transformers.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -29,6 +32,7 @@ class Session:
         self.layer_state: list[dict] = [{} for _ in range(geometry.num_layers)]
         self.sample = SampleState(input_ids=input_ids, prompt_length=input_ids.shape[-1])
         self.query_positions: Tensor | None = None
+        self.batched = False  # rows of several samples (`merge`): the method must keep no per-sample state
         # With trace=True, the positions each layer attended to in each forward: [forward][layer] -> [B, H_c, m].
         self.trace: list[list[Tensor | None]] | None = [] if trace else None
 
@@ -44,7 +48,7 @@ class Session:
         The full cache never batches: its sessions differ in length and hold the whole prompt's KV.
         """
         method = self.method
-        if not (method.batch_decoding and method.requires_budget() and self.decodes_from_entries()):
+        if not (method.requires_budget() and self.decodes_from_entries()):
             return None
         shapes = tuple(
             (tuple(layer.keys.shape[1:]), layer.keys.dtype, str(layer.keys.device),
@@ -56,8 +60,12 @@ class Session:
     def decodes_from_entries(self) -> bool:
         """Whether decode steps read nothing of this session but its dense layers' entries: no trace, no per-sample
         or per-layer method state, no ragged layer (what batched and CUDA-graph decoding both need)."""
-        return (self.trace is None and not self.sample.state and not any(self.layer_state)
+        return (self.trace is None and not self.has_state()
                 and not any(layer.is_ragged for layer in self.cache.layers))
+
+    def has_state(self) -> bool:
+        """Whether the method keeps anything about this sample beyond the cache entries and their extras."""
+        return bool(self.sample.state) or any(self.layer_state)
 
     @classmethod
     def merge(cls, sessions: list[Session]) -> Session:
@@ -70,10 +78,21 @@ class Session:
         merged.sample = SampleState(
             input_ids=first.sample.input_ids, prompt_length=first.sample.prompt_length, phase=first.sample.phase,
             last_chunk=first.sample.last_chunk, decode_step=first.sample.decode_step,
+            steps_after_prompt=first.sample.steps_after_prompt,
         )
         for index, layer in enumerate(merged.cache.layers):
             layer.stack_rows([session.cache.layers[index] for session in sessions])
+        merged.batched = True
         return merged
+
+    def fork(self) -> Session:
+        """An independent copy of this session as it stands (its cache, the method's state): a compressed context
+        answers several questions, each from its own copy, so no answer's tokens reach the next question."""
+        forked = Session(self.method, self.geometry, self.sample.input_ids, backend=self.backend, rotary=self.rotary)
+        forked.cache = self.cache.clone()
+        forked.layer_state = [_copied(state) for state in self.layer_state]
+        forked.sample = dataclasses.replace(self.sample, state=_copied(self.sample.state))
+        return forked
 
     def keep_rows(self, rows: list[int]) -> None:
         """Drop the batch rows not in `rows` (samples that finished decoding) and free their entries."""
@@ -85,6 +104,8 @@ class Session:
         self.sample.last_chunk = last_chunk
         if phase is Phase.DECODE:
             self.sample.decode_step += 1
+        if phase is not Phase.PREFILL:
+            self.sample.steps_after_prompt += 1
         self.query_positions = positions
         if self.trace is not None:
             self.trace.append([None] * self.geometry.num_layers)
@@ -98,7 +119,10 @@ class Session:
         return (keys, values) if layer.is_ragged else (layer.keys, layer.values)
 
     def attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor:
-        """Run the method's hooks around the model's attention for one layer; returns `[B, H, q, d]`."""
+        """Run the method's hooks around the model's attention for one layer; returns `[B, H, q, d]`.
+
+        A prompt forward runs `compress_prompt` after the attention; every later forward (the suffix, decode steps)
+        runs `before_step` before it and `after_step` after it. A hook the method does not implement is None."""
         layer = self.cache.layers[layer_idx]
         view = AttentionView(
             layer_idx=layer_idx, geometry=self.geometry, sample=self.sample, query=query,
@@ -106,19 +130,27 @@ class Session:
             state=self.layer_state[layer_idx],
             rotary=self.rotary,
         )
-        keep = self.method.before_attention(view)
-        if keep is not None:
-            _apply(layer, keep)
-            self._check_new_tokens_kept(layer_idx, query.shape[-2])
+        prompt = self.sample.phase is Phase.PREFILL
+        before = None if prompt else self.method.before_step
+        if before is not None:
+            keep = before(view)
+            if keep is not None:
+                _apply(layer, keep)
+                self._check_new_tokens_kept(layer_idx, query.shape[-2])
         output = self._attend(layer, query, scaling)
         if self.trace is not None:
             self.trace[-1][layer_idx] = (
                 [head.positions.clone() for head in layer.heads] if layer.is_ragged else layer.positions.clone()
             )
-        view.output = output
-        keep = self.method.after_attention(view)
-        if keep is not None:
-            _apply(layer, keep)
+        after = self.method.compress_prompt if prompt else self.method.after_step
+        if after is not None:
+            view.output = output
+            keep = after(view)
+            if keep is not None:
+                _apply(layer, keep)
+        if self.batched and self.has_state():
+            raise RuntimeError(f"{self.method.name}: a hook kept per-sample state while samples decoded as one batch; "
+                               "keep it from the prompt on (view.state), so that the sample decodes alone")
         return output
 
     def _attend(self, layer: LayerCache, query: Tensor, scaling: float) -> Tensor:
@@ -139,6 +171,17 @@ class Session:
                     f"{self.method.name}: an eviction before attention in layer {layer_idx} dropped the tokens "
                     "being fed"
                 )
+
+
+def _copied(value):
+    """A deep copy of method state: tensors cloned (inside inference mode too), containers rebuilt."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: _copied(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(item) for item in value)
+    return copy.deepcopy(value)
 
 
 def _apply(layer: LayerCache, keep: Tensor | list[Tensor]) -> None:

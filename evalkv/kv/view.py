@@ -14,7 +14,7 @@ from evalkv.kv.rope import RotaryTable, unrotate_keys
 
 class Phase(str, Enum):
     PREFILL = "prefill"  # prompt tokens: one forward, or one chunk of a chunked prefill
-    SUFFIX = "suffix"  # tokens appended after the prompt was compressed (query-agnostic question), no eviction
+    SUFFIX = "suffix"  # tokens fed after the prompt was compressed (query-agnostic question): step hooks run
     DECODE = "decode"  # one generated token
 
 
@@ -39,6 +39,7 @@ class SampleState:
     phase: Phase = Phase.PREFILL
     last_chunk: bool = True  # this prefill forward ends the prompt
     decode_step: int = 0  # s-th decode forward (feeding the s-th generated token); 0 during prefill
+    steps_after_prompt: int = 0  # forwards after the prompt so far, this one included (the suffix, then decoding)
     state: dict[str, Any] = field(default_factory=dict)  # method state shared across layers
 
 
@@ -54,7 +55,7 @@ class AttentionView:
     scaling: float
     cache: LayerCache  # already holds the q new entries at its end
     state: dict[str, Any]  # the method's per-layer state for this sample
-    output: Tensor | None = None  # [B, H, q, d] attention output before o_proj (after_attention only)
+    output: Tensor | None = None  # [B, H, q, d] attention output before o_proj (hooks after the attention only)
     rotary: RotaryTable | None = None  # the model's RoPE table (Engine runs), for keys_before_rope
 
     def keys_before_rope(self, start: int = 0) -> Tensor:

@@ -1,23 +1,40 @@
 """What a method is: a dataclass of hyper-parameters that looks at one layer's attention and says what to keep.
 
-The engine owns the cache surgery. A method implements `before_attention` and/or `after_attention`; each receives an
-`AttentionView` of one layer in one forward pass and returns the indices of the cache entries to keep
-(`[batch, heads, k]`, heads = 1 for one set shared by all heads, the KV-head count, or the query-head count for
-query-head granularity), or a list with one 1-D index tensor per head when heads keep different numbers of entries
-(batch size 1), or None to keep everything.
+The engine owns the cache surgery and calls a method's hooks around each layer's attention; a method says what it
+does by the hooks it implements (docs/methods.md#the-method-api), and the engine derives the rest from them:
+
+- `compress_prompt(view)`: after the attention of the prompt (of each chunk when `prefill_chunk` is set);
+- `before_step(view)` / `after_step(view)`: before / after the attention of every later forward (the question fed
+  after a query-agnostic compression, then each decode step).
+
+A method without step hooks only appends while decoding, so its samples may decode through fixed-size buffers
+replayed as CUDA graphs; one with step hooks decodes eagerly. Batching needs no per-sample state: a method keeps
+what must travel with the kept entries in `view.cache.extras` (gathered and batched with the entries) and anything
+else about a sample in `view.state` (this layer) or `view.sample.state` (every layer); either keeps that sample out
+of a decode batch. Options are dataclass fields, fixed once built; `prepare` may load run-wide resources.
+
+A hook returns the indices of the cache entries to keep (`[batch, heads, k]`, heads = 1 for one set shared by all
+heads, the KV-head count, or the query-head count for query-head granularity), or a list with one 1-D index tensor
+per head when heads keep different numbers of entries (batch size 1), or None to keep everything. A hook that a
+method's options switch off is set to None on the instance (`self.after_step = None`), which the engine reads the
+same way as a hook never written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 from torch import Tensor
 
 from evalkv.errors import EvalkvError
 from evalkv.kv.view import AttentionView, ModelGeometry, Phase, SampleState
 
-__all__ = ["AttentionView", "Method", "ModelGeometry", "Phase", "SampleState", "require_choice"]
+__all__ = ["AttentionView", "Keep", "Method", "ModelGeometry", "Phase", "SampleState", "require_choice"]
+
+Keep = Optional[Union[Tensor, list[Tensor]]]
+Hook = Callable[[AttentionView], Keep]
 
 
 @dataclass
@@ -26,20 +43,20 @@ class Method:
 
     budget: tokens kept per head per layer, observation window included, as the papers count.
     compression_ratio: alternatively, the fraction of the prompt to evict (budget = int(n * (1 - ratio))).
+    prefill_chunk: feed the prompt in chunks of this many tokens and run `compress_prompt` after each chunk, so later
+        prompt tokens attend to the compressed past (None: the prompt in one forward).
     """
 
     budget: Optional[int] = None
     compression_ratio: Optional[float] = None
+    prefill_chunk: Optional[int] = None
 
     name: ClassVar[str] = ""
     needs_budget: ClassVar[bool] = True
-    # True when the cache is held to the budget during decoding too (H2O, TOVA, StreamingLLM); False when only the
-    # prompt is compressed and generated tokens are appended. A method whose options decide it (kmeans'
-    # cluster_every) overrides it with a property: read it from an instance.
-    evicts_while_decoding: ClassVar[bool] = False
-    # False when a decode-time hook reads per-sample data beyond the cache entries, their extras and
-    # `decode_group_key` without keeping it in `view.state` (state already rules batched decoding out).
-    batch_decoding: ClassVar[bool] = True
+    # The hooks; None = not implemented (see the module docstring).
+    compress_prompt: ClassVar[Optional[Hook]] = None
+    before_step: ClassVar[Optional[Hook]] = None
+    after_step: ClassVar[Optional[Hook]] = None
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.compression_ratio is not None:
@@ -50,11 +67,19 @@ class Method:
             )
         if self.compression_ratio is not None and not 0.0 <= self.compression_ratio < 1.0:
             raise EvalkvError(f"{self.name}: compression_ratio must be in [0, 1), got {self.compression_ratio!r}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise EvalkvError(f"{self.name}: prefill_chunk must be a positive number of tokens (or null), got "
+                              f"{self.prefill_chunk!r}")
         if self.requires_budget() and self.budget is None and self.compression_ratio is None:
             raise EvalkvError(
                 f"method {self.name!r} needs a budget: add budget=<tokens per head per layer> "
                 "(e.g. budget=128) or compression_ratio=<0..1>"
             )
+
+    @property
+    def acts_while_decoding(self) -> bool:
+        """Whether a hook runs around decode steps (derived from the hooks, as the engine derives it)."""
+        return self.before_step is not None or self.after_step is not None
 
     def requires_budget(self) -> bool:
         return self.needs_budget
@@ -73,16 +98,6 @@ class Method:
 
     def prepare(self, tokenizer) -> None:
         """Called once before a run with the model's tokenizer (for methods that derive token sets from it)."""
-
-    def prefill_chunk_size(self) -> int | None:
-        """Feed the prompt in chunks of this many tokens, evicting between chunks (None: one forward)."""
-        return None
-
-    def before_attention(self, view: AttentionView) -> Tensor | None:
-        return None
-
-    def after_attention(self, view: AttentionView) -> Tensor | None:
-        return None
 
     def describe(self) -> str:
         """Short label for run directories and tables: `snapkv_128`, `snapkv_r0.5`, `full`."""

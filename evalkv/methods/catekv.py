@@ -12,7 +12,7 @@ from torch import Tensor
 
 from evalkv.errors import EvalkvError
 from evalkv.kv.select import top_k_positions
-from evalkv.methods.base import AttentionView, Method, Phase
+from evalkv.methods.base import AttentionView, Method
 from evalkv.methods.registry import register
 
 DEFAULT_SPARSE_BUDGET = 2048  # run_catekv.sh
@@ -20,7 +20,7 @@ DEFAULT_SPARSE_BUDGET = 2048  # run_catekv.sh
 
 @dataclass(frozen=True)
 class ChunkGeometry:
-    """CateKV's prompt layout (specs/methods.md §8.1): `[0, init) | middle chunks | recent + tail`."""
+    """CateKV's prompt layout (docs/methods.md#catekv): `[0, init) | middle chunks | recent + tail`."""
 
     length: int
     chunk_size: int
@@ -95,11 +95,11 @@ class CateKV(Method):
     numbers of entries and the cache stores them per head; decoding appends to every head.
 
     `budget` is the reference's `sparse_budget` (2048 when none is given). The headmask comes from `evalkv headmask`
-    (§8.2) or the reference's `head_type_p*.csv` files (rows = layers, columns = KV heads).
+    (docs/methods.md#catekv) or the reference's `head_type_p*.csv` files (rows = layers, columns = KV heads).
 
     Deviations: the softmax runs in fp32 (the reference keeps the model dtype); the reference compresses only
-    prompts over 4096 tokens, evalkv whenever the middle holds more chunks than consistent heads keep; ties rank by
-    the earlier chunk.
+    prompts over 4096 tokens, evalkv whenever the middle holds more chunks than the smaller of what consistent and
+    adaptive heads keep and the prompt has at least `last_q` tokens; ties rank by the earlier chunk.
     """
 
     chunk_size: int = 8
@@ -133,9 +133,7 @@ class CateKV(Method):
                               f"model has {num_layers} layers and {num_kv_heads} KV heads")
         return self._headmask
 
-    def after_attention(self, view: AttentionView) -> list[Tensor] | None:
-        if view.phase is not Phase.PREFILL or not view.sample.last_chunk:
-            return None
+    def compress_prompt(self, view: AttentionView) -> list[Tensor] | None:
         geometry = ChunkGeometry(view.length, self.chunk_size, self.init_tokens, self.recent_tokens)
         consistent_chunks = (self.capacity(view.length) - self.init_tokens - self.recent_tokens) // self.chunk_size
         adaptive = self.headmask(view.geometry.num_layers, view.geometry.num_kv_heads)[view.layer_idx]

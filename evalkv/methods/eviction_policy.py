@@ -1,4 +1,4 @@
-"""The learned eviction policy that `learned_mlp` runs and `evalkv train-policy` trains (specs/methods.md §9.6).
+"""The learned eviction policy that `learned_mlp` runs and `evalkv train-policy` trains (docs/methods.md#learned_mlp).
 
 One small MLP per layer and KV head maps a cached token's features (its key before RoPE, optionally the log of its
 position and the norm of its value) to a logit: how likely the token is among the most attended in the next steps.

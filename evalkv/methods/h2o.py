@@ -30,7 +30,8 @@ class H2O(Method):
     `recent_size` tokens and the `budget - recent_size` others with the highest accumulated score; scores travel
     with the kept entries. The prompt's own attention is lossless; the budget is a hard cap while decoding.
 
-    Deviations: on GQA models one selection per KV head from the group's mean (or max) accumulated score
+    Deviations: scores accumulate in fp32 per sample (the reference sums probabilities in the model's dtype, over
+    the batch); on GQA models one selection per KV head from the group's mean (or max) accumulated score
     (`granularity=query_head` keeps one per query head, the reference being MHA-only). `recent_size` defaults to
     half the budget (the reference's lm-eval runs use equal heavy and recent ratios). Ties rank by position.
 
@@ -42,7 +43,6 @@ class H2O(Method):
     recent_size: Optional[int] = None
     granularity: str = "kv_head"
     gqa_reduce: str = "mean"
-    evicts_while_decoding = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,7 +53,7 @@ class H2O(Method):
         if self.recent_size is not None and self.budget is not None and self.recent_size > self.budget:
             raise EvalkvError(f"h2o: recent_size {self.recent_size} exceeds the budget {self.budget}")
 
-    def after_attention(self, view: AttentionView) -> Tensor | None:
+    def compress_prompt(self, view: AttentionView) -> Tensor | None:
         received = attention_column_sums(view.query, view.query_positions, view.keys, view.positions, view.scaling)
         if self.granularity == "kv_head" and view.cache.num_heads != received.shape[1]:
             received = reduce_query_heads(received, view.cache.num_heads, self.gqa_reduce)
@@ -66,3 +66,5 @@ class H2O(Method):
             return None
         recent = min(capacity // 2 if self.recent_size is None else self.recent_size, capacity)
         return keep_best_and_tail(received[..., : length - recent], capacity - recent, length)
+
+    after_step = compress_prompt  # the same accumulation and cut after every decode step

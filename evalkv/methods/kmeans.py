@@ -24,7 +24,7 @@ class KMeans(Method):
     """k-means over keys (semantic clusters; prompt, optionally re-clustered while decoding).
 
     Based on seed 004's `SemanticClusterCache` (public copy suhasramanand/kv-cache-compression@f74221a) as
-    specs/methods.md §9.5 reconstructs it from the seed's stated intent and ClusterKV ("ClusterKV: Manipulating LLM
+    docs/methods.md#kmeans reconstructs it from the seed's stated intent and ClusterKV ("ClusterKV: Manipulating LLM
     KV Cache in Semantic Space for Recallable Compression", Liu et al., arXiv 2412.03213).
 
     After the prompt's attention, if a layer holds more than `budget` entries, each KV head keeps its first `n_sink`
@@ -33,7 +33,7 @@ class KMeans(Method):
     `iterations` steps; centroids start at evenly spaced tokens), and fills the rest of the budget:
     - `selection=clusters` (default): whole clusters in score order while they fit, then the best tokens of the next
       one, so exactly `budget` entries remain. `scoring=window`: a token's score is the attention the last
-      `window_size` queries give it (SnapKV's window block, §0.2), summed over the rows and reduced over the GQA
+      `window_size` queries give it (SnapKV's window block), summed over the rows and reduced over the GQA
       group (`gqa_reduce`); a cluster's score is the sum over its tokens (attention mass). `scoring=centroid`: a
       token's score is its logit `q·k / sqrt(d)` for q the group's mean window query; a cluster's score is the mean
       over its tokens, i.e. `q·centroid` with the cluster's mean key (ClusterKV's selection rule, window queries).
@@ -88,20 +88,21 @@ class KMeans(Method):
         if self.budget is not None and self.budget < self.n_sink + self.window_size:
             raise EvalkvError(f"kmeans: budget {self.budget} is smaller than n_sink + window_size "
                               f"({self.n_sink} + {self.window_size})")
+        if self.cluster_every is None:
+            self.after_step = None  # generated tokens are appended, never evicted
 
-    @property
-    def evicts_while_decoding(self) -> bool:
-        return self.cluster_every is not None
-
-    def after_attention(self, view: AttentionView) -> Tensor | None:
+    def compress_prompt(self, view: AttentionView) -> Tensor | None:
         if self.cluster_every is not None:
             self._remember_window_queries(view)
-        if view.phase is Phase.PREFILL and view.sample.last_chunk:
-            queries, positions = view.query, view.query_positions
-        elif view.phase is Phase.DECODE and self.cluster_every and view.sample.decode_step % self.cluster_every == 0:
-            queries, positions = view.state["queries"], view.state["query_positions"]
-        else:
+        return self._cut(view, view.query, view.query_positions)
+
+    def after_step(self, view: AttentionView) -> Tensor | None:
+        self._remember_window_queries(view)
+        if view.phase is not Phase.DECODE or view.sample.decode_step % self.cluster_every:
             return None
+        return self._cut(view, view.state["queries"], view.state["query_positions"])
+
+    def _cut(self, view: AttentionView, queries: Tensor, positions: Tensor) -> Tensor | None:
         capacity = self.capacity(view.sample.prompt_length)
         if view.length <= capacity:
             return None

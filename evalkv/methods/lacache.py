@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from evalkv.errors import EvalkvError
-from evalkv.methods.base import AttentionView, Method, Phase
+from evalkv.methods.base import AttentionView, Method
 from evalkv.methods.registry import register
 
 
@@ -20,7 +20,7 @@ def _rungs(start: int, groups: int, group_size: int, keep: int, offset: int, spa
 
 @dataclass
 class Ladder:
-    """LaCache's index arithmetic for one sample (specs/methods.md §2.3): position-only, deterministic, stateful.
+    """LaCache's index arithmetic for one sample (docs/methods.md#lacache): position-only, deterministic, stateful.
 
     Tokens `[0, start_size)` are never touched; the ladder region starts at `cursor`. `compact(length)` returns the
     cache indices each layer keeps (the same count in every layer) and advances the cursor.
@@ -144,7 +144,6 @@ class LaCache(Method):
     span: int = 16
     overlap: int = 0
     start_size: int = 128
-    evicts_while_decoding = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,9 +151,7 @@ class LaCache(Method):
             raise EvalkvError(f"lacache: need start_size >= 1 and 0 <= overlap < span, got start_size="
                               f"{self.start_size}, span={self.span}, overlap={self.overlap}")
 
-    def after_attention(self, view: AttentionView) -> Tensor | None:
-        if view.phase is Phase.PREFILL and not view.sample.last_chunk:
-            return None
+    def compress_prompt(self, view: AttentionView) -> Tensor | None:
         state = view.sample.state
         if view.layer_idx == 0:  # one plan per forward, shared by the layers
             ladder = state.get("lacache_ladder") or self._ladder(view)
@@ -164,6 +161,8 @@ class LaCache(Method):
         if plan is None:
             return None
         return torch.tensor(plan[view.layer_idx], device=view.keys.device)[None, None, :]
+
+    after_step = compress_prompt  # the ladder compacts again whenever the cache outgrows its size
 
     def _ladder(self, view: AttentionView) -> Ladder:
         layers = view.geometry.num_layers

@@ -23,7 +23,7 @@ class LearnedMLP(Method):
     """Learned MLP eviction policy (key-only scores, held to the budget at every step).
 
     Based on seed 004's `LearnedEvictionPolicy` / `LearnedEvictionCache` (public copy
-    suhasramanand/kv-cache-compression@f74221a) with the fixes of specs/methods.md §9.6. No paper.
+    suhasramanand/kv-cache-compression@f74221a) with the fixes listed in docs/methods.md#learned_mlp. No paper.
 
     After each forward (the prompt, then every decode step) the new tokens are scored by the policy's MLP for their
     layer and KV head, from their key before RoPE (position-free, recovered with the model's RoPE table) and, as the
@@ -31,9 +31,10 @@ class LearnedMLP(Method):
     change). When a layer holds more than `budget` entries, each KV head keeps its first `n_sink` and last
     `window_size` entries and the `budget - n_sink - window_size` others with the highest score. `evalkv
     train-policy` trains the policy: its target is the attention mass a prompt token receives from the next N
-    generated tokens (full cache), its labels the top C per layer and KV head, its loss BCE.
+    generated tokens (full cache), its labels the `--top` most attended per layer and KV head (128 by default, a
+    training option apart from the budget), its loss BCE.
 
-    With `chunk_size` the prompt is fed in chunks with eviction between them, so prompt tokens see the compressed
+    With `prefill_chunk` the prompt is fed in chunks with eviction between them, so prompt tokens see the compressed
     cache: the mode a perplexity evaluation needs (the seed's perplexity scored a whole window in one forward with a
     fresh cache, so eviction never touched the scored tokens).
 
@@ -48,20 +49,17 @@ class LearnedMLP(Method):
       model geometry checked at the first attention.
     window_size: recent tokens always kept.
     n_sink: first tokens always kept.
-    chunk_size: feed the prompt in chunks of this many tokens, evicting between chunks (None: one forward).
     """
 
     policy_path: Optional[str] = None
     window_size: int = 32
     n_sink: int = 4
-    chunk_size: Optional[int] = None
-    evicts_while_decoding = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window_size < 0 or self.n_sink < 0 or (self.chunk_size is not None and self.chunk_size < 1):
-            raise EvalkvError(f"learned_mlp: window_size, n_sink >= 0 and chunk_size >= 1 (or null), got "
-                              f"{self.window_size}, {self.n_sink}, {self.chunk_size}")
+        if self.window_size < 0 or self.n_sink < 0:
+            raise EvalkvError(f"learned_mlp: window_size and n_sink must be >= 0, got {self.window_size}, "
+                              f"{self.n_sink}")
         if self.budget is not None and self.budget < self.n_sink + self.window_size:
             raise EvalkvError(f"learned_mlp: budget {self.budget} is smaller than n_sink + window_size "
                               f"({self.n_sink} + {self.window_size})")
@@ -78,9 +76,6 @@ class LearnedMLP(Method):
             raise EvalkvError(f"policy {self.policy_path!r} was trained with a {trained_vocab}-token vocabulary, "
                               f"this model's tokenizer has {len(tokenizer)}: train a policy for this model")
 
-    def prefill_chunk_size(self) -> int | None:
-        return self.chunk_size
-
     def _policy_for(self, view: AttentionView) -> EvictionPolicy:
         if self._policy is None:
             self.prepare(None)
@@ -91,7 +86,7 @@ class LearnedMLP(Method):
             self._policy.to(view.keys.device)
         return self._policy
 
-    def after_attention(self, view: AttentionView) -> Tensor | None:
+    def compress_prompt(self, view: AttentionView) -> Tensor | None:
         policy = self._policy_for(view)
         start = view.length - view.num_new
         features = token_features(view.keys_before_rope(start), view.positions[..., start:],
@@ -107,3 +102,5 @@ class LearnedMLP(Method):
         candidates = scores[..., : length - window].clone()
         candidates[..., : min(self.n_sink, capacity - window)] = float("inf")  # sinks rank first
         return keep_best_and_tail(candidates, capacity - window, length)
+
+    after_step = compress_prompt  # new tokens are scored and the cache cut after every decode step

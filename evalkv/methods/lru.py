@@ -21,7 +21,7 @@ class LRU(Method):
     """LRU (least recently used eviction), held to the budget at every step.
 
     Based on seed 004 (`LRUCache` in suhasramanand/kv-cache-compression@f74221a, `kv_cache_compression.ipynb`) and
-    the access rule of specs/methods.md §9.3 [evalkv choice]; no paper.
+    the access rule evalkv chose (docs/methods.md#lru); no paper.
 
     Every token has a last-access time, initially its own position. A query at position t *reads* a cached token
     when its attention to it, averaged over the layer's query heads, exceeds the uniform level `1 / (number of keys
@@ -45,14 +45,13 @@ class LRU(Method):
 
     refresh: str = "attention"
     granularity: str = "layer"
-    evicts_while_decoding = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require_choice(self.name, "refresh", self.refresh, ("attention", "insert"))
         require_choice(self.name, "granularity", self.granularity, ("layer", "kv_head"))
 
-    def after_attention(self, view: AttentionView) -> Tensor | None:
+    def compress_prompt(self, view: AttentionView) -> Tensor | None:
         capacity = self.capacity(view.sample.prompt_length)
         if self.refresh == "insert":
             return None if view.length <= capacity else keep_sink_and_recent(view.length, 0, capacity, view.keys.device)
@@ -62,6 +61,8 @@ class LRU(Method):
         positions = view.positions[:, : access.shape[1]]
         recency = access * (int(positions.max()) + 1) + positions  # access time first, then the newer position
         return top_k_positions(recency, capacity)
+
+    after_step = compress_prompt  # the same refresh and cut after every decode step
 
     def _update_access_times(self, view: AttentionView) -> Tensor:
         heads = 1 if self.granularity == "layer" else view.cache.num_heads

@@ -41,7 +41,7 @@ def obcache_scores(
 
     query `[B, H, r, d]` at `query_positions` `[B, r]`, output `[B, H, r, d]` (the attention output of those rows,
     before o_proj). With `A_ij` the attention, `z_ij = q_i . k_j * scaling` the logit, `o_i` the output
-    (specs/methods.md §7.2):
+    (docs/methods.md#obcache):
       V:  sum_i A_ij^p * |v_j|_p^p (the last factor only with use_vnorm)     = |delta o|^2 when v_j is zeroed (p=2)
       K:  sum_i (A_ij z_ij)^2 |v_j - o_i|^2                                     first order when k_j is zeroed
       VK: V + K (+ sum_i 2 A_ij^2 z_ij (|v_j|^2 - v_j . o_i) with cross)       both zeroed
@@ -74,8 +74,9 @@ class OBCache(Method):
     """OBCache (Optimal Brain Cache; kv-cache-pruner's kvcV / kvcK / kvcVK).
 
     Based on "OBCache: Optimal Brain KV Cache Pruning for Efficient Long-Context LLM Inference", Gu, Liang, Zhao,
-    Diao (arXiv 2510.07651); reference code MalachiAjayi/kv-cache-pruner@fc1779f (a renamed, functionally equivalent
-    copy of DreamSoul-AI/OBCache: `KVCachePruner`, `KVScoreTracker`, `load_kv_cache`), specs/methods.md §7.
+    Diao (arXiv 2510.07651); reference code MalachiAjayi/kv-cache-pruner@fc1779f (a renamed
+    copy of DreamSoul-AI/OBCache, as the README of its first commit says: `KVCachePruner`, `KVScoreTracker`,
+    `load_kv_cache`); docs/methods.md#obcache.
 
     A token's saliency is the perturbation of the attention outputs when its value (`score=V`), its key (`K`) or
     both (`VK`) are pruned, summed over query rows (`obcache_scores`). Rows: the last `num_recent` prompt queries
@@ -90,13 +91,15 @@ class OBCache(Method):
     least 1, as the reference's LongBench scripts) and `num_heavy`; or give `num_recent` + `num_heavy` as the
     reference README does; or `recent_ratio` + `heavy_ratio`, fractions of the prompt length fixed at the prompt.
 
-    Presets: every tag of the reference's `load_kv_cache` is registered under its own name (`kvcV`, `kvcK`, `kvcVK`,
-    `kvcVK_no_cross`, `kvcV_p1`, each with `+tova`, `+maxpool`, `+avgpool`, `_fullhist`); `obcache` itself defaults to
-    the joint score (`kvcVK`). Hydra accepts `+` in a group option: `method=kvcV+tova`.
+    Presets: every `kvc*` tag of the reference's `load_kv_cache` is registered under its own name (`kvcV`, `kvcK`,
+    `kvcVK`, `kvcVK_no_cross`, `kvcV_p1`, each with `+tova`, `+maxpool`, `+avgpool`, `_fullhist`); `obcache` itself
+    defaults to the joint score (`kvcVK`). Hydra accepts `+` in a group option: `method=kvcV+tova`. The reference's
+    other tags (`sink`, `h2o`, `h2o_fullhist`, `tova`, `snapkv`, `snapkv_avgpool`) are its baselines, which evalkv has
+    as methods.
 
     Deviations: scores in fp32 (the reference casts the window probabilities to the model dtype); ties rank by
     position and kept entries are stored in position order; with ratios, `_fullhist` uses every prompt row (the
-    reference silently falls back to the recent rows there, specs §7.4); `queries=recent` with zero recent tokens
+    reference silently falls back to the recent rows there); `queries=recent` with zero recent tokens
     is an error (the reference then scores every row); no streaming mode (the reference's `num_sink=4` and
     eviction before chunks of new tokens exist only there); the reference's `fix_recent_token` +
     `cache_ratio` is `compression_ratio` + `num_recent` here. `granularity=kv_head` (scores averaged over the GQA
@@ -124,7 +127,6 @@ class OBCache(Method):
     heavy_ratio: Optional[float] = None
     decode_evict: bool = True
     granularity: str = "query_head"
-    evicts_while_decoding = True
 
     def __post_init__(self) -> None:
         require_choice(self.name, "score", self.score, ("V", "K", "VK"))
@@ -155,6 +157,8 @@ class OBCache(Method):
         super().__post_init__()
         if self.budget is not None and self.num_recent is not None and self.num_recent > self.budget:
             raise EvalkvError(f"{self.name}: num_recent {self.num_recent} exceeds the budget {self.budget}")
+        if not self.decode_evict:
+            self.after_step = None  # the prompt is compressed, generated tokens appended
 
     def _ratio_mode(self) -> bool:
         return self.recent_ratio is not None or self.heavy_ratio is not None
@@ -185,10 +189,8 @@ class OBCache(Method):
                               "prompt gets no recent tokens; raise recent_ratio or num_recent")
         return recent, heavy
 
-    def after_attention(self, view: AttentionView) -> Tensor | None:
+    def compress_prompt(self, view: AttentionView) -> Tensor | None:
         prefill = view.phase is Phase.PREFILL
-        if (prefill and not view.sample.last_chunk) or (not prefill and not self.decode_evict):
-            return None
         recent, heavy = self.split(view.sample.prompt_length)
         if self.queries == "latest":
             rows = 1
@@ -215,8 +217,10 @@ class OBCache(Method):
             candidates = pool_scores(candidates, self.kernel_size, self.pooling)
         return keep_best_and_tail(candidates, heavy, length)
 
+    after_step = compress_prompt  # each decode step adds its row and holds the budget (decode_evict)
 
-# The reference's `load_kv_cache` tags: base score x which queries / pooling (specs/methods.md §7.3).
+
+# The reference's `load_kv_cache` kvc* tags: base score x which queries / pooling (docs/methods.md#obcache-presets).
 _BASES = {
     "kvcV": {"score": "V"},
     "kvcK": {"score": "K"},

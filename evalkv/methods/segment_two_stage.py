@@ -82,21 +82,22 @@ class SegmentTwoStage(Method):
     Stage 1, after the prompt's attention: if n exceeds the coarse budget C1, each head keeps the window and its
     `C1 - W` best prefix tokens, scored by the last W prompt queries (whole segments, at most one partial segment).
     Stage 2, before the attention of decode step `lookahead_steps` (Lk), unless the cache is then shorter than the
-    budget C: keep the window, the Lk generated tokens and the `C - W - Lk` best stage-1 survivors, scored by the
-    last 32 prompt queries and the queries of the Lk generated tokens (`stage2_queries=window+lookahead`, v1) or by
-    the generated tokens' queries alone (`lookahead`, v2). The cache is then exactly C per head; it grows by one per
+    budget C: keep the window, the Lk generated tokens (and a query-agnostic run's question) and the `C - W - Lk`
+    (less the question) best stage-1 survivors, scored by the last 32 prompt queries and the queries of the Lk
+    generated tokens (`stage2_queries=window+lookahead`, v1) or by the generated tokens' queries alone (`lookahead`,
+    v2). The cache is then exactly C per head; it grows by one per
     later step (no more eviction).
 
     Budget: `budget` is the final capacity C, the seed's `max_capacity` (default 128 when no budget is given;
     `max_capacity=` is accepted as the seed's name for it); window and generated tokens included.
 
-    Deviations: the coarse budget is raised to C when C is larger (the reference would cut to C1 and never reach
-    C); an empty separator set gives one prefix segment (the reference fails); scores in fp32 (the reference
-    averages probabilities cast to fp16); ties rank by position, so the partial segment keeps its first tokens
-    (specs §0.6); kept entries are stored in position order (the reference keeps top-k order). Stage 2 always uses
-    the last 32 prompt queries as v1 hard-codes, masked by true positions, which stays exact when W != 32 (v1's
-    mask assumes W = 32). Prompt-suffix tokens (query-agnostic runs) are kept like the window. Separator ids are
-    cached in memory per tokenizer object (the reference writes them to files).
+    Deviations: the coarse budget is raised to C when C is larger (the reference would cut to C1 and never reach C); an
+    empty separator set gives one prefix segment (the reference fails); scores in fp32 (the reference averages
+    probabilities cast to fp16); ties rank by position, so the partial segment keeps its first tokens
+    (docs/methods.md#shared-tie-rule); kept entries are stored in position order (the reference keeps top-k order).
+    Stage 2 always uses the last 32 prompt queries as v1 hard-codes, masked by true positions, which stays exact when W
+    != 32 (v1's mask assumes W = 32). Prompt-suffix tokens (query-agnostic runs) are kept like the window. Separator ids
+    are cached in memory per tokenizer object (the reference writes them to files).
 
     window_size: observation window W (seed: 32).   coarse_budget: stage-1 capacity C1 (v1: 2048).
     lookahead_steps: Lk (seed CLI: 2).   stage2_queries: `window+lookahead` (v1) or `lookahead` (v2).
@@ -110,7 +111,6 @@ class SegmentTwoStage(Method):
     lookahead_steps: int = 2
     stage2_queries: str = "window+lookahead"
     granularity: str = "query_head"
-    evicts_while_decoding = True  # the fine cut happens while decoding; C counts the generated tokens
     _separator_ids: ClassVar[tuple[list[int], list[int]] | None] = None  # set by prepare()
 
     def __post_init__(self) -> None:
@@ -134,9 +134,7 @@ class SegmentTwoStage(Method):
     def prepare(self, tokenizer) -> None:
         self._separator_ids = None if tokenizer is None else separator_ids(tokenizer)
 
-    def after_attention(self, view: AttentionView) -> Tensor | None:
-        if view.phase is not Phase.PREFILL or not view.sample.last_chunk:
-            return None
+    def compress_prompt(self, view: AttentionView) -> Tensor | None:
         self._segment_bounds(view)  # fails early without a tokenizer
         if self.stage2_queries == "window+lookahead":
             view.state["rows"] = [view.query[:, :, -WINDOW_QUERIES:].clone()]
@@ -150,7 +148,9 @@ class SegmentTwoStage(Method):
                                  view.positions, view.scaling)
         return self._select(view, probs, candidates=view.length - window, keep=coarse - window)
 
-    def before_attention(self, view: AttentionView) -> Tensor | None:
+    def before_step(self, view: AttentionView) -> Tensor | None:
+        """Stage 2: the fine cut before the attention of decode step `lookahead_steps` (C counts the generated
+        tokens)."""
         state = view.state
         if view.phase is not Phase.DECODE or state.get("done"):
             return None

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from evalkv.errors import EvalkvError
-from evalkv.methods.base import AttentionView, Method, Phase, require_choice
+from evalkv.methods.base import AttentionView, Method, require_choice
 from evalkv.methods.registry import register
 
 
@@ -51,9 +52,9 @@ class SinkRecentUniform(Method):
     """Sink + recent (+ uniform middle blocks), evicted between chunks of a chunked prefill.
 
     Based on seed 001 (a LaCache-derived project; public copy paper-review-artifact/review-code@30ccff2,
-    `kv_eviction/eviction.py`, `streaming.py`), specs/methods.md §2.2.
+    `kv_eviction/eviction.py`, `streaming.py`); docs/methods.md#sink_recent_uniform.
 
-    The prompt is fed in chunks of `chunk_size`; after each chunk, if a layer holds more than the cache target, it
+    The prompt is fed in chunks of `prefill_chunk`; after each chunk, if a layer holds more than the cache target, it
     keeps the first `sink` and last `recent` entries and, with `middle_strategy=uniform`, whole `block_size` blocks of
     the middle (aligned to cache-index multiples of `block_size`), chosen evenly (budget mode: `budget - sink -
     recent` tokens' worth) or every `uniform_stride`-th block (stride mode). The block grid is re-laid on the
@@ -71,13 +72,13 @@ class SinkRecentUniform(Method):
     middle_strategy: str = "uniform"
     uniform_stride: int = 0
     block_size: int = 128
-    chunk_size: int = 512
+    prefill_chunk: Optional[int] = 512
 
     def __post_init__(self) -> None:
         require_choice("sink_recent_uniform", "middle_strategy", self.middle_strategy, ("none", "uniform"))
         super().__post_init__()
-        if min(self.sink, self.recent, self.uniform_stride) < 0 or self.block_size < 1 or self.chunk_size < 1:
-            raise EvalkvError("sink_recent_uniform: sink, recent, uniform_stride >= 0, block_size, chunk_size >= 1")
+        if min(self.sink, self.recent, self.uniform_stride) < 0 or self.block_size < 1:
+            raise EvalkvError("sink_recent_uniform: sink, recent, uniform_stride >= 0 and block_size >= 1")
         if self.requires_budget() and self.budget is not None and self.budget < self.sink + self.recent:
             raise EvalkvError(
                 f"sink_recent_uniform: budget {self.budget} is below sink {self.sink} + recent {self.recent}; "
@@ -87,17 +88,12 @@ class SinkRecentUniform(Method):
     def requires_budget(self) -> bool:
         return self.middle_strategy == "uniform" and self.uniform_stride == 0
 
-    def prefill_chunk_size(self) -> int | None:
-        return self.chunk_size
-
     def cache_target(self, prompt_length: int) -> int:
         if self.requires_budget():
             return max(self.capacity(prompt_length), self.sink + self.recent)
         return self.sink + self.recent
 
-    def after_attention(self, view: AttentionView) -> Tensor | None:
-        if view.phase is not Phase.PREFILL:
-            return None
+    def compress_prompt(self, view: AttentionView) -> Tensor | None:
         target = self.cache_target(view.sample.prompt_length)
         if view.length <= target:
             return None

@@ -16,14 +16,15 @@ from evalkv.methods.registry import register
 class SlidingWindow(Method):
     """Sliding window: keep the last `budget` tokens (no sinks), after the prompt and after every decode step.
 
-    Based on the seed-004 `SlidingWindowCache` (specs/methods.md §9.2). Deviation: eviction runs after the step's
+    Based on seed 004's `SlidingWindowCache` (suhasramanand/kv-cache-compression@f74221a,
+    `kv_cache_compression.ipynb`; docs/methods.md#sliding_window). Deviation: eviction runs after the step's
     attention (the seed evicts inside `update()`, before it), as every other decode-time method here does.
     """
 
-    evicts_while_decoding = True
-
-    def after_attention(self, view: AttentionView) -> Tensor | None:
+    def compress_prompt(self, view: AttentionView) -> Tensor | None:
         capacity = self.capacity(view.sample.prompt_length)
         if view.length <= capacity:
             return None
         return keep_sink_and_recent(view.length, 0, capacity, view.keys.device)
+
+    after_step = compress_prompt

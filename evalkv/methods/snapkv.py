@@ -8,28 +8,31 @@ from torch import Tensor
 
 from evalkv.errors import EvalkvError
 from evalkv.kv.attention import attention_column_sums, pool_scores, reduce_query_heads
-from evalkv.kv.select import keep_best_and_tail
-from evalkv.methods.base import AttentionView, Method, Phase, require_choice
+from evalkv.methods.base import AttentionView, require_choice
 from evalkv.methods.registry import register
+from evalkv.methods.scorer import Scorer
 
 
 @register("snapkv")
 @dataclass
-class SnapKV(Method):
+class SnapKV(Scorer):
     """SnapKV (observation window + pooling + per-head top-k, prompt only).
 
     Based on "SnapKV: LLM Knows What You are Looking for Before Generation", Li et al., NeurIPS 2024
-    (arXiv 2404.14469), reference code FasterDecoding/SnapKV@e216ddc (`SnapKVCluster.update_kv`).
+    (arXiv 2404.14469), reference code FasterDecoding/SnapKV@e216ddc (`SnapKVCluster.update_kv`);
+    docs/methods.md#snapkv.
 
     After the prompt's attention in each layer, if the prompt has more than `budget` tokens: the last `window_size`
     queries attend over all prompt keys (causal inside the window, softmax in fp32 over all keys); a prefix token's
     score is the sum of its attention over the window rows, pooled along positions; each head keeps its
-    `budget - window_size` best prefix tokens plus the window. Generated tokens are appended, never evicted.
+    `budget - window_size` best prefix tokens plus the window. Generated tokens are appended, never evicted (unless
+    `decode_interval` re-applies the scorer while decoding, docs/methods.md#regimes).
 
     Deviations: by default one selection per KV head (scores reduced over the GQA group with `gqa_reduce`, before
     pooling), which frees memory on GQA models; `granularity=query_head` selects per query head as the reference
-    does (the cache then holds one copy per query head). Ties rank by position (specs/methods.md §0.6); kept
-    entries are stored in position order (the reference keeps top-k order; attention is order-invariant).
+    does (the cache then holds one copy per query head). Scores stay in fp32 (the reference casts the window's
+    probabilities back to the model's dtype before summing them). Ties rank by position; kept entries are stored in
+    position order (the reference keeps top-k order; attention is order-invariant).
 
     window_size: observation window W (paper's LongBench runs: 32; KVCache-Factory: 8).
     kernel_size: pooling kernel (paper: 7; reference code default 5).
@@ -58,28 +61,15 @@ class SnapKV(Method):
         if self.budget is not None and self.budget < self.window_size:
             raise EvalkvError(f"{self.name}: budget {self.budget} is smaller than window_size {self.window_size}")
 
-    def after_attention(self, view: AttentionView) -> Tensor | list[Tensor] | None:
-        if view.phase is not Phase.PREFILL or not view.sample.last_chunk:
-            return None
-        capacity = self.layer_capacity(view)
-        if capacity is None or view.length <= capacity:
-            return None
-        window = min(self.window_size, view.num_new, capacity)
-        return self.select(view, self.prefix_scores(view, window), capacity - window)
+    def window(self) -> int:
+        return self.window_size
 
-    def layer_capacity(self, view: AttentionView) -> int | None:
-        """Entries this layer keeps per head, window included (None: leave the layer alone)."""
-        return self.capacity(view.length)
-
-    def select(self, view: AttentionView, scores: Tensor, keep: int) -> Tensor | list[Tensor]:
-        """Indices to keep from the prefix scores `[B, h, n - W]`: the best `keep` per head, then the window."""
-        return keep_best_and_tail(scores, keep, view.length)
-
-    def prefix_scores(self, view: AttentionView, window: int) -> Tensor:
-        """Pooled window-attention score of every prefix token, per selection head: `[B, h, n - window]`."""
+    def score(self, view: AttentionView, candidates: int) -> Tensor:
+        """Pooled window-attention score of every prefix token, per selection head: `[B, h, candidates]`."""
+        window = view.length - candidates
         scores = attention_column_sums(
             view.query[:, :, -window:], view.query_positions[:, -window:], view.keys, view.positions, view.scaling
-        )[..., : view.length - window]
+        )[..., :candidates]
         if self.granularity == "query_head":
             return pool_scores(scores, self.kernel_size, self.pooling)
         num_kv_heads = view.geometry.num_kv_heads

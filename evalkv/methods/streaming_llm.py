@@ -25,13 +25,13 @@ class StreamingLLM(Method):
 
     Deviations: keys keep their original RoPE positions (as kvpress and the KV-cache papers' one-shot use do); the
     reference re-rotates cached keys with their index in the cache ("pos-shift", needed for unbounded streaming).
-    KVCache-Factory's "StreamingLLM" (first C - W tokens + last W) is a different method and is not this one.
+    KVCache-Factory's StreamingLLM (its LongBench driver keeps the first C - W tokens and the last W with W = C - 4:
+    the same set) compresses the prompt only; this one holds the budget while decoding too, as the paper.
 
     n_sink: attention-sink tokens always kept (paper: 4).
     """
 
     n_sink: int = 4
-    evicts_while_decoding = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -40,8 +40,10 @@ class StreamingLLM(Method):
         if self.budget is not None and self.budget <= self.n_sink:
             raise EvalkvError(f"streaming_llm: budget {self.budget} must exceed n_sink {self.n_sink}")
 
-    def after_attention(self, view: AttentionView) -> Tensor | None:
+    def compress_prompt(self, view: AttentionView) -> Tensor | None:
         capacity = self.capacity(view.sample.prompt_length)
         if view.length <= capacity:
             return None
         return keep_sink_and_recent(view.length, self.n_sink, capacity - self.n_sink, view.keys.device)
+
+    after_step = compress_prompt

@@ -1,4 +1,4 @@
-"""`evalkv headmask`: CateKV's offline head classification (specs/methods.md §8.2).
+"""`evalkv headmask`: CateKV's offline head classification (docs/methods.md#catekv).
 
 For each sample of a reference task (RULER variable tracking by default), the prompt runs through the model with
 the full cache while a probe measures, per layer and KV head, how consistently the last prompt queries hit the same
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from evalkv.errors import EvalkvError
 from evalkv.kv.engine import Engine
-from evalkv.methods.base import AttentionView, Method, Phase
+from evalkv.methods.base import AttentionView, Method
 from evalkv.methods.catekv import ChunkGeometry, chunk_max, middle_attention
 from evalkv.models.loader import LoadedModel
 from evalkv.run.records import write_json_atomic, write_text_atomic
@@ -66,8 +66,8 @@ class ConsistencyProbe(Method):
     top_threshold: float = 1.0
     needs_budget = False
 
-    def after_attention(self, view: AttentionView) -> None:
-        if view.phase is not Phase.PREFILL or not view.sample.last_chunk:
+    def compress_prompt(self, view: AttentionView) -> None:
+        if not view.sample.last_chunk:
             return None
         geometry = ChunkGeometry(view.length, self.chunk_size, self.init_tokens, self.recent_tokens)
         if geometry.middle_chunks < 2 or view.num_new < self.last_q:

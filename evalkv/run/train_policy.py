@@ -63,12 +63,13 @@ class _AttentionRecorder(Method):
     features: list[str] = field(default_factory=list)
     needs_budget = False
 
-    def after_attention(self, view: AttentionView) -> None:
-        if view.phase is Phase.PREFILL:
-            view.state["features"] = token_features(view.keys_before_rope(), view.positions, view.values,
-                                                    self.features)[0].cpu()
-            view.state["received"] = torch.zeros(view.keys.shape[1], view.length)
-        elif view.phase is Phase.DECODE:
+    def compress_prompt(self, view: AttentionView) -> None:
+        view.state["features"] = token_features(view.keys_before_rope(), view.positions, view.values,
+                                                self.features)[0].cpu()
+        view.state["received"] = torch.zeros(view.keys.shape[1], view.length)
+
+    def after_step(self, view: AttentionView) -> None:
+        if view.phase is Phase.DECODE:
             received = attention_column_sums(view.query, view.query_positions, view.keys, view.positions,
                                              view.scaling)
             prompt = view.state["received"].shape[-1]

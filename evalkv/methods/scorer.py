@@ -1,0 +1,143 @@
+"""Scorers: a method that is its options plus one function scoring the cache entries; everything else is shared.
+
+A scorer implements `score(view, candidates)`: a score for each of the first `candidates` cache entries, per
+selection head, `[batch, heads, candidates]` fp32 (heads = 1 for one set per layer, the KV-head count, or the
+query-head count), higher = keep. The entries after the candidates are the observation window (`window()`,
+always kept). The shared part (docs/methods.md#regimes) decides when a scorer runs and how many entries it keeps:
+
+- after the prompt's attention (each chunk with `prefill_chunk`): keep `capacity` entries per head, window
+  included, where `layer_budgets` shares the budget out per layer (uniform, PyramidKV's `pyramid`, AdaKV's
+  `ada_pyramid`) and `head_budgets` per head (uniform, or AdaKV's `adaptive`: a ragged cache, batch size 1);
+- with `decode_interval`, while decoding too, with kvpress `DecodingPress`'s semantics: every `decode_interval`
+  forwards after the prompt (the question fed after a query-agnostic compression counts as one), the cache is
+  scored again with the queries of the forwards since the last compression (at most `decode_buffer` of them, the
+  newest; they play the prompt's observation rows) and cut back to `decode_target` entries per head (default: the
+  budget); between cuts it grows by one entry per step.
+
+Selection is `evalkv.kv.select`'s stable top-k (ties by position); kept entries stay in position order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from evalkv.errors import EvalkvError
+from evalkv.kv.select import keep_best_and_tail, top_k_positions
+from evalkv.methods.base import AttentionView, Keep, Method, require_choice
+from evalkv.methods.budgets import HEAD_ALLOCATIONS, LAYER_SCHEDULES, adaptive_head_budgets, layer_capacity
+
+_ROWS, _ROW_POSITIONS = "decode_rows", "decode_row_positions"
+
+
+@dataclass
+class Scorer(Method):
+    """Base of the methods that score entries (see the module docstring).
+
+    layer_budgets: `uniform`, `pyramid` (PyramidKV's per-layer schedule) or `ada_pyramid` (AdaKV's).
+    beta: the pyramid's steepness (smallest layer budget = average // beta; PyramidKV: 20).
+    head_budgets: `uniform`, or `adaptive` (AdaKV: the layer's budget shared among its heads by their scores).
+    floor_alpha: with `adaptive`, the share of the budget every head keeps (AdaKV: 0.2).
+    normalize: with `adaptive`, scale each head's scores by the share of its mass in its own top before ranking.
+    skip_layers: with `adaptive`, the first layers keep the uniform budget.
+    decode_interval: re-score and cut the cache every this many forwards after the prompt (None: prompt only).
+    decode_target: entries per head after each cut while decoding (None: the budget).
+    decode_buffer: queries kept for the next cut (kvpress's hidden_states_buffer_size); 0 or 1: the newest only.
+    """
+
+    layer_budgets: str = "uniform"
+    beta: int = 20
+    head_budgets: str = "uniform"
+    floor_alpha: float = 0.2
+    normalize: bool = False
+    skip_layers: int = 0
+    decode_interval: Optional[int] = None
+    decode_target: Optional[int] = None
+    decode_buffer: int = 256
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice(self.name, "layer_budgets", self.layer_budgets, LAYER_SCHEDULES)
+        require_choice(self.name, "head_budgets", self.head_budgets, HEAD_ALLOCATIONS)
+        if self.beta < 1 or self.skip_layers < 0 or not 0.0 <= self.floor_alpha <= 1.0:
+            raise EvalkvError(f"{self.name}: need beta >= 1, skip_layers >= 0 and floor_alpha in [0, 1], got "
+                              f"{self.beta}, {self.skip_layers}, {self.floor_alpha}")
+        if self.decode_interval is None:
+            if self.decode_target is not None:
+                raise EvalkvError(f"{self.name}: decode_target applies while decoding: set decode_interval too")
+            self.after_step = None
+        elif self.decode_interval < 1 or self.decode_buffer < 0 or (
+                self.decode_target is not None and self.decode_target < 1):
+            raise EvalkvError(f"{self.name}: need decode_interval >= 1, decode_target >= 1 and decode_buffer >= 0, "
+                              f"got {self.decode_interval}, {self.decode_target}, {self.decode_buffer}")
+        elif self.head_budgets == "adaptive":
+            raise EvalkvError(f"{self.name}: head_budgets=adaptive keeps a ragged cache, which decode_interval cannot "
+                              "cut again; use one of them")
+
+    def score(self, view: AttentionView, candidates: int) -> Tensor:
+        """Scores `[B, h, candidates]` of the first `candidates` entries of `view.cache` (higher = keep), from the
+        observation rows `view.query` at `view.query_positions`."""
+        raise NotImplementedError
+
+    def window(self) -> int:
+        """Newest entries always kept and not scored (the observation window)."""
+        return 0
+
+    def compress_prompt(self, view: AttentionView) -> Keep:
+        if self._buffers_rows(view):  # an empty buffer from the prompt on: this sample keeps per-sample state
+            view.state[_ROWS], view.state[_ROW_POSITIONS] = view.query[:, :, :0], view.query_positions[:, :0]
+        capacity = layer_capacity(self.layer_budgets, self.capacity(view.sample.prompt_length), self.window(),
+                                  view.length, view.geometry.num_layers, view.layer_idx, self.beta)
+        if capacity is None or view.length <= capacity:
+            return None
+        return self.select(view, capacity)
+
+    def after_step(self, view: AttentionView) -> Keep:
+        rows, positions = self._observation_rows(view)
+        if view.sample.steps_after_prompt % self.decode_interval:
+            return None
+        if self._buffers_rows(view):
+            view.state[_ROWS], view.state[_ROW_POSITIONS] = rows[:, :, :0], positions[:, :0]
+        target = self.decode_target or self.capacity(view.sample.prompt_length)
+        if view.length <= target:
+            return None
+        return self.select(dataclasses.replace(view, query=rows, query_positions=positions), target)
+
+    def select(self, view: AttentionView, capacity: int) -> Keep:
+        """Keep `capacity` entries per head (on average, with adaptive head budgets): the window, then the best."""
+        window = min(self.window(), view.num_new, capacity)
+        candidates = view.length - window
+        scores = self.score(view, candidates)
+        if self.head_budgets == "uniform":
+            return keep_best_and_tail(scores, capacity - window, view.length)
+        if scores.shape[0] != 1:
+            raise EvalkvError(f"{self.name}: head_budgets=adaptive keeps a different number of tokens per head and "
+                              "needs batch size 1")
+        heads, keep = scores[0], capacity - window
+        if view.layer_idx < self.skip_layers:
+            budgets = [keep] * heads.shape[0]
+        else:
+            budgets = adaptive_head_budgets(heads, keep, self.floor_alpha, self.normalize)
+        tail = torch.arange(candidates, view.length, device=heads.device)
+        return [torch.cat([top_k_positions(head, budget), tail]) for head, budget in zip(heads, budgets)]
+
+    def _buffers_rows(self, view: AttentionView) -> bool:
+        """Whether cuts need queries of earlier forwards (kept in `view.state`); `decode_interval=1` needs none, so
+        such a scorer keeps no per-sample state and its samples decode in batches."""
+        return self.decode_interval is not None and self.decode_interval > 1 and self.decode_buffer > 1
+
+    def _observation_rows(self, view: AttentionView) -> tuple[Tensor, Tensor]:
+        """The queries since the last cut (at most `decode_buffer`, the newest), this forward's included."""
+        limit = max(1, self.decode_buffer)
+        rows, positions = view.query, view.query_positions
+        if self._buffers_rows(view):
+            rows = torch.cat([view.state[_ROWS], rows], dim=-2)
+            positions = torch.cat([view.state[_ROW_POSITIONS], positions], dim=-1)
+        rows, positions = rows[:, :, -limit:], positions[:, -limit:]
+        if self._buffers_rows(view):
+            view.state[_ROWS], view.state[_ROW_POSITIONS] = rows, positions
+        return rows, positions
