@@ -16,6 +16,8 @@ from evalkv.models.loader import LoadedModel, stop_token_ids
 from evalkv.models.presets import build_random_model, byte_tokenizer
 
 TINY_ARCHITECTURES = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
+# Families added later: the adapter's contract tests and tests/test_architectures.py run them (not every test module).
+NEW_ARCHITECTURES = ("tiny-qwen3", "tiny-phi3")
 SHARED_DATA = Path(os.environ.get("EVALKV_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -61,6 +63,24 @@ def architecture(request) -> str:
 
 def prompt_ids(tokenizer, repeats: int = 12) -> list[int]:
     return tokenizer("The quick brown fox jumps over the lazy dog. " * repeats)["input_ids"]
+
+
+def projected_keys(model, sequence: torch.Tensor) -> torch.Tensor:
+    """Layer 0's keys before RoPE, `[1, H_kv, n, d]`, as each family computes them: `k_proj` (Llama, Qwen2, Mistral),
+    then the per-head `k_norm` (Qwen3), or the key slice of the fused `qkv_proj` (Phi-3)."""
+    attention = model.model.layers[0].self_attn
+    hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(sequence))
+    config = model.config
+    head_dim, kv_heads = attention.head_dim, config.num_key_value_heads
+    if hasattr(attention, "qkv_proj"):
+        start = config.num_attention_heads * head_dim
+        keys = attention.qkv_proj(hidden)[..., start : start + kv_heads * head_dim]
+    else:
+        keys = attention.k_proj(hidden)
+    keys = keys.view(1, sequence.shape[1], kv_heads, head_dim)
+    if hasattr(attention, "k_norm"):
+        keys = attention.k_norm(keys)
+    return keys.transpose(1, 2)
 
 
 @pytest.fixture

@@ -1,16 +1,22 @@
-"""The contract between evalkv and transformers (evalkv/kv/adapter.py), on tiny Llama, Qwen2 and Mistral."""
+"""The contract between evalkv and transformers (evalkv/kv/adapter.py), on tiny Llama, Qwen2, Mistral, Qwen3 and
+Phi-3."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import prompt_ids, tiny_model
+from conftest import NEW_ARCHITECTURES, TINY_ARCHITECTURES, projected_keys, prompt_ids, tiny_model
 
 from evalkv.errors import EvalkvError
 from evalkv.kv import adapter
 from evalkv.kv.engine import Engine
 from evalkv.kv.view import Phase
 from evalkv.methods import build_method
+
+
+@pytest.fixture(params=TINY_ARCHITECTURES + NEW_ARCHITECTURES)
+def architecture(request) -> str:
+    return request.param
 
 
 def _hf_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
@@ -70,14 +76,27 @@ def test_prefill_computes_last_position_logits_only(tokenizer):
     assert generation.forwards[0][2].shape == (1, model.config.vocab_size)
 
 
-def test_sliding_window_models_are_refused():
+def _one_layer_model(model_type: str, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=300, sliding_window=16)
-    model = AutoModelForCausalLM.from_config(config)
+    config = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=300, pad_token_id=0,
+                                  **overrides)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "phi3"])
+def test_sliding_window_models_are_refused(model_type):
+    model = _one_layer_model(model_type, sliding_window=16)
     with pytest.raises(EvalkvError, match="sliding-window"):
         adapter.install(model)
+
+
+def test_a_window_wider_than_the_context_is_no_window():
+    """Phi-3-mini-128k's config sets sliding_window 262144 over 131072 positions: every layer attends to all."""
+    model = _one_layer_model("phi3", sliding_window=1024, max_position_embeddings=512)
+    adapter.install(model)
+    assert model.config._attn_implementation == adapter.ATTENTION_NAME
 
 
 def test_attention_outside_a_session_is_an_error(tokenizer):
@@ -106,8 +125,6 @@ def test_keys_before_rope_are_the_models_projected_keys(architecture, tokenizer)
     state = generation.session.layer_state[0]
     sequence = torch.tensor([ids + generation.token_ids[:-1]])
     assert state["positions"].tolist() == [0, 1, 2, 3, *range(len(ids) - 19, len(ids) + 2)]
-    attention = model.model.layers[0].self_attn
     with torch.inference_mode():
-        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(sequence))
-        keys = attention.k_proj(hidden).view(1, sequence.shape[1], -1, attention.head_dim).transpose(1, 2)
+        keys = projected_keys(model, sequence)
     torch.testing.assert_close(state["keys"], keys[:, :, state["positions"]], atol=1e-5, rtol=0)

@@ -61,3 +61,37 @@ def test_typos_and_wrong_types_fail_at_composition():
 def test_budget_shorthand_fills_the_method():
     assert _compose("method=h2o", "budget=96").method.budget == 96
     assert _compose("method=h2o", "compression_ratio=0.5").method.compression_ratio == 0.5
+
+
+# The end of Qwen3's chat template: the assistant turn opens with an empty think block when thinking is off.
+QWEN3_GENERATION_PROMPT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def test_qwen3_renders_its_chat_prompts_without_thinking():
+    from evalkv.models.loader import fix_chat_template_kwargs
+    from evalkv.models.presets import byte_tokenizer
+
+    cfg = _compose("model=qwen3-8b").model
+    assert options(cfg)["chat_template_kwargs"] == {"enable_thinking": False}
+    qwen_like = byte_tokenizer()
+    qwen_like.chat_template = QWEN3_GENERATION_PROMPT
+    messages = [{"role": "user", "content": "hi"}]
+    assert "<think>" not in qwen_like.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    fix_chat_template_kwargs(qwen_like, ModelConfig(**options(cfg), name=cfg.name))
+    assert qwen_like.apply_chat_template(messages, tokenize=False, add_generation_prompt=True).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("kwargs", [{"enable thinking": False}, {"enable_thinking": [False]}])
+def test_malformed_chat_template_kwargs_are_refused(kwargs):
+    from evalkv.errors import EvalkvError
+    from evalkv.models.loader import fix_chat_template_kwargs
+    from evalkv.models.presets import byte_tokenizer
+
+    with pytest.raises(EvalkvError, match="chat_template_kwargs"):
+        fix_chat_template_kwargs(byte_tokenizer(), ModelConfig(name="m", chat_template_kwargs=kwargs))

@@ -25,8 +25,9 @@ def _model(architecture: str, dtype: torch.dtype):
     return _models[key]
 
 
+@pytest.mark.filterwarnings("ignore:a sequence passed this LongRoPE model")  # tiny-phi3's chunked prefills
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("architecture", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("architecture", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3"])
 def test_cuda_equivalence_fp32(case, architecture, tokenizer):
     model = _model(architecture, torch.float32)
     generation = Engine(model, build_method(method_name(case), CASES[case])).generate(

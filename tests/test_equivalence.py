@@ -14,23 +14,28 @@ from evalkv.kv.reference import masked_reference_logits
 from evalkv.methods import build_method
 
 
-def _compressed_and_reference(architecture: str, case: str, tokenizer):
+def _compressed_and_reference(architecture: str, case: str, tokenizer, prompt: list[int] | None = None,
+                              max_new_tokens: int = 8):
+    """A traced generation with the method of `case` (default prompt: `prompt_ids`) and its masked full-cache logits."""
     model = tiny_model(architecture)
     method = build_method(method_name(case), CASES[case])
     engine = Engine(model, method, tokenizer=tokenizer)
-    generation = engine.generate(prompt_ids(tokenizer), max_new_tokens=8, trace=True)
+    generation = engine.generate(prompt or prompt_ids(tokenizer), max_new_tokens=max_new_tokens, trace=True)
     forwards = [ids for ids, _, _ in generation.forwards]
     positions = [pos for _, pos, _ in generation.forwards]
     reference = masked_reference_logits(model, forwards, positions, generation.trace)
     return generation, reference
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_compressed_logits_equal_masked_full_cache(architecture, case, tokenizer):
-    generation, reference = _compressed_and_reference(architecture, case, tokenizer)
-    assert len(generation.forwards) == len(reference) >= 8
+def _assert_equal_logits(generation, reference, max_new_tokens: int = 8) -> None:
+    assert len(generation.forwards) == len(reference) >= max_new_tokens
     for (_, _, logits), expected in zip(generation.forwards, reference):
         torch.testing.assert_close(logits, expected.float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compressed_logits_equal_masked_full_cache(architecture, case, tokenizer):
+    _assert_equal_logits(*_compressed_and_reference(architecture, case, tokenizer))
 
 
 @pytest.mark.parametrize("case", ["snapkv", "h2o", "streaming_llm"])

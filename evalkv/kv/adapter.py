@@ -6,16 +6,27 @@ a `Session` (or a `StaticDecoder`); with those two seams a method sees, for ever
 uses the interface (Llama, Qwen2, Mistral, ...), the queries, the keys and values after RoPE and the attention
 output, and the cache it shrinks is the one the model reads. No model class is patched.
 
-Contract pinned by tests/test_adapter.py on tiny Llama, Qwen2 and Mistral configs:
+Contract pinned by tests/test_adapter.py on tiny Llama, Qwen2, Mistral, Qwen3 and Phi-3 configs:
 - the model calls `past_key_values.update(key, value, layer_idx)` with post-RoPE keys, then the attention function
   with `module.layer_idx`, the query after RoPE, `scaling=` and the forward's extra keyword arguments (evalkv passes
   the store as `evalkv_store=`: no global state, which torch.compile could not trace); it returns `[B, q, H, d]`;
 - explicit `position_ids` set RoPE positions (so positions stay true after eviction);
 - an attention implementation absent from the mask registry gets `attention_mask=None` (no n x n mask is built);
-- `logits_to_keep=1` computes the last position's logits only.
+- `logits_to_keep=1` computes the last position's logits only;
+- the decoder's `rotary_emb` is called once per forward, and its frequencies (`inv_freq`, `attention_scaling`) after
+  that call are the ones that rotated the forward's queries and keys.
+
+LongRoPE (Phi-3): transformers picks the short or the long factors per forward, long when the forward's last
+position reaches `original_max_position_embeddings` (`longrope_frequency_update`); vLLM and SGLang also pick them per
+forward batch. A sequence whose first forward ends before that length and a later one after it (a prompt fed in
+chunks, or generation across it) holds keys of both sets. transformers' `generate` then recomputes the whole cache
+(`Phi3ForCausalLM.prepare_inputs_for_generation`), which a compressed cache cannot do: evalkv runs each forward as
+the model's forward does, and warns.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -84,8 +95,12 @@ def make_cache(store, dtype: torch.dtype | None = None, device: torch.device | N
     return cache
 
 
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def geometry(model) -> ModelGeometry:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     return ModelGeometry(
@@ -99,27 +114,65 @@ def geometry(model) -> ModelGeometry:
 def rotary(model) -> RotaryTable | None:
     """The model's RoPE table, `positions [B, m] -> (cos, sin) [B, m, head_dim]` fp32, or None if it has none.
 
-    Llama, Qwen2, Mistral and most families keep one `rotary_emb` on the decoder and call it with the hidden states
-    (read for their dtype and device only) and the position ids.
+    Llama, Qwen2, Mistral, Qwen3, Phi-3 and most families keep one `rotary_emb` on the decoder, called once per forward
+    with the hidden states (read for their dtype and device only) and the position ids. The table is computed from the
+    embedding's frequencies as the model's latest forward left them, without the per-call update of
+    `dynamic_rope_update`: for LongRoPE, the factor set that rotated the running forward's keys. Keys of earlier
+    forwards are refused there when they may have been rotated with the other set (see `_check_longrope_positions`).
     """
     embedding = getattr(model.get_decoder(), "rotary_emb", None)
     if embedding is None:
         return None
+    compute = getattr(type(embedding).forward, "__wrapped__", None)  # the forward without dynamic_rope_update
+    switch = _longrope_switch(_text_config(model))
 
     def table(positions: Tensor) -> tuple[Tensor, Tensor]:
+        if switch is not None:
+            _check_longrope_positions(embedding, positions, switch)
         probe = torch.empty(0, dtype=torch.float32, device=positions.device)
         with torch.no_grad():
-            cos, sin = embedding(probe, positions)
+            cos, sin = compute(embedding, probe, positions) if compute else embedding(probe, positions)
         return cos.float(), sin.float()
 
     return table
 
 
+def _longrope_switch(config) -> int | None:
+    """For a LongRoPE model (Phi-3), the length from which a forward uses the long factors; None for other RoPE."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    if parameters.get("rope_type") != "longrope":
+        return None
+    return parameters.get("original_max_position_embeddings") or config.original_max_position_embeddings
+
+
+def _check_longrope_positions(embedding, positions: Tensor, switch: int) -> None:
+    """Refuse a LongRoPE table for keys whose factor set is unknown.
+
+    The running forward uses the long factors when its last position reaches `switch`. Its own keys, and every key at
+    a position >= `switch`, were rotated with them; a key below `switch` that an earlier forward wrote was rotated
+    with the long factors only if that forward already reached `switch`, which nothing records."""
+    current = getattr(embedding, "_evalkv_positions", None)
+    if current is None:
+        raise RuntimeError("the RoPE table of a LongRoPE model is read during a forward (adapter.forward)")
+    if int(current.max()) + 1 <= switch:
+        return  # a short forward: every earlier forward of the sequence ended earlier, so it was short too
+    current = current.to(positions.device)
+    first_new = current[:, :1] if current.shape[0] == positions.shape[0] else current.min()
+    if bool(((positions < switch) & (positions < first_new)).any()):
+        raise EvalkvError(
+            f"cannot undo RoPE on keys of earlier forwards at positions below {switch} for this LongRoPE model: "
+            "transformers picks the short or long factors per forward, so they may have been rotated with either. "
+            "Undo RoPE on the running forward's keys (view.keys_before_rope(start) with start at the new entries) and "
+            "keep what you need from them"
+        )
+
+
 def _sliding_window_layers(config) -> bool:
-    layer_types = getattr(config, "layer_types", None) or []
-    if "sliding_attention" in layer_types:
-        return True
-    return config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return "sliding_attention" in layer_types
+    window = getattr(config, "sliding_window", None)  # Mistral, Phi-3: one window for every layer
+    return window is not None and window < config.max_position_embeddings
 
 
 def install(model) -> None:
@@ -175,9 +228,33 @@ def _chunked_forward(mlp):
 def forward(model, input_ids: Tensor, positions: Tensor, cache: Cache) -> Tensor:
     """One forward pass over `input_ids` at true `positions` (`cache` from `make_cache`: its store attends); returns
     the last position's logits `[B, vocab]`."""
+    switch = _longrope_switch(_text_config(model))
+    if switch is not None and not _capturing():
+        _note_longrope_forward(model, positions, switch)
     output = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
                    evalkv_store=cache.store)
     return output.logits[:, -1, :]
+
+
+def _capturing() -> bool:
+    """Whether this call is being traced (torch.compile) or captured (CUDA graph): no host reads of device values."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _note_longrope_forward(model, positions: Tensor, switch: int) -> None:
+    """Keep the forward's positions for `rotary`'s table; warn when it switches a sequence to the long factors."""
+    embedding = getattr(model.get_decoder(), "rotary_emb", None)
+    if embedding is not None:
+        embedding._evalkv_positions = positions
+    first_new = positions[:, 0]
+    if int(positions.max()) + 1 > switch and bool(((first_new > 0) & (first_new <= switch)).any()):
+        warnings.warn(
+            f"a sequence passed this LongRoPE model's original_max_position_embeddings ({switch}) after its first "
+            "forward: its earlier keys keep the short-factor rotation and the new ones use the long factors (each "
+            "forward as the model's forward runs it; transformers' generate would recompute the whole cache here, "
+            "which a compressed cache cannot do). Results for such prompts differ from generate's",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,8 +1,10 @@
 """Undoing RoPE on cached keys, for scorers that want position-free keys (learned_mlp).
 
 The cache holds keys after RoPE at their true positions. The model's rotary embedding gives `cos, sin` for any
-positions (`evalkv.kv.adapter.rotary`); RoPE maps `k -> k * cos + rotate_half(k) * sin` (the half-split convention
-of Llama, Qwen2, Mistral), a rotation scaled by `cos^2 + sin^2` (1 unless the rope type scales attention), so the
+positions (`evalkv.kv.adapter.rotary`: the table of the running forward, so for LongRoPE the short or long factors as
+that forward chose them; keys whose factor set is unknown are refused there). RoPE maps
+`k -> k * cos + rotate_half(k) * sin` (the half-split convention of Llama, Qwen2, Mistral, Qwen3, Phi-3), a rotation
+scaled by `cos^2 + sin^2` (1 unless the rope type scales attention, as LongRoPE's attention factor does), so the
 inverse is `(k * cos - rotate_half(k) * sin) / (cos^2 + sin^2)`.
 """
 

@@ -117,6 +117,28 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     return sorted(set(int(i) for i in ids))
 
 
+def fix_chat_template_kwargs(tokenizer, cfg: ModelConfig) -> None:
+    """Render every chat prompt with `cfg.chat_template_kwargs`: each becomes a `{% set %}` at the top of the
+    tokenizer's chat template, so every caller of `apply_chat_template` (`chat_text`, RULER's and needle's wrappers)
+    gets it and none can forget it. Values are booleans, numbers or strings."""
+    variables = dict(cfg.chat_template_kwargs or {})
+    if not variables:
+        return
+    templates = getattr(tokenizer, "chat_template", None)
+    if not templates:
+        raise EvalkvError(f"model {cfg.name}: chat_template_kwargs {variables} given, but its tokenizer has no chat "
+                          "template; remove them")
+    for name, value in variables.items():
+        if not name.isidentifier() or not isinstance(value, (bool, int, float, str)):
+            raise EvalkvError(f"model {cfg.name}: chat_template_kwargs.{name}={value!r}: expected a template variable "
+                              "name set to a boolean, number or string")
+    prefix = "".join(f"{{% set {name} = {json.dumps(value)} %}}" for name, value in variables.items())
+    if isinstance(templates, dict):  # named templates (default, tool_use, ...)
+        tokenizer.chat_template = {key: prefix + template for key, template in templates.items()}
+    else:
+        tokenizer.chat_template = prefix + templates
+
+
 def _hub_kwargs(cfg: ModelConfig) -> dict:
     return {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
 
@@ -229,6 +251,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         except OSError as error:
             raise EvalkvError(f"model {cfg.name}: cannot load {cfg.path!r}: {error}") from None
         description = f"{cfg.path}" + (f"@{cfg.revision}" if cfg.revision else "")
+    fix_chat_template_kwargs(tokenizer, cfg)
     model.eval()
     if cfg.device_map is None and model.device != device:
         model.to(device)

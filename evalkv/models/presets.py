@@ -22,18 +22,39 @@ _TINY = dict(
     head_dim=16, vocab_size=BYTE_VOCAB_SIZE, max_position_embeddings=32768, rope_theta=10000.0, initializer_range=0.2,
     tie_word_embeddings=False,
 )
+# The byte tokenizer's own special ids, for configs whose defaults name ids outside its vocabulary (Phi-3: 32000).
+_BYTE_SPECIAL_IDS = {f"{name}_token_id": 256 + _SPECIALS.index(f"<|{name}|>") for name in ("bos", "eos", "pad")}
+
+# Phi-3's LongRoPE on the tiny geometry: per-frequency factors growing with the dimension index, as Phi-3-mini-128k's
+# do, and a short original context, so that a forward whose last position is below 128 uses the short factors and
+# test prompts of a few hundred tokens the long ones.
+_TINY_LONGROPE = dict(
+    original_max_position_embeddings=128,
+    rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0],
+                  "long_factor": [1.0, 1.5, 2.5, 4.0, 8.0, 16.0, 32.0, 64.0]},
+)
+
+# Full-size geometries from the models' public config.json files (the configs/model/*.yaml of the real models cite
+# them). Llama-3-8B is Meta-Llama-3-8B's geometry; Gradient's 1048k model changes only its RoPE base and length.
+_LLAMA_3_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, vocab_size=128256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+)
 
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-llama": ("llama", _TINY),
     "tiny-qwen2": ("qwen2", {**_TINY, "use_sliding_window": False}),
     "tiny-mistral": ("mistral", {**_TINY, "sliding_window": None}),
+    # Qwen3: RMSNorm over each head's queries and keys before RoPE (q_norm, k_norm), no qkv bias.
+    "tiny-qwen3": ("qwen3", {**_TINY, **_BYTE_SPECIAL_IDS, "use_sliding_window": False}),
+    # Phi-3: fused qkv_proj and gate_up_proj, LongRoPE.
+    "tiny-phi3": ("phi3", {**_TINY, **_BYTE_SPECIAL_IDS, **_TINY_LONGROPE, "sliding_window": None}),
     "llama-3.1-8b": ("llama", dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        _LLAMA_3_8B, max_position_embeddings=131072, rope_theta=500000.0,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192},
     )),
+    "llama-3-8b-1m": ("llama", dict(_LLAMA_3_8B, max_position_embeddings=1048576, rope_theta=3580165449.0)),
     "mistral-7b": ("mistral", dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=32000, max_position_embeddings=32768,
@@ -43,6 +64,11 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
         use_sliding_window=False, tie_word_embeddings=True,
+    )),
+    "qwen3-8b": ("qwen3", dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, use_sliding_window=False, tie_word_embeddings=False,
     )),
 }
 
