@@ -38,8 +38,8 @@ main keys (defaults in configs/config.yaml):
   budget=N              tokens kept per head per layer (window included), or compression_ratio=0.5
   task.n_samples=N      take at most N samples
   output_dir=DIR        runs go to DIR/<task>/<model>/<method>_<budget>/ (default results); or run_dir=DIR
-  method.OPTION=VALUE   a method option, e.g. method.window_size=8 (options: configs/method/NAME.yaml, the
-                        method's docstring); task.OPTION=VALUE and model.OPTION=VALUE likewise
+  method.OPTION=VALUE   a method option, e.g. method.window_size=8 (options: the method's dataclass fields, in its
+                        docstring; a misspelt one is refused with the list); task.OPTION=, model.OPTION= likewise
   model.device=cpu|cuda|auto  model.dtype=auto|bfloat16|float16|float32  model.attn_implementation=sdpa|eager|...
   model.device_map=auto  spread one model over the host's GPUs (also balanced, balanced_low_0, sequential)
   batch_size=N          samples whose compressed caches match decode together (default 8; 1 = one at a time)
@@ -50,6 +50,9 @@ main keys (defaults in configs/config.yaml):
 several GPUs, one model each (data parallel; the run's files are those of a one-process run):
   torchrun --standalone --nproc-per-node 4 -m evalkv.cli pred KEY=VALUE ...
 
+--multirun sweeps every combination of comma-separated values; every job's config is composed and its method and
+task built before the first job runs, so a bad option in any job is refused once, before a model loads.
+
 examples:
   evalkv pred method=snapkv budget=128 task.lengths=[1024,2048]
   evalkv pred --multirun method=full,snapkv,streaming_llm budget=128
@@ -58,40 +61,44 @@ examples:
 Hydra's own flags: evalkv pred --hydra-help
 """
 
-_GROUPS = ("model", "method", "task")
+
+def _hydra_arguments(args: list[str]):
+    """Hydra's reading of `evalkv pred`'s arguments: its flags, and the overrides."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = "evalkv pred"
+    return parser.parse_args(args)
 
 
-def _group_options(group: str) -> list[str]:
-    from evalkv.paths import configs_dir
+def _remove_empty_job_folder() -> None:
+    """A --multirun job writes its run elsewhere: the job folder Hydra made for it (<sweep dir>/<n>) stays empty."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    return sorted(path.stem for path in (configs_dir() / group).glob("*.yaml"))
-
-
-def _check_group_choices(overrides: list[str]) -> None:
-    """Unknown `method=`/`model=`/`task=` values fail with evalkv's message before Hydra starts."""
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        key = key.lstrip("+~")
-        if not sep or key not in _GROUPS:
-            continue
-        known = _group_options(key)
-        for choice in value.split(","):
-            if choice and choice not in known:
-                raise unknown_name(key, choice, known, f"evalkv list {key}s")
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        folder = Path(HydraConfig.get().runtime.output_dir)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def cmd_pred(args: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in args):
         print(PRED_HELP)
         return 0
-    _check_group_choices([arg for arg in args if not arg.startswith("-")])
     import hydra
 
-    from evalkv.config import register_configs
+    from evalkv.config import check_jobs, register_configs
     from evalkv.paths import configs_dir
     from evalkv.run.parallel import launched_ranks
     from evalkv.run.pred import run_pred
 
+    # Hydra's parser takes --multirun only before the overrides; accept it anywhere
+    flags = [arg for arg in args if arg in ("--multirun", "-m")]
+    args = [*flags, *[arg for arg in args if arg not in flags]]
+    hydra_args = _hydra_arguments(args)
+    if not (hydra_args.hydra_help or hydra_args.shell_completion):
+        check_jobs(hydra_args.overrides, hydra_args.multirun)  # every job of a sweep, before any runs
     register_configs()
     failures: list[str] = []
     rank, world_size = launched_ranks()
@@ -105,13 +112,13 @@ def cmd_pred(args: list[str]) -> int:
             if world_size > 1:  # unless other ranks wait for this one: end it, and torchrun ends them
                 raise SystemExit(2) from None
             return
+        finally:
+            _remove_empty_job_folder()
         if rank == 0:  # under torchrun the run directory is printed once
             print(run_dir, flush=True)
 
     saved = sys.argv
-    # Hydra's parser takes --multirun only before the overrides; accept it anywhere
-    flags = [arg for arg in args if arg in ("--multirun", "-m")]
-    sys.argv = ["evalkv pred", *flags, *[arg for arg in args if arg not in flags]]
+    sys.argv = ["evalkv pred", *args]
     try:
         hydra.main(config_path=str(configs_dir()), config_name="config", version_base=None)(job)()
     finally:
@@ -221,7 +228,6 @@ def cmd_plot(args: list[str]) -> int:
     else:
         from evalkv.report.pattern import eviction_pattern, pattern_config, plot_pattern
 
-        _check_group_choices([argument for argument in options.run if "=" in argument])
         found = eviction_pattern(pattern_config(options.run), options.sample, options.step)
         print(plot_pattern(found, options.output, options.title))
     return 0
@@ -246,77 +252,153 @@ def _first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
 
 
+def _yaml_rows(group: str, exclude=()) -> list[tuple[str, str]]:
+    """(name, the file's first comment line) for each yaml config of the group (model configs, method variants)."""
+    from evalkv.paths import configs_dir
+
+    rows = []
+    for path in sorted((configs_dir() / group).glob("*.yaml"), key=lambda path: path.stem):
+        if path.stem not in exclude:
+            rows.append((path.stem, path.read_text().splitlines()[0].lstrip("# ").strip()))
+    return rows
+
+
 def cmd_list(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="evalkv list", description="List registered names, one per line.")
+    parser = argparse.ArgumentParser(
+        prog="evalkv list", description="List registered names (plug-ins included), one per line: the first token of "
+        "each line is the name, then its description. A method's presets (registered names that only change its "
+        "defaults, e.g. OBCache's reference tags) are listed on its line.")
     parser.add_argument("what", choices=("methods", "tasks", "models"))
     what = parser.parse_args(args).what
-    if what == "methods":
-        from evalkv.methods import METHODS, method_names
-
-        rows = [(name, _first_line(METHODS[name].__doc__)) for name in method_names()]
-    elif what == "tasks":
-        from evalkv.tasks import TASKS, task_names
-
-        rows = [(name, _first_line(TASKS[name].__doc__)) for name in task_names()]
+    if what == "models":
+        rows = _yaml_rows("model")
     else:
-        from evalkv.paths import configs_dir
-
+        if what == "methods":
+            from evalkv.methods.registry import REGISTRY
+        else:
+            from evalkv.tasks.registry import REGISTRY
         rows = []
-        for name in _group_options("model"):
-            first = (configs_dir() / "model" / f"{name}.yaml").read_text().splitlines()[0]
-            rows.append((name, first.lstrip("# ").strip()))
+        for name in REGISTRY.names():
+            if REGISTRY.preset_of.get(name) in REGISTRY.classes:
+                continue  # on its base's line
+            description = _first_line(REGISTRY.classes[name].__doc__)
+            if REGISTRY.presets(name):
+                description = f"{description.rstrip('.')}; presets: {', '.join(REGISTRY.presets(name))}"
+            rows.append((name, description))
+        rows += _yaml_rows(what[:-1], exclude=REGISTRY.classes)
+        rows.sort()
     width = max(len(name) for name, _ in rows)
     for name, description in rows:
         print(f"{name.ljust(width)}  {description}".rstrip())
     return 0
 
 
+DEMO_EPILOG = """KEY=VALUE overrides are evalkv pred's (the task is passkey, the methods full, snapkv and
+streaming_llm): model=, model.X=, budget= or compression_ratio=, task.X= (passkey's options), method.X= (every demo
+method that has option X), snapkv.X= (one method), output_dir=, batch_size=, mlp_chunk=, decode_graphs=, progress=.
+The flags are shorthands: --budget N is budget=N, --lengths A,B is task.lengths=[A,B], --depths task.depths=[...],
+--output-dir output_dir=.
+
+examples:
+  evalkv demo
+  evalkv demo budget=64 task.lengths=[1024,2048]
+  evalkv demo model=random-tiny-llama model.device=cpu task.lengths=[256] task.depths=[50]
+"""
+
+
 def cmd_demo(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="evalkv demo", description="Passkey retrieval on the embedded model (Qwen2.5-Coder-0.5B-Instruct): "
-        "full cache vs SnapKV vs StreamingLLM at one budget, scored and printed as a table.")
-    parser.add_argument("--output-dir", default="results/demo")
-    parser.add_argument("--budget", type=int, default=128)
-    parser.add_argument("--lengths", default="1024", help="comma-separated prompt lengths in tokens")
-    parser.add_argument("--depths", default="0,25,50,75,100", help="comma-separated key depths in percent")
-    options = parser.parse_args(args)
-    from evalkv.run.demo import run_demo
+        prog="evalkv demo", epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Passkey retrieval on the embedded model (Qwen2.5-Coder-0.5B-Instruct): full cache vs SnapKV vs "
+        "StreamingLLM at one budget, scored and printed as a table.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    parser.add_argument("--output-dir", help="where the runs go (default results/demo)")
+    parser.add_argument("--budget", help="tokens kept per head per layer (default 128)")
+    parser.add_argument("--lengths", help="comma-separated prompt lengths in tokens (default 1024)")
+    parser.add_argument("--depths", help="comma-separated key depths in percent (default 0,25,50,75,100)")
+    options = parser.parse_intermixed_args(args)
+    from evalkv.run.demo import demo_configs, run_demo
 
-    print(run_demo(options.output_dir, options.budget, options.lengths, options.depths), end="")
+    flags = {"output_dir": options.output_dir, "budget": options.budget,
+             "task.lengths": options.lengths and f"[{options.lengths}]",
+             "task.depths": options.depths and f"[{options.depths}]"}
+    shorthands = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    print(run_demo(demo_configs([*shorthands, *options.overrides])), end="")
     return 0
 
 
-def _parse_option(text: str) -> tuple[str, str, object]:
-    """`snapkv.window_size=8` -> ("snapkv", "window_size", 8) (values parsed as YAML scalars)."""
-    import yaml
+BENCH_EPILOG = """KEY=VALUE overrides are evalkv pred's, for several methods at once:
+  model=NAME  model.X=VALUE      the model (default random-llama-3.1-8b) and its options, e.g. model.dtype=bfloat16
+  method=A,B                     the methods compared, as --methods A,B (default full,snapkv; snapkv with --workload)
+  budget=N  compression_ratio=R  every method's budget (default budget=1024; full keeps everything)
+  method.X=VALUE                 option X of every listed method that has it (an error when none has it)
+  A.X=VALUE                      option X of method A alone, e.g. snapkv.window_size=8
+The older flags still work: --model M is model=M, --model-option X=V is model.X=V, --budget N is budget=N,
+--option A.X=V is A.X=V.
 
-    key, sep, value = text.partition("=")
-    method, dot, option = key.partition(".")
-    if not sep or not dot:
-        raise EvalkvError(f"--option {text!r}: expected METHOD.OPTION=VALUE, e.g. snapkv.window_size=8")
-    return method, option, yaml.safe_load(value)
+examples:
+  evalkv bench model=random-llama-3.1-8b method=full,snapkv budget=1024 snapkv.window_size=8 --lengths 8192
+  evalkv bench method=snapkv budget=2048 --lengths 8192 --batch-sizes 1,16 --decode-graphs off,auto
+  evalkv bench --workload longbench method=snapkv budget=1024 --batch-size 8 --write-workload workload.json
+"""
+BENCH_MODEL = "random-llama-3.1-8b"
+BENCH_BUDGET = 1024
+
+
+def _bench_overrides(options: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The methods and the overrides of `evalkv bench`'s arguments: the older flags as overrides, `method=A,B` (or
+    --methods) as the method list, the default model and budget where none is given."""
+    from evalkv.overrides import parse
+
+    aliases = [*([f"model={options.model}"] if options.model else []),
+               *(f"model.{option}" for option in options.model_option),
+               *([f"budget={options.budget}"] if options.budget else []), *options.option]
+    overrides, names = [], options.methods.split(",") if options.methods else []
+    for override in parse([*aliases, *options.overrides]):
+        if override.key_or_group != "method":
+            overrides.append(override.input_line)
+        elif options.methods:
+            raise EvalkvError(f"{override.input_line} and --methods {options.methods}: give the methods once")
+        else:
+            names = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+    keys = {text.partition("=")[0] for text in overrides}
+    defaults = ([] if "model" in keys else [f"model={BENCH_MODEL}"]) + (
+        [] if keys & {"budget", "compression_ratio"} else [f"budget={BENCH_BUDGET}"])
+    names = [name for name in names if name] or (["snapkv"] if options.workload else ["full", "snapkv"])
+    return names, [*defaults, *overrides]
+
+
+def _bench_settings(cfg) -> tuple[str, dict]:
+    """A composed method as bench runs and records it: its name and options, the budget only where it needs one."""
+    from evalkv.config import options as group_options
+    from evalkv.methods import build_method
+
+    values = group_options(cfg.method)
+    needs_budget = build_method(cfg.method.name, values).requires_budget()
+    return cfg.method.name, {key: value for key, value in values.items()
+                             if key not in ("budget", "compression_ratio") or (needs_budget and value is not None)}
 
 
 def cmd_bench(args: list[str]) -> int:
     from evalkv.run.workload import DEFAULT_MAX_LENGTH, DEFAULT_MIN_LENGTH, WORKLOADS
 
     parser = argparse.ArgumentParser(
-        prog="evalkv bench", description="Measure prefill time, eviction overhead (vs the full cache), decode "
+        prog="evalkv bench", epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure prefill time, eviction overhead (vs the full cache), decode "
         "tokens/s, time to first token, peak GPU memory and KV bytes held, per method and context length. Prompts "
         "are random token ids and generation has a fixed length (EOS ignored): a random-weight architecture "
-        "(e.g. --model random-llama-3.1-8b) measures speed and memory honestly. of_bound is the decode step's "
+        "(e.g. model=random-llama-3.1-8b) measures speed and memory honestly. of_bound is the decode step's "
         "HBM-bandwidth bound (weight bytes over the measured copy bandwidth) over its time; of_bound_kv counts the "
         "KV bytes a step reads too. With --workload longbench, time a whole LongBench-shaped workload end to end "
         "instead (lengths from LongBench's per-task length distribution, each task's max new tokens; "
         "evalkv/run/workload.py).")
-    parser.add_argument("--model", default="random-llama-3.1-8b", help="a model config (evalkv list models)")
-    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="model config override, e.g. dtype=bfloat16 (repeatable)")
-    parser.add_argument("--methods", help="comma-separated method names (default full,snapkv; snapkv with "
-                        "--workload)")
-    parser.add_argument("--budget", type=int, default=1024, help="budget of every method but full")
-    parser.add_argument("--option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
-                        help="a method option, e.g. snapkv.window_size=8 (repeatable)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model=, model.X=, method=A,B, budget=, "
+                        "compression_ratio=, method.X=, A.X= (below)")
+    parser.add_argument("--methods", help="comma-separated method names, as method=A,B")
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--model-option", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--budget", help=argparse.SUPPRESS)
+    parser.add_argument("--option", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--lengths", help="comma-separated context lengths (default 8192,32768)")
     parser.add_argument("--batch-sizes", help="comma-separated batch sizes: prompts per run, decoded together "
                         "where the method allows (default 1)")
@@ -347,28 +429,21 @@ def cmd_bench(args: list[str]) -> int:
                                "and the methods' settings (what scripts/kvpress_bench.py reads)")
     workload_args.add_argument("--batch-size", type=int, help="samples per Engine.generate_batch call, as "
                                "evalkv pred's batch_size= (default 8)")
-    options = parser.parse_args(args)
+    options = parser.parse_intermixed_args(args)
     _check_bench_arguments(options)
-    from evalkv.config import compose_run
-    from evalkv.config import options as group_options
-    from evalkv.models.config import ModelConfig
+    from evalkv.config import compose_methods, model_config
     from evalkv.models.loader import load_model
+    from evalkv.overrides import Dialect
 
-    _check_group_choices([f"model={options.model}"])
-    cfg = compose_run([f"model={options.model}", *(f"model.{o}" for o in options.model_option)])
-    model = load_model(ModelConfig(**group_options(cfg.model), name=cfg.model.name))
-    extra: dict[str, dict] = {}
-    for text in options.option:
-        method, option, value = _parse_option(text)
-        extra.setdefault(method, {})[option] = value
-    methods = []
-    default_methods = "snapkv" if options.workload else "full,snapkv"
-    for name in [m for m in (options.methods or default_methods).split(",") if m]:
-        settings = {} if name == "full" else {"budget": options.budget}
-        methods.append((name, {**settings, **extra.get(name, {})}))
+    names, overrides = _bench_overrides(options)
+    dialect = Dialect("bench", ("model", "model.", "method", "method.", "budget", "compression_ratio"),
+                      "its prompts are random; A.X=VALUE sets option X of method A alone")
+    configs = compose_methods(names, overrides, dialect)
+    methods = [_bench_settings(cfg) for cfg in configs]
+    model = load_model(model_config(configs[0]))
     graph_modes = _graph_modes(options)
     if options.workload:
-        report, table = _bench_workload(options, model, methods, graph_modes)
+        report, table = _bench_workload(options, configs[0].model.name, model, methods, graph_modes)
     else:
         report, table = _bench_grid(options, model, methods, graph_modes)
     if options.output:
@@ -429,7 +504,7 @@ def _bench_grid(options, model, methods, graph_modes) -> tuple[dict, str]:
     return report, format_rows(report)
 
 
-def _bench_workload(options, model, methods, graph_modes) -> tuple[dict, str]:
+def _bench_workload(options, model_name, model, methods, graph_modes) -> tuple[dict, str]:
     import json
 
     from evalkv.methods import build_method
@@ -447,7 +522,7 @@ def _bench_workload(options, model, methods, graph_modes) -> tuple[dict, str]:
         workload = read_workload(Path(options.workload_file))
         if workload["vocab_size"] > vocab_size:
             raise EvalkvError(f"{options.workload_file}: ids up to {workload['vocab_size'] - 1}, but model "
-                              f"{options.model} has {vocab_size} tokens")
+                              f"{model_name} has {vocab_size} tokens")
     else:
         workload = build_workload(
             vocab_size, options.samples_per_task or 4, 0 if options.seed is None else options.seed,
@@ -455,7 +530,7 @@ def _bench_workload(options, model, methods, graph_modes) -> tuple[dict, str]:
     if options.write_workload:
         # What scripts/kvpress_bench.py needs to run the same prompts on the same architecture and budget.
         workload["model"] = {
-            "name": options.model, "description": model.description,
+            "name": model_name, "description": model.description,
             "dtype": str(model.model.dtype).removeprefix("torch."),
             "config": json.loads(model.model.config.to_json_string()),
             "num_parameters": sum(p.numel() for p in model.model.parameters()),
@@ -494,28 +569,26 @@ def cmd_headmask(args: list[str]) -> int:
     parser.add_argument("--recent-tokens", type=int, default=256)
     parser.add_argument("--last-q", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42, help="seed of the draw of sample matrices (reference: 42)")
-    options = parser.parse_args(args)
-    from evalkv.config import compose_run
-    from evalkv.config import options as group_options
-    from evalkv.models.config import ModelConfig
+    options = parser.parse_intermixed_args(args)
+    from evalkv.config import build_run, compose_run
     from evalkv.models.loader import load_model
+    from evalkv.overrides import Dialect
     from evalkv.run.headmask import ConsistencyProbe, build_headmask, static_headmask, write_headmask
-    from evalkv.tasks import build_task
 
     if not 0 < options.cv_threshold < 1 or options.samples < 1:
         raise EvalkvError("headmask: --cv-threshold must be in (0, 1) and --samples >= 1")
     overrides = options.overrides if any(o.startswith("task=") for o in options.overrides) else [
         *HEADMASK_DEFAULTS, *options.overrides]
-    _check_group_choices(overrides)
-    cfg = compose_run(overrides)
-    model = load_model(ModelConfig(**group_options(cfg.model), name=cfg.model.name))
-    task = build_task(cfg.task.name, group_options(cfg.task))
+    dialect = Dialect("headmask", ("model", "model.", "task", "task."), "its probe runs the full cache")
+    run = build_run(compose_run(overrides, dialect))
+    model = load_model(run.model)
+    task = run.task
     probe = ConsistencyProbe(chunk_size=options.chunk_size, init_tokens=options.init_tokens,
                              recent_tokens=options.recent_tokens, last_q=options.last_q,
                              top_fraction=options.top_fraction, top_threshold=options.top_threshold)
     matrices = build_headmask(model, task, options.samples, probe)
     mask = static_headmask(matrices, options.cv_threshold, seed=options.seed)
-    metadata = {"model": model.description, "task": cfg.task.name, "overrides": overrides,
+    metadata = {"model": model.description, "task": task.name, "overrides": overrides,
                 "samples": len(matrices), **{k: v for k, v in vars(options).items() if k not in ("overrides",)}}
     write_headmask(Path(options.output), mask, metadata, matrices)
     print(f"{options.output}: {int(mask.sum())} of {mask.numel()} heads adaptive ({len(matrices)} samples)")
@@ -558,12 +631,6 @@ def cmd_train_policy(args: list[str]) -> int:
     parser.add_argument("--holdout", type=float, default=defaults.holdout,
                         help="share of the prompts held out to report the policy's ranking quality")
     options = parser.parse_intermixed_args(args)
-    for override in options.overrides:
-        key = override.partition("=")[0].lstrip("+~")
-        if "=" not in override or key in ("method", "budget", "compression_ratio") or key.startswith("method."):
-            raise EvalkvError(f"train-policy takes model/task overrides (KEY=VALUE), got {override!r}: it always "
-                              "runs the full cache")
-    _check_group_choices(options.overrides)
     try:
         hidden = [int(size) for size in options.hidden.split(",") if size]
     except ValueError:

@@ -79,11 +79,10 @@ prepare)  # catekv's headmask (RULER vt) and learned_mlp's policy (passkey promp
     "task.depths=[5,35,65,95]" --steps 16 --top 128 -o "$root/policy.safetensors"
   ;;
 overhead)  # issue 6: each method's eviction overhead as a fraction of the full cache's prefill time at 32K
-  run $evalkv bench --model "$model" --lengths 32768 --new-tokens 8 --repeats 3 --budget 512 \
-    --methods "$METHODS,sink_recent_uniform,catekv,learned_mlp" \
-    --option sink_recent_uniform.sink=128 --option sink_recent_uniform.recent=256 \
-    --option "catekv.headmask_path=$root/headmask.csv" --option "learned_mlp.policy_path=$root/policy.safetensors" \
-    -o "$out/overhead.json" > "$out/overhead.md"
+  run $evalkv bench "model=$model" budget=512 "method=$METHODS,sink_recent_uniform,catekv,learned_mlp" \
+    sink_recent_uniform.sink=128 sink_recent_uniform.recent=256 \
+    "catekv.headmask_path=$root/headmask.csv" "learned_mlp.policy_path=$root/policy.safetensors" \
+    --lengths 32768 --new-tokens 8 --repeats 3 -o "$out/overhead.json" > "$out/overhead.md"
   ;;
 methods)  # issue 6: every method at budgets 128 and 512: passkey 8K-32K, RULER niah_single_2 + niah_multikey_1
   for budget in ${BUDGETS:-128 512}; do

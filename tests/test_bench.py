@@ -15,8 +15,8 @@ from evalkv.tasks.longbench.spec import ENGLISH_TASKS, MAX_NEW_TOKENS
 
 def test_bench_reports_batched_decoding_and_the_bandwidth_bound(tmp_path, capsys):
     report_path = tmp_path / "bench.json"
-    assert main(["bench", "--model", "random-tiny-llama", "--model-option", "device=cpu", "--methods", "full,snapkv",
-                 "--budget", "32", "--lengths", "96", "--batch-sizes", "1,3", "--new-tokens", "5", "--repeats", "2",
+    assert main(["bench", "model=random-tiny-llama", "model.device=cpu", "method=full,snapkv", "budget=32",
+                 "--lengths", "96", "--batch-sizes", "1,3", "--new-tokens", "5", "--repeats", "2",
                  "--warmup", "0", "-o", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     rows = {(row["method"], row["batch_size"]): row for row in report["rows"]}

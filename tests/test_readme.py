@@ -13,10 +13,15 @@ from evalkv.methods import METHODS
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_adding_a_method_example_runs(tokenizer):
+def readme_method_source() -> str:
+    """The Python code of the README's "Adding a method" section."""
     section = README.read_text().split("## Adding a method", 1)[1]
     code = re.search(r"\n((?:    .*\n|\n)+)", section).group(1)
-    source = "\n".join(line[4:] for line in code.splitlines())
+    return "\n".join(line[4:] for line in code.splitlines())
+
+
+def test_adding_a_method_example_runs(tokenizer):
+    source = readme_method_source()
     namespace: dict = {}
     try:
         exec(compile(source, "README.md", "exec"), namespace)

@@ -246,7 +246,7 @@ def _register_preset(tag: str, defaults: dict) -> type[OBCache]:
         namespace={"__doc__": f"OBCache preset `{tag}` of the reference code: {settings} (see `obcache`)."},
     )
     cls.__module__ = __name__
-    return register(tag)(cls)
+    return register(tag, preset_of="obcache")(cls)
 
 
 PRESETS = {

@@ -1,21 +1,15 @@
 """Methods by name. Built-ins register with `@register`; third parties may too, or through the `evalkv.methods`
-entry-point group (a module whose import registers its methods)."""
+entry-point group (a module whose import registers its methods). `@register(name, preset_of=base)` marks a preset:
+a subclass of the base that only changes defaults (OBCache's reference tags)."""
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
 from typing import Any
 
 from evalkv.methods.base import Method
 from evalkv.registry import Registry
 
-
-def _load_entry_points() -> None:
-    for entry in entry_points(group="evalkv.methods"):
-        entry.load()
-
-
-REGISTRY: Registry[Method] = Registry("method", discover=_load_entry_points)
+REGISTRY: Registry[Method] = Registry("method", entry_point_group="evalkv.methods")
 METHODS = REGISTRY.classes
 register = REGISTRY.register
 

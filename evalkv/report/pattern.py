@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from evalkv.config import compose_run, options
+from evalkv.config import compose_run, model_config, options
 from evalkv.errors import EvalkvError
 from evalkv.report.figure import check_output, pyplot, save_figure
 from evalkv.run.records import CONFIG
@@ -35,7 +35,7 @@ class Pattern:
 
 def pattern_config(arguments: list[str]) -> DictConfig:
     """A run directory's stored config, or the config `evalkv pred` would compose from these overrides."""
-    if len(arguments) == 1 and "=" not in arguments[0]:
+    if len(arguments) == 1 and ("=" not in arguments[0] or Path(arguments[0]).is_dir()):  # labels hold "="
         run = Path(arguments[0])
         if not (run / CONFIG).is_file():
             raise EvalkvError(f"{run} is not a run directory (no {CONFIG}); give a run directory or evalkv pred "
@@ -67,7 +67,6 @@ def eviction_pattern(cfg: DictConfig, sample_id: str | None = None, step: int = 
     """Recompute one sample under the config's model, method and task and return what each head held at `step`."""
     from evalkv.kv.engine import Engine
     from evalkv.methods import build_method
-    from evalkv.models.config import ModelConfig
     from evalkv.models.loader import load_model
     from evalkv.tasks import build_task
 
@@ -75,7 +74,7 @@ def eviction_pattern(cfg: DictConfig, sample_id: str | None = None, step: int = 
         raise EvalkvError(f"--step must be >= 1 (1 = right after the prompt was compressed), got {step}")
     method = build_method(cfg.method.name, options(cfg.method))
     task = build_task(cfg.task.name, options(cfg.task))
-    model = load_model(ModelConfig(**options(cfg.model), name=cfg.model.name))
+    model = load_model(model_config(cfg))
     seen = []
     for sample in task.samples(model):
         if sample_id is None or sample.id == sample_id:

@@ -18,10 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import evalkv
-from evalkv.config import options
+from evalkv.config import build_run
 from evalkv.errors import EvalkvError
-from evalkv.kv.engine import Engine, Request, check_decode_graphs
-from evalkv.methods import build_method
+from evalkv.kv.engine import Engine, Request
 from evalkv.methods.base import Method
 from evalkv.models.config import ModelConfig
 from evalkv.models.loader import LoadedModel, load_model
@@ -36,7 +35,7 @@ from evalkv.run.records import (
     write_json_atomic,
     write_text_atomic,
 )
-from evalkv.tasks import Sample, Task, build_task
+from evalkv.tasks import Sample, Task
 
 # Keys that may change between a run and its resumption; everything else must match the stored config.
 _RESUMABLE_KEYS = {"task.n_samples", "progress", "output_dir", "run_dir", "model.device", "model.device_map",
@@ -225,14 +224,11 @@ def _new_invocation() -> dict:
 def run_pred(cfg: DictConfig) -> Path:
     """Run (or resume) one prediction run; returns its directory. Under torchrun, this process's share of it
     (evalkv/run/parallel.py)."""
-    if cfg.batch_size < 1:
-        raise EvalkvError(f"batch_size must be at least 1 (1 decodes every sample alone), got {cfg.batch_size}")
-    check_decode_graphs(cfg.decode_graphs)  # before the model loads
+    run = build_run(cfg)  # every check that needs no model
     composed = OmegaConf.to_container(cfg, resolve=True)
-    method = build_method(cfg.method.name, options(cfg.method))
-    task = build_task(cfg.task.name, options(cfg.task))
+    method, task = run.method, run.task
     sharded = ShardedRun.from_environment()
-    model_cfg = sharded.place(ModelConfig(**options(cfg.model), name=cfg.model.name))
+    model_cfg = sharded.place(run.model)
     run_dir = run_directory(cfg, method, task)
     check_resumable(run_dir, composed, task, method)
 

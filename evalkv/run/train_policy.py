@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import evalkv
+from evalkv.config import compose_run, model_config
 from evalkv.config import options as config_options
 from evalkv.errors import EvalkvError
 from evalkv.kv.attention import attention_column_sums, reduce_query_heads
@@ -28,8 +29,8 @@ from evalkv.kv.select import top_k_positions
 from evalkv.methods.base import AttentionView, Method, ModelGeometry, Phase
 from evalkv.methods.eviction_policy import EvictionPolicy, token_features
 from evalkv.methods.learned_mlp import LearnedMLP
-from evalkv.models.config import ModelConfig
 from evalkv.models.loader import load_model
+from evalkv.overrides import Dialect
 from evalkv.tasks import build_task
 
 # A task seed other than the evaluation default (passkey: 42), so that training prompts differ from evaluation ones.
@@ -125,30 +126,22 @@ def top_overlap(policy: EvictionPolicy, features: torch.Tensor, received: torch.
     return float(hits.mean())
 
 
+TRAIN_POLICY = Dialect("train-policy", ("model", "model.", "task", "task.", "progress"),
+                       "it always runs the full cache")
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """The same config tree as `evalkv pred`; passkey-style tasks get a training seed unless one is given."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from evalkv.config import register_configs
-    from evalkv.paths import configs_dir
-
-    register_configs()
-    try:
-        with initialize_config_dir(str(configs_dir()), version_base=None):
-            cfg = compose("config", overrides=overrides)
-            if "seed" in cfg.task and not any(o.startswith("task.seed=") for o in overrides):
-                cfg = compose("config", overrides=[*overrides, f"task.seed={TRAINING_TASK_SEED}"])
-    except (HydraException, OmegaConfBaseException) as error:
-        raise EvalkvError(f"train-policy: bad override: {error}") from None
+    cfg = compose_run(overrides, TRAIN_POLICY)
+    if "seed" in cfg.task and not any(o.startswith("task.seed=") for o in overrides):
+        cfg = compose_run([*overrides, f"task.seed={TRAINING_TASK_SEED}"])
     return cfg
 
 
 def train_policy(cfg: DictConfig, output: str | Path, opts: TrainingOptions) -> dict:
     """Collect targets on the config's model and task, fit, write the policy; returns its metadata."""
     task = build_task(cfg.task.name, config_options(cfg.task))
-    loaded = load_model(ModelConfig(**config_options(cfg.model), name=cfg.model.name))
+    loaded = load_model(model_config(cfg))
     recorder = _AttentionRecorder(features=list(opts.features))
     engine = Engine(loaded.model, recorder, loaded.backend, loaded.tokenizer)
     samples, total = task.samples(loaded), task.size()

@@ -1,5 +1,6 @@
 """What a task is: deterministic samples (token ids ready to feed, answers, metadata) and the benchmark task name
-that picks the metric. Tasks register by name; each has a typed config in configs/task/."""
+that picks the metric. Tasks register by name; each one's Hydra config is generated from its dataclass
+(evalkv/config.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tasks by name."""
+"""Tasks by name. Built-ins register with `@register_task`; third parties may too, or through the `evalkv.tasks`
+entry-point group (a module whose import registers its tasks)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from evalkv.registry import Registry
 from evalkv.tasks.base import Task
 
-REGISTRY: Registry[Task] = Registry("task")
+REGISTRY: Registry[Task] = Registry("task", entry_point_group="evalkv.tasks")
 TASKS = REGISTRY.classes
 register_task = REGISTRY.register
 
