@@ -217,7 +217,7 @@ def test_table_shows_missing_cells_as_missing(tmp_path, capsys):
     (["pred", "model=hf", "model.path=./no/such/folder"], "does not exist"),
     (["pred", "model=gguf", "model.path=/no/such/model.gguf"], "not found"),
     (["pred", *TINY, "method=snapkv", "budget=64", "method.window=3"],
-     "method 'snapkv' has no option 'window' (did you mean 'window_size'?); its options: budget, "),
+     "method 'snapkv' has no option 'window' (did you mean 'window_size'?); its options: beta, budget, "),
     (["frobnicate"], "unknown command 'frobnicate'"),
     (["score", "/no/such/run"], "does not exist"),
 ])

@@ -15,7 +15,8 @@ from evalkv.methods.obcache import OBCache
 from evalkv.methods.registry import REGISTRY
 
 TINY = ["model=random-tiny-llama", "model.device=cpu"]
-SNAPKV_MISSPELT = "method 'snapkv' has no option 'windw_size' (did you mean 'window_size'?); its options: budget, "
+SNAPKV_MISSPELT = ("method 'snapkv' has no option 'windw_size' (did you mean 'window_size'?); its options: beta, "
+                   "budget, ")
 BUDGET_TYPE = "budget=big: budget takes an integer or null, not 'big'"
 UNKNOWN_SNAPKV = "unknown method 'snapkvv' (did you mean 'snapkv'?); known: adakv, "
 LENGTHS_TYPE = "task.lengths=abc: task.lengths takes a list of integers such as [1,2], not 'abc'"
@@ -34,7 +35,7 @@ CASES = {
     "bench": [
         (["--methods", "full,snapkv", "method.windw_size=8"],
          "method.windw_size=8: none of the methods (full, snapkv) has an option 'windw_size' (did you mean "
-         "'window_size'?); their options: budget, "),
+         "'window_size'?); their options: beta, budget, "),
         (["budget=big"], BUDGET_TYPE),
         (["method=full,snapkvv"], UNKNOWN_SNAPKV),
     ],
