@@ -69,3 +69,11 @@ def test_punkt_in_a_given_folder_is_found_and_the_user_told_to_name_it(monkeypat
     folder, source = data.fetch_punkt(NLTK_DATA)
     assert folder == NLTK_DATA / "tokenizers" / "punkt_tab" / "english"
     assert "already there" in source and "NLTK_DATA" in source
+
+
+def test_help_names_the_command_and_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "ruler", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "usage: evalkv data ruler" in out
+    assert all(option in out for option in ("--dest", "--essays", "--nltk-data"))
