@@ -3,8 +3,8 @@ niah_multivalue, niah_multiquery.
 
 Random draws follow niah.py call for call (one `random.Random(seed)` stands for its seeded global `random`), and the
 essay haystack is split into sentences by NLTK's Punkt exactly where niah.py splits it (sentences.py), so with the same
-tokenizer and wrapper the samples are RULER's byte for byte (checked with RULER's own prepare.py for all 13 tasks:
-scripts/ruler_reference_check.py, docs/results.md).
+tokenizer the samples are RULER's byte for byte with its base template, and with a chat wrapper up to the deviation
+below (checked against RULER's own prepare.py: scripts/ruler_reference_check.py, docs/results.md).
 
 Deviation, with a chat wrapper only: when one value is asked for, niah.py re-words its whole prompt template
 (`Some` -> `A`, `are all` -> `is`, `are` -> `is`, `answers` -> `answer`), and that template already holds RULER's
