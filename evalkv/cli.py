@@ -21,7 +21,7 @@ commands:
   bench                        speed and memory per method x context length (prefill, overhead, decode, peak)
   headmask KEY=VALUE ... -o CSV CateKV's head classification (consistent / adaptive) from a reference task
   train-policy -o FILE K=V ... train learned_mlp's eviction policy on a model and task's prompts
-  data   longbench|minilongbench-to-jsonl  fetch LongBench's data.zip / convert MiniLongBench to predictions
+  data   longbench|ruler|minilongbench-to-jsonl  fetch LongBench's data.zip / RULER's essays + Punkt / MiniLongBench
 
 `evalkv COMMAND --help` explains each command.
 """
@@ -654,7 +654,7 @@ def cmd_train_policy(args: list[str]) -> int:
 
 def cmd_data(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="evalkv data", description="Fetch or convert benchmark data.")
-    kinds = parser.add_subparsers(dest="what", required=True, metavar="longbench|minilongbench-to-jsonl")
+    kinds = parser.add_subparsers(dest="what", required=True, metavar="longbench|ruler|minilongbench-to-jsonl")
     longbench = kinds.add_parser(
         "longbench", help="download LongBench's data.zip from the hub and unpack it",
         description="Download LongBench's data.zip from the hub (THUDM/LongBench, now zai-org/LongBench), or take "
@@ -662,6 +662,16 @@ def cmd_data(args: list[str]) -> int:
         "(use it as task.data_dir). Nothing is written unless every file checks out.")
     longbench.add_argument("--dest", default="data/longbench", help="where the files go (default data/longbench)")
     longbench.add_argument("--from-archive", metavar="PATH", help="a data.zip already downloaded (works offline)")
+    ruler = kinds.add_parser(
+        "ruler", help="fetch RULER's essay haystack and NLTK's Punkt (the essay niah tasks need both)",
+        description="Put RULER's PaulGrahamEssays.json into DEST (downloaded, or copied from --essays; either way "
+        "checked against the published file's sha256) and make NLTK's English Punkt model (punkt_tab) available "
+        "(kept where NLTK finds it, else downloaded into --nltk-data). Then run with task.essay_path=DEST/"
+        "PaulGrahamEssays.json.")
+    ruler.add_argument("--dest", default="data/ruler", help="where the essays go (default data/ruler)")
+    ruler.add_argument("--essays", metavar="PATH", help="a PaulGrahamEssays.json already downloaded (works offline)")
+    ruler.add_argument("--nltk-data", metavar="DIR", help="where Punkt goes if NLTK does not find it (default: "
+                       "NLTK's download folder, ~/nltk_data); a folder NLTK does not search must be named by NLTK_DATA")
     mini = kinds.add_parser(
         "minilongbench-to-jsonl", help="MiniLongBench's stored predictions as a predictions .jsonl",
         description="Write the predictions stored in a folder of MiniLongBench_{task}.json files as evalkv "
@@ -676,6 +686,14 @@ def cmd_data(args: list[str]) -> int:
         counts = fetch_longbench(Path(options.dest), archive)
         print(f"{len(counts)} files, {sum(counts.values())} rows (every row count as published) in:")
         print(options.dest)
+    elif options.what == "ruler":
+        from evalkv.tasks.ruler.data import fetch_essays, fetch_punkt
+
+        essays, essays_from = fetch_essays(Path(options.dest), Path(options.essays) if options.essays else None)
+        punkt, punkt_from = fetch_punkt(Path(options.nltk_data) if options.nltk_data else None)
+        print(f"NLTK Punkt (punkt_tab): {punkt} ({punkt_from})")
+        print(f"RULER's essays ({essays_from}), for task.essay_path:")
+        print(essays)
     else:
         import json
 

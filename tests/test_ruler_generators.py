@@ -9,13 +9,12 @@ import re
 from collections import Counter
 
 import pytest
-from ruler_helpers import ESSAYS, FRAME, count_words, setting
+from ruler_helpers import ESSAYS, FRAME, count_words, needs_essays, setting
 
 from evalkv.tasks.essays import load_essays
 from evalkv.tasks.ruler import common_words_extraction, freq_words_extraction, niah, qa, variable_tracking
 from evalkv.tasks.ruler.constants import RULER_TASKS
 
-needs_essays = pytest.mark.skipif(not ESSAYS.is_file(), reason=f"{ESSAYS} is absent (../shared/data)")
 NEEDLE_LINE = re.compile(r"One of the special magic (\w+) for (\S+) is: (\S+)\.")
 
 

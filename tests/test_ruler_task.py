@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
+import nltk
 import pytest
 from conftest import tiny_loaded
-from ruler_helpers import ESSAYS
+from ruler_helpers import ESSAYS, needs_essays
 from test_ruler_generators import hotpot_fixture, squad_fixture
 
 from evalkv.cli import main
@@ -16,6 +17,7 @@ from evalkv.metrics.ruler import match_all, postprocess_pred
 from evalkv.run.records import read_records
 from evalkv.tasks import build_task
 from evalkv.tasks.ruler import niah
+from evalkv.tasks.ruler.sentences import punkt_identity
 
 
 def _task(tmp_path, **options):
@@ -75,7 +77,7 @@ def test_a_different_seed_or_sample_count_is_another_cache_entry(tmp_path):
     assert len(list((tmp_path / "cache").rglob("*.jsonl"))) == 3
 
 
-@pytest.mark.skipif(not ESSAYS.is_file(), reason=f"{ESSAYS} is absent (../shared/data)")
+@needs_essays
 def test_essay_task_reads_the_essays(tmp_path):
     model = tiny_loaded()
     task = _task(tmp_path, tasks=["niah_single_2"], lengths=[4096], essay_path=str(ESSAYS))
@@ -83,6 +85,9 @@ def test_essay_task_reads_the_essays(tmp_path):
     assert all(s.length <= 4096 - 128 for s in samples)
     key = json.loads(next((tmp_path / "cache").rglob("*.key.json")).read_text())
     assert key["data"]["essays"] == "c991a4f897d482a4c845028f5bd3aa8951569b1ab1708723bcc6ec72e66b9446"
+    sentences = key["data"]["sentences"]  # the splitter is part of the cache key: no stale rule-split haystacks
+    assert sentences == punkt_identity() and sentences["splitter"] == "nltk.sent_tokenize"
+    assert sentences["nltk"] == nltk.__version__ and len(sentences["punkt_tab"]) == 64
 
 
 def test_qa_tasks_read_the_given_files(tmp_path):
@@ -117,6 +122,16 @@ def test_missing_data_is_an_error_before_anything_is_generated(tmp_path, options
     with pytest.raises(EvalkvError, match=message):
         next(iter(_task(tmp_path, **options).samples(tiny_loaded())))
     assert not (tmp_path / "cache").exists()
+
+
+@needs_essays
+def test_missing_punkt_is_an_error_that_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no-nltk-data")])
+    with pytest.raises(EvalkvError, match=r"nltk\.download\('punkt_tab'\).*NLTK_DATA") as error:
+        next(iter(_task(tmp_path, tasks=["niah_single_1", "niah_single_2"], essay_path=str(ESSAYS))
+                  .samples(tiny_loaded())))
+    assert "evalkv data ruler" in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "cache").exists()  # not even the essay-free task was generated
 
 
 def test_a_malformed_qa_file_is_an_error(tmp_path):

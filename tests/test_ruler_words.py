@@ -1,10 +1,9 @@
-"""RULER's word lists and the essay sentence splitter."""
+"""RULER's word lists."""
 
 from __future__ import annotations
 
 import random
 
-from evalkv.tasks.ruler.sentences import split_sentences
 from evalkv.tasks.ruler.words import AdjectiveNouns, common_words, niah_words, wonderwords_list
 
 
@@ -29,14 +28,3 @@ def test_common_words_are_the_three_lists_sorted_then_shuffled_with_the_seed():
     random.Random(42).shuffle(everything)
     assert list(words) == everything and len(words) == 8166  # wonderwords 3.0.1
 
-
-def test_sentences_end_at_terminal_punctuation_but_not_at_abbreviations():
-    text = ('He met Dr. Smith at 5 p.m. today. "Really?" she asked. J. R. Tolkien wrote... a lot. Yes! no. '
-            'It was e.g. fine. End')
-    assert split_sentences(text) == ["He met Dr. Smith at 5 p.m. today.", '"Really?"', "she asked.",
-                                     "J. R. Tolkien wrote... a lot.", "Yes!", "no.", "It was e.g. fine.", "End"]
-
-
-def test_joining_the_sentences_gives_the_normalised_text_back():
-    text = "One. Two three?  Four!\nFive (six.) Seven"
-    assert " ".join(split_sentences(text)) == "One. Two three? Four! Five (six.) Seven"

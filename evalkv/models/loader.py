@@ -19,7 +19,7 @@ from evalkv.models.embedded import embedded_gguf, sha256_of
 from evalkv.models.presets import build_random_model, byte_tokenizer
 from evalkv.paths import cache_dir
 
-# End-of-turn tokens of common chat templates; those present in a tokenizer's vocabulary stop generation.
+# End-of-turn tokens of common chat templates; those that are special tokens of a tokenizer stop generation.
 END_OF_TURN_TOKENS = (
     "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>", "<end_of_turn>",
     "<|end|>", "<|eos|>",
@@ -106,14 +106,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The tokenizer's special tokens (its named ones and every added token marked special), text -> id."""
+    special = {token.content: int(index) for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+    special.update(zip(tokenizer.all_special_tokens, map(int, tokenizer.all_special_ids)))
+    return special
+
+
 def stop_token_ids(tokenizer, model) -> list[int]:
-    """Every end-of-turn token: the generation config's and tokenizer's EOS plus known end-of-turn tokens."""
+    """Every end-of-turn token: the generation config's and the tokenizer's EOS, plus those of END_OF_TURN_TOKENS that
+    are special tokens of this tokenizer. An ordinary vocabulary entry never stops generation, though it spells an
+    end-of-turn token elsewhere (Qwen2.5's `</s>` is plain text that a model may write)."""
     ids: list[int] = []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (configured, tokenizer.eos_token_id):
         ids.extend(value if isinstance(value, list) else [value] if value is not None else [])
-    vocab = tokenizer.get_vocab()
-    ids.extend(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    special = special_token_ids(tokenizer)
+    ids.extend(special[token] for token in END_OF_TURN_TOKENS if token in special)
     return sorted(set(int(i) for i in ids))
 
 

@@ -29,7 +29,7 @@ def load_essays(path: str | Path) -> str:
     if not path.is_file():
         raise EvalkvError(
             f"essay haystack {str(path)!r} not found: give RULER's PaulGrahamEssays.json "
-            "(scripts/data/synthetic/json/ in NVIDIA/RULER) or a folder of .txt essays"
+            "(`evalkv data ruler` fetches it) or a folder of .txt essays"
         )
     try:
         text = json.loads(path.read_text(encoding="utf-8"))["text"]

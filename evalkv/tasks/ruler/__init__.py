@@ -27,8 +27,17 @@ from evalkv.tasks.ruler.constants import (
     RULER_TASKS,
     SYNTHETIC_TASKS,
 )
+from evalkv.tasks.ruler.sentences import punkt_identity
 
 _ROW_FIELDS = {"index", "input", "answer_prefix", "outputs", "length"}
+# The fields of RULER's rows that its prediction and scoring read (the rest is bookkeeping).
+REFERENCE_FIELDS = ("input", "outputs", "length", "answer_prefix")
+
+
+def rows_digest(rows: list[dict]) -> str:
+    """sha256 of REFERENCE_FIELDS of every row, one JSON line each: equal digests, byte-identical samples."""
+    text = "".join(json.dumps({key: row[key] for key in REFERENCE_FIELDS}, ensure_ascii=False) + "\n" for row in rows)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _sha256(path: str) -> str:
@@ -43,10 +52,13 @@ class Ruler(Task):
     Based on RULER (Hsieh et al., arXiv 2404.06654; NVIDIA/RULER scripts/data/synthetic/*.py at c3f5e3b). Each
     (task, length) is generated as RULER's prepare.py does, with the evaluated model's tokenizer: templates and answer
     prefixes verbatim, seed 42, the haystack sized by RULER's binary search so that prompt + tokens to generate fit
-    the length, the answer prefix after the chat wrapper. Generated files are cached on disk (see cache.py).
-    Deviations (details in each generator's docstring): essay sentences are split by a rule-based splitter, not NLTK
-    Punkt; the chat wrapper is the tokenizer's own chat template rather than RULER's hand-written one; cwe needs
-    RULER's english_words.json beyond 8,166 distinct words; vt has the noise haystack only.
+    the length, the answer prefix after the chat wrapper, essay sentences split by NLTK's Punkt as niah.py splits
+    them. With RULER's base template (`chat_template=false`) the rows equal prepare.py's byte for byte (input,
+    outputs, length, answer_prefix; scripts/ruler_reference_check.py). Generated files are cached on disk (cache.py).
+    Deviations (details in each generator's docstring): the chat wrapper is the tokenizer's own chat template rather
+    than one of RULER's hand-written ones, and niah's single-value re-wording ("are" -> "is", ...) leaves that wrapper
+    alone where RULER's would re-word it too (niah.py); cwe needs RULER's english_words.json beyond 8,166 distinct
+    words; vt has the noise haystack only.
 
     tasks: RULER task names; default the 11 that need no QA data set (add qa_1 / qa_2 with squad_path / hotpotqa_path).
     lengths: target lengths in tokens (prompt + tokens to generate), RULER's 4K..128K by default.
@@ -88,9 +100,17 @@ class Ruler(Task):
         return len(self.tasks) * len(self.lengths) * self.num_samples
 
     def samples(self, model) -> Iterator[Sample]:
+        for name, length, rows in self.generated(model.tokenizer, model.name):
+            for row in rows:
+                yield self._sample(name, length, row, model.tokenizer)
+
+    def generated(self, tokenizer, model_name: str | None = None) -> Iterator[tuple[str, int, list[dict]]]:
+        """(task, length, rows) for every length and task in run order: RULER's jsonl rows (`input`, `outputs`,
+        `length`, `answer_prefix`, plus evalkv's metadata) as `samples` tokenizes them, read from the cache or
+        generated. Every data file is checked before the first row is made."""
         data = self._load_data()
-        tokenizer = model.tokenizer
-        frame = chat_frame(tokenizer, model.name) if self.chat_template else Frame()
+        model = model_name or getattr(tokenizer, "name_or_path", "") or "(tokenizer)"
+        frame = chat_frame(tokenizer, model) if self.chat_template else Frame()
         identity = {"seed": self.seed, "num_samples": self.num_samples, "tokenizer": tokenizer_fingerprint(tokenizer),
                     "frame": [frame.prefix, frame.suffix]}
         folder = Path(self.cache_dir).expanduser() if self.cache_dir else cache_dir() / "ruler"
@@ -100,10 +120,8 @@ class Ruler(Task):
                 setting = Setting(length, task.tokens_to_generate, self.num_samples, self.seed, frame,
                                   lambda text: len(tokenizer.tokenize(text)), dict(task.args))
                 fields = {**identity, "args": task.args, "data": data["digests"].get(task.family, {})}
-                rows = cached_rows(folder, name, length, fields, self.num_samples,
-                                   functools.partial(self._generate, name, setting, data))
-                for row in rows:
-                    yield self._sample(name, length, row, tokenizer)
+                yield name, length, cached_rows(folder, name, length, fields, self.num_samples,
+                                                functools.partial(self._generate, name, setting, data))
 
     def _sample(self, name: str, length: int, row: dict, tokenizer) -> Sample:
         ids = tokenizer(row["input"] + row["answer_prefix"], add_special_tokens=not self.chat_template)["input_ids"]
@@ -132,10 +150,10 @@ class Ruler(Task):
             if not self.essay_path:
                 raise EvalkvError(
                     f"ruler tasks {', '.join(n for n in self.tasks if n in ESSAY_TASKS)} hide needles in Paul Graham "
-                    "essays: set task.essay_path to RULER's PaulGrahamEssays.json (NVIDIA/RULER "
-                    "scripts/data/synthetic/json/) or a folder of .txt essays, or leave those tasks out of task.tasks")
+                    "essays: set task.essay_path to RULER's PaulGrahamEssays.json (`evalkv data ruler` fetches it) "
+                    "or a folder of .txt essays, or leave those tasks out of task.tasks")
             data["essay_words"] = re.sub(r"\s+", " ", load_essays(self.essay_path)).split(" ")
-            data["digests"]["niah"] = {"essays": essays_digest(self.essay_path)}
+            data["digests"]["niah"] = {"essays": essays_digest(self.essay_path), "sentences": punkt_identity()}
         for name, dataset, path in (("qa_1", "squad", self.squad_path), ("qa_2", "hotpotqa", self.hotpotqa_path)):
             if name in self.tasks:
                 data[dataset] = qa.load_dataset(dataset, path)

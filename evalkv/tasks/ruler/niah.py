@@ -1,11 +1,20 @@
 """RULER's needle-in-a-haystack generator (`scripts/data/synthetic/niah.py`): niah_single_*, niah_multikey_*,
 niah_multivalue, niah_multiquery.
 
-Random draws follow niah.py call for call (one `random.Random(seed)` stands for its seeded global `random`), so with
-the same tokenizer, template and sentence split the samples are RULER's. Deviations: sentences of the essay haystack
-come from `split_sentences` (not NLTK Punkt, see sentences.py); the single-needle rewording is applied to RULER's task
-template and answer prefix, not to the chat wrapper around them (RULER's own wrappers contain none of the rewritten
-words, so its prompts are unchanged).
+Random draws follow niah.py call for call (one `random.Random(seed)` stands for its seeded global `random`), and the
+essay haystack is split into sentences by NLTK's Punkt exactly where niah.py splits it (sentences.py), so with the same
+tokenizer the samples are RULER's byte for byte with its base template, and with a chat wrapper up to the deviation
+below (checked against RULER's own prepare.py: scripts/ruler_reference_check.py, docs/results.md).
+
+Deviation, with a chat wrapper only: when one value is asked for, niah.py re-words its whole prompt template
+(`Some` -> `A`, `are all` -> `is`, `are` -> `is`, `answers` -> `answer`), and that template already holds RULER's
+chat wrapper (prepare.py formats `model_template` around the task template first). evalkv re-words RULER's task
+template and answer prefix only, never the chat wrapper around them. Of RULER's own wrappers (scripts/data/template.py)
+two contain the words: `vicuna-chat` ("polite answers" becomes "polite answer") and `lwm-chat` ("You are a helpful
+assistant" becomes "You is a helpful assistant"); the others are unchanged by it. Wrapped in the tokenizer's chat
+template, as evalkv does, RULER's procedure would turn Qwen2.5's system prompt into "You is Qwen, created by Alibaba
+Cloud. You is a helpful assistant."; evalkv keeps the wrapper as the model was trained on it. Without a chat wrapper
+(`task.chat_template=false`, RULER's `base` template) there is no difference.
 """
 
 from __future__ import annotations

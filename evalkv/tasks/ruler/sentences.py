@@ -1,49 +1,51 @@
-"""Sentence splitting for RULER's essay haystack.
+"""Sentences of RULER's essay haystack: NLTK's pre-trained English Punkt model, as RULER's niah.py splits them.
 
-RULER splits the essay text with `nltk.sent_tokenize` (the pre-trained English Punkt model, a pickle). evalkv does not
-unpickle third-party files, so it splits with the rule Punkt applies to ordinary text: a sentence ends at `.`, `?` or
-`!` (plus any closing quotes or brackets) followed by whitespace, unless the word before a period is an abbreviation
-(a known one, a single letter such as an initial, or a word with inner periods such as `e.g.`) or an ellipsis.
-
-Deviation: Punkt's learned abbreviation list and orthographic heuristics decide some edge cases differently, so a
-needle can land one sentence away from where RULER would put it. The haystack text itself is unchanged: sentences
-are whitespace-separated pieces of the (whitespace-normalised) text, so joining them with spaces gives it back.
+RULER (scripts/data/synthetic/niah.py at c3f5e3b) cuts the essay words to the haystack size, joins them with spaces
+and calls `nltk.tokenize.sent_tokenize(text.strip())`; the needles go between those sentences. evalkv calls the same
+function, so the sentence boundaries (Punkt's learned abbreviations and orthographic rules included) are RULER's.
+NLTK >= 3.9 reads the model from the plain-text `punkt_tab` files (no unpickling); `nltk.download("punkt_tab")`,
+`NLTK_DATA` or `evalkv data ruler` provide them.
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
+from pathlib import Path
 
-# Common English abbreviations that end with a period but rarely end a sentence (lower case, without the period).
-ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st vs etc inc ltd corp approx dept gov sen sgt capt "
-    "lt cmdr mt ft ave blvd jan feb mar apr jun jul aug sep sept oct nov dec".split()
-)
+from evalkv.errors import EvalkvError
 
-_CLOSING = "\"'”’)]}"
-_BOUNDARY = re.compile(r"""(?<=[.?!])["'”’)\]}]*(?=\s+\S)""")
+LANGUAGE = "english"
+RESOURCE = f"tokenizers/punkt_tab/{LANGUAGE}/"
 
 
-def _ends_sentence(text: str, end: int) -> bool:
-    word = text[max(0, end - 80):end].rsplit(None, 1)[-1].rstrip(_CLOSING)
-    if not word.endswith("."):
-        return True  # ? or !
-    if word.endswith(".."):
-        return False  # ellipsis
-    stem = word[:-1].lstrip("\"'“‘([{")
-    if not stem:
-        return False
-    return not (stem.lower() in ABBREVIATIONS or (len(stem) == 1 and stem.isalpha()) or "." in stem)
+def punkt_folder() -> Path:
+    """The folder of NLTK's English `punkt_tab` files on NLTK's search path, else an error that says how to get it."""
+    import nltk
+
+    try:
+        return Path(nltk.data.find(RESOURCE))
+    except LookupError:
+        raise EvalkvError(
+            "RULER's essay-haystack tasks split the essays into sentences with NLTK's English Punkt model, which was "
+            "not found on NLTK's data path. Get it with `evalkv data ruler` (or in Python: "
+            "nltk.download('punkt_tab')), or point NLTK_DATA at a folder that holds tokenizers/punkt_tab/english/; "
+            "or leave the essay tasks out of task.tasks"
+        ) from None
+
+
+def punkt_identity() -> dict[str, str]:
+    """What decides the split: NLTK's version and the sha256 of the English Punkt files (names and bytes)."""
+    import nltk
+
+    digest = hashlib.sha256()
+    for file in sorted(punkt_folder().iterdir()):
+        if file.is_file():
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return {"splitter": "nltk.sent_tokenize", "nltk": nltk.__version__, "punkt_tab": digest.hexdigest()}
 
 
 def split_sentences(text: str) -> list[str]:
-    """The sentences of `text`, stripped: joined by spaces they give `text` with each whitespace run as one space."""
-    sentences, start = [], 0
-    for match in _BOUNDARY.finditer(text):
-        if _ends_sentence(text, match.end()):
-            sentences.append(text[start:match.end()].strip())
-            start = match.end()
-    last = text[start:].strip()
-    if last:
-        sentences.append(last)
-    return [sentence for sentence in sentences if sentence]
+    """`nltk.sent_tokenize(text)` with the English Punkt model (call `punkt_folder()` first for evalkv's error)."""
+    from nltk.tokenize import sent_tokenize
+
+    return sent_tokenize(text, language=LANGUAGE)
