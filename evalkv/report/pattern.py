@@ -35,7 +35,8 @@ class Pattern:
 
 def pattern_config(arguments: list[str]) -> DictConfig:
     """A run directory's stored config, or the config `evalkv pred` would compose from these overrides."""
-    if len(arguments) == 1 and "=" not in arguments[0]:
+    # run directories hold "=" where options differ from the defaults (passkey-lengths=1024/...)
+    if len(arguments) == 1 and ("=" not in arguments[0] or Path(arguments[0]).is_dir()):
         run = Path(arguments[0])
         if not (run / CONFIG).is_file():
             raise EvalkvError(f"{run} is not a run directory (no {CONFIG}); give a run directory or evalkv pred "
