@@ -122,7 +122,9 @@ def test_report_renders_in_headless_chromium(tmp_path, capsys):
     assert page.tables["scores"][3] == ["random-tiny-llama", "snapkv", "128", "60.00", "60.00"]
     assert len(page.images) == 1 and re.search(r"<h2>Plots</h2>", dom)
     shot = tmp_path / "shot.png"
-    _headless(tmp_path, f"--screenshot={shot}", "--window-size=1200,1400", output.as_uri())
+    # at two device pixels per CSS pixel, as the page's images are drawn: their thin dashed lines keep their colour
+    _headless(tmp_path, f"--screenshot={shot}", "--window-size=1200,1400", "--force-device-scale-factor=2",
+              output.as_uri())
     pixels = Image.open(shot).convert("RGB")
     colours = {colour for _, colour in pixels.getcolors(maxcolors=1 << 24)}
     # matplotlib's tab10 blue and orange: the curves' lines were drawn, so the inline image was decoded
@@ -292,7 +294,9 @@ def test_report_figures_are_inline_and_sized_for_the_page(sweep_page):
     assert page.external == []
     assert len(page.images) == 3  # the curves and one heatmap per needle run
     sizes = [Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size for src in page.images]
-    assert all(800 <= width <= 1400 for width, _ in sizes[1:]), sizes  # read at the page's scale, not shrunk
+    shown = [int(width) for width in re.findall(r'<img [^>]*width="(\d+)"', output.read_text())]
+    assert [width // 2 for width, _ in sizes] == shown  # twice the pixels of the size shown: sharp when zoomed
+    assert all(800 <= width <= 1400 for width in shown[1:]), shown  # the heatmaps read at the page's scale
     captions = re.findall(r"<figcaption>([^<]*)</figcaption>", output.read_text())
     assert [caption.rsplit(": ", 1)[1] for caption in captions[1:]] == [
         "random-tiny-llama / full / budget -", "random-tiny-llama / snapkv / budget 512"]

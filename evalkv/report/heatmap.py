@@ -14,11 +14,10 @@ from pathlib import Path
 
 from evalkv.errors import EvalkvError
 from evalkv.metrics.needle import needle_grid, needle_recall
-from evalkv.report.figure import check_output
+from evalkv.report.figure import DPI, check_output, pyplot, save_figure
 from evalkv.run.records import PREDICTIONS, read_records
 
 COLOURS = ["#F0496E", "#EBB839", "#0CD79F"]
-DPI = 100
 ROW_HEIGHT = 8.0  # inches per run
 
 
@@ -42,10 +41,7 @@ def figure_size(n_lengths: int, n_runs: int, n_depths: int = 0,
 
 
 def plot_needle(paths: list[str], output: str, title: str | None = None, max_width: float | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.colors import LinearSegmentedColormap
 
     check_output(output)
@@ -74,8 +70,4 @@ def plot_needle(paths: list[str], output: str, title: str | None = None, max_wid
         axis.set_title(f"{heading}\noverall score {mean:.3f}", fontsize=13)
         fig.colorbar(image, ax=axis, label="Score")
     fig.tight_layout()
-    target = check_output(output)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=DPI, format=target.suffix.lower().lstrip("."))
-    plt.close(fig)
-    return target
+    return save_figure(fig, output, bbox_inches=None)

@@ -26,6 +26,7 @@ import evalkv
 from evalkv.errors import EvalkvError
 from evalkv.report.columns import category
 from evalkv.report.curves import plot_curves
+from evalkv.report.figure import sharper
 from evalkv.report.heatmap import plot_needle
 from evalkv.report.runs import FULL, NO_BUDGET, RunScores, load_runs, run_cells
 from evalkv.report.table import against_full, build_table, formatted, notes
@@ -56,6 +57,7 @@ BREAKDOWNS = {"by_depth": "by depth (percent of the context before the inserted 
               "by_context_length": "by context length (tokens)"}
 WINDOW_OPTIONS = ("window_size", "recent_size", "num_recent")  # what a method calls its always-kept recent tokens
 PAGE_FIGURE_WIDTH = 14.0  # inches at the figures' 100 dpi: about the page's width
+SHARPNESS = 2  # pixels per displayed pixel of the inline images (sharp when zoomed and on dense screens)
 
 
 def _html_table(cells: pd.DataFrame, css_class: str, texts: set[str]) -> str:
@@ -71,7 +73,7 @@ def _html_table(cells: pd.DataFrame, css_class: str, texts: set[str]) -> str:
 
 
 def _cell_class(column: str, texts: set[str]) -> str:
-    if column in ("run", "method options", "task options"):
+    if column in ("run", "tasks (n)", "method options", "task options"):
         return "text long"
     return "text" if column in texts else ""
 
@@ -82,8 +84,11 @@ def _frame_table(frame: pd.DataFrame, css_class: str, deltas: bool = False) -> s
 
 
 def _figure(path: Path, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+    """The PNG inline, shown at its 100-dpi size (it was saved with SHARPNESS times the pixels)."""
+    png = path.read_bytes()
+    width = int.from_bytes(png[16:20], "big") // SHARPNESS  # the IHDR chunk's width
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure><img alt="{html.escape(caption)}" width="{width}" src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
@@ -317,7 +322,7 @@ def build_report(paths: list[str], output: str | Path, title: str | None = None)
     scores = build_table(runs)
     runs = in_table_order(runs, scores)
     scores_html, deltas_html, lacking = _score_sections(runs, scores)
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, sharper(SHARPNESS):
         curves = _curves(scores, Path(folder))
         breakdowns = _breakdown_sections(runs, Path(folder))
     heading = html.escape(title or f"evalkv report: {', '.join(paths)}")
