@@ -299,7 +299,8 @@ def run_configuration(run: RunScores) -> dict[str, str]:
         "window": _plain(window),
         "method options": ", ".join(f"{name}={_plain(method.get(name))}" for name in method_options) or "-",
         "lengths": _plain(task.get("lengths")), "depths": _plain(task.get("depths")),
-        "sample cap": _plain(task.get("n_samples")),
+        "sample cap": _plain(task.get("n_samples")) + (f" ({task['samples_per_task']} per task)"
+                                                         if task.get("samples_per_task") else ""),
         "task options": ", ".join(f"{name}={_plain(task.get(name))}" for name in task_options) or "-",
     }
 
@@ -312,7 +313,8 @@ def _configurations(runs: list[RunScores]) -> str:
     return ("<h2>Run configuration</h2><p>From each run's config.yaml, in the order of the runs above: its budget or "
             "compression ratio (the share of the prompt evicted), recent window (tokens), the method and task "
             "options that differ from their defaults, the task's lengths (tokens) and depths (%) and its sample cap "
-            f"(task.n_samples).</p>{_html_table(pd.DataFrame(rows), 'config', texts)}")
+            "(task.n_samples, and task.samples_per_task where the task has one).</p>"
+            f"{_html_table(pd.DataFrame(rows), 'config', texts)}")
 
 
 def build_report(paths: list[str], output: str | Path, title: str | None = None) -> Path:
