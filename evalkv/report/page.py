@@ -88,7 +88,7 @@ def _figure(path: Path, caption: str) -> str:
     png = path.read_bytes()
     width = int.from_bytes(png[16:20], "big") // SHARPNESS  # the IHDR chunk's width
     data = base64.b64encode(png).decode("ascii")
-    return (f'<figure><img alt="{html.escape(caption)}" width="{width}" src="data:image/png;base64,{data}">'
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}" width="{width}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
