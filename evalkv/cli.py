@@ -16,7 +16,7 @@ commands:
   table  PATH ... [--format]   one table of every run under the paths (md, csv, latex, json)
   plot   curves|needle|pattern  score-vs-budget curves, needle heatmaps, one sample's eviction pattern (PNG/PDF)
   report PATH ... -o HTML      one self-contained page with the tables and plots of the runs under the paths
-  list   methods|tasks|models  what is registered, one name per line
+  list   methods|tasks|models  what is registered: a name and its description per line
   demo                         the README's main job: passkey on the embedded model, full vs SnapKV vs StreamingLLM
   bench                        speed and memory per method x context length (prefill, overhead, decode, peak)
   headmask KEY=VALUE ... -o CSV CateKV's head classification (consistent / adaptive) from a reference task

@@ -88,6 +88,13 @@ def test_pattern_of_a_run_directory_uses_its_config_and_sample(tmp_path, monkeyp
         eviction_pattern(config, "nope")
 
 
+def test_pattern_reads_a_run_directory_whose_name_holds_options(tmp_path):
+    run = make_run(tmp_path / "passkey-lengths=256" / "random-tiny-llama" / "snapkv_64",
+                   ["task.lengths=[256]", "method=snapkv", "budget=64"], None)
+    config = pattern_module.pattern_config([str(run)])
+    assert (config.method.name, config.method.budget, list(config.task.lengths)) == ("snapkv", 64, [256])
+
+
 def test_plot_pattern_command_writes_the_heatmap(tmp_path, capsys):
     output = tmp_path / "pattern.png"
     assert main(["plot", "pattern", *TINY_PASSKEY, "method=snapkv", "budget=48", "-o", str(output)]) == 0

@@ -3,7 +3,8 @@
 Rows are depths (percent), columns context lengths (tokens), cells the mean needle recall (0-1) of the run's
 records, drawn as KVCache-Factory's `visualize.py` draws them: the 3-colour map #F0496E -> #EBB839 -> #0CD79F,
 vmin 0, vmax 1, grey dashed cell borders, "Token Limit" and "Depth Percent" axes. Several runs stack vertically.
-The file's suffix picks PNG or PDF.
+The file's suffix picks PNG or PDF. With a `max_width` (the report page's), the figure grows with its lengths up to
+that width and takes the height its depths need, so a grid of any size reads at the page's scale.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from pathlib import Path
 
 from evalkv.errors import EvalkvError
 from evalkv.metrics.needle import needle_grid, needle_recall
-from evalkv.report.figure import check_output
+from evalkv.report.figure import DPI, check_output, pyplot, save_figure
 from evalkv.run.records import PREDICTIONS, read_records
 
 COLOURS = ["#F0496E", "#EBB839", "#0CD79F"]
-DPI = 100
 ROW_HEIGHT = 8.0  # inches per run
 
 
@@ -31,24 +31,28 @@ def _records(path: Path) -> list[dict]:
     return records
 
 
-def figure_size(n_lengths: int, n_runs: int) -> tuple[float, float]:
-    """visualize.py uses (38, 8) for 71 lengths; narrower grids get narrower figures."""
+def figure_size(n_lengths: int, n_runs: int, n_depths: int = 0,
+                max_width: float | None = None) -> tuple[float, float]:
+    """visualize.py uses (38, 8) for 71 lengths; narrower grids get narrower figures. With `max_width`, each run
+    gets 0.3 inches per depth plus its title and axis labels."""
+    if max_width is not None:
+        return min(max_width, max(8.0, 3.0 + 0.6 * n_lengths)), (2.2 + 0.3 * max(n_depths, 3)) * n_runs
     return min(38.0, max(8.0, 0.5 * n_lengths + 3.0)), ROW_HEIGHT * n_runs
 
 
-def plot_needle(paths: list[str], output: str, title: str | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_needle(paths: list[str], output: str, title: str | None = None, max_width: float | None = None) -> Path:
+    plt = pyplot()
     from matplotlib.colors import LinearSegmentedColormap
 
     check_output(output)
     runs = [(Path(p), _records(Path(p))) for p in paths]
     grids = [needle_grid(records, [needle_recall(r["pred"], r["answers"][0]) for r in records]) for _, records in runs]
     n_lengths = max(len({length for row in grid.values() for length in row}) for grid in grids)
+    n_depths = max(len(grid) for grid in grids)
     cmap = LinearSegmentedColormap.from_list("custom_cmap", COLOURS)
-    fig, axes = plt.subplots(len(runs), 1, figsize=figure_size(n_lengths, len(runs)), dpi=DPI, squeeze=False)
+    size = figure_size(n_lengths, len(runs), n_depths, max_width)
+    fig, axes = plt.subplots(len(runs), 1, figsize=size, dpi=DPI, squeeze=False)
+    tick_size = 10 if max_width is None else max(6.0, min(10.0, 450 / n_lengths))  # 71 lengths must fit the width
     for axis, (path, _), grid in zip(axes[:, 0], runs, grids):
         depths = sorted(grid, key=float)
         lengths = sorted({length for row in grid.values() for length in row}, key=int)
@@ -56,7 +60,7 @@ def plot_needle(paths: list[str], output: str, title: str | None = None) -> Path
         image = axis.pcolormesh(values, cmap=cmap, vmin=0, vmax=1, edgecolors="grey", linewidth=0.5,
                                 linestyle="--")
         axis.invert_yaxis()
-        axis.set_xticks([i + 0.5 for i in range(len(lengths))], lengths, rotation=45, fontsize=10)
+        axis.set_xticks([i + 0.5 for i in range(len(lengths))], lengths, rotation=45, fontsize=tick_size)
         axis.set_yticks([i + 0.5 for i in range(len(depths))], depths, fontsize=10)
         axis.set_xlabel("Token Limit", fontsize=14)
         axis.set_ylabel("Depth Percent", fontsize=14)
@@ -66,8 +70,4 @@ def plot_needle(paths: list[str], output: str, title: str | None = None) -> Path
         axis.set_title(f"{heading}\noverall score {mean:.3f}", fontsize=13)
         fig.colorbar(image, ax=axis, label="Score")
     fig.tight_layout()
-    target = check_output(output)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=DPI, format=target.suffix.lower().lstrip("."))
-    plt.close(fig)
-    return target
+    return save_figure(fig, output, bbox_inches=None)
