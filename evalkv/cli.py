@@ -283,7 +283,7 @@ def cmd_list(args: list[str]) -> int:
                 continue  # on its base's line
             description = _first_line(REGISTRY.classes[name].__doc__)
             if REGISTRY.presets(name):
-                description = f"{description.rstrip('.')}; presets: {', '.join(REGISTRY.presets(name))}"
+                description = f"{description} Presets: {', '.join(REGISTRY.presets(name))}."
             rows.append((name, description))
         rows += _yaml_rows(what[:-1], exclude=REGISTRY.classes)
         rows.sort()

@@ -140,7 +140,7 @@ def test_list_methods_shows_presets_on_their_base_line(capsys):
     assert len(presets) == 25 and all(issubclass(METHODS[name], OBCache) for name in presets)
     assert set(names) == set(METHODS) - set(presets) and len(lines) == len(METHODS) - 25
     obcache = lines[names.index("obcache")]
-    assert obcache.endswith(f"; presets: {', '.join(presets)}") and "kvcV+tova" in presets
+    assert obcache.endswith(f" Presets: {', '.join(presets)}.") and "kvcV+tova" in presets
 
 
 def test_demo_takes_overrides_and_applies_method_options_where_they_exist(tmp_path, capsys):

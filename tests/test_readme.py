@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import prompt_ids, tiny_model
 
-from evalkv.cli import _group_options, main
+from evalkv.cli import main
 from evalkv.kv.engine import Engine
 from evalkv.methods import METHODS
+from evalkv.methods.registry import REGISTRY as METHOD_REGISTRY
+from evalkv.overrides import group_choices
 from evalkv.tasks import TASKS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -39,7 +41,8 @@ def test_adding_a_method_example_runs(tokenizer):
 def test_list_prints_each_name_then_a_whole_sentence(what, capsys):
     assert main(["list", what]) == 0
     lines = capsys.readouterr().out.splitlines()
-    names = {"methods": set(METHODS), "tasks": set(TASKS), "models": set(_group_options("model"))}[what]
+    presets = set(METHOD_REGISTRY.preset_of)  # listed on their base method's line
+    names = {"methods": set(METHODS) - presets, "tasks": set(TASKS), "models": set(group_choices("model"))}[what]
     assert {line.split()[0] for line in lines} == names
     cut = [line for line in lines if not line.rstrip().endswith(".")]
     assert cut == [], "descriptions must be whole sentences, not cut where a comment line ends"
@@ -55,4 +58,4 @@ def _first_table(heading: str) -> list[str]:
 def test_readme_tables_name_every_task_and_every_model():
     assert sorted(row.split("|")[1].strip(" `") for row in _first_table("## Tasks")) == sorted(TASKS)
     models = "\n".join(_first_table("## Models"))
-    assert [name for name in _group_options("model") if f"`{name}`" not in models] == []
+    assert [name for name in group_choices("model") if f"`{name}`" not in models] == []

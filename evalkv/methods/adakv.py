@@ -11,7 +11,9 @@ from evalkv.methods.snapkv import SnapKV
 @register("adakv")
 @dataclass
 class AdaKV(SnapKV):
-    """Ada-SnapKV (adaptive per-head budgets within each layer, prompt only): SnapKV with `head_budgets=adaptive`.
+    """Ada-SnapKV (adaptive per-head budgets within each layer, prompt only).
+
+    SnapKV with `head_budgets=adaptive`.
 
     Based on "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM Inference",
     Feng et al. (arXiv 2407.11550), reference code FFY0/AdaKV@efe4e2e (`AdaptiveSnapKVCluster.update_kv`);

@@ -11,8 +11,9 @@ from evalkv.methods.snapkv import SnapKV
 @register("pyramidkv")
 @dataclass
 class PyramidKV(SnapKV):
-    """PyramidKV (layer-wise arithmetic budgets over SnapKV scoring, prompt only): SnapKV with
-    `layer_budgets=pyramid` and KVCache-Factory's window.
+    """PyramidKV (layer-wise arithmetic budgets over SnapKV scoring, prompt only).
+
+    SnapKV with `layer_budgets=pyramid` and KVCache-Factory's window.
 
     Based on "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling", Cai et al.
     (arXiv 2406.02069), reference code Zefan-Cai/KVCache-Factory@c97f9d7 (`PyramidKVCluster.update_kv`);

@@ -16,7 +16,9 @@ from evalkv.methods.scorer import Scorer
 @register("tova")
 @dataclass
 class TOVA(Scorer):
-    """TOVA (Token Omission Via Attention): a scorer re-applied after every forward (`decode_interval=1`).
+    """TOVA (Token Omission Via Attention), held to the budget at every step.
+
+    A scorer re-applied after every forward (`decode_interval=1`).
 
     Based on "Transformers are Multi-State RNNs", Oren, Hassid et al., EMNLP 2024 (arXiv 2401.06104), reference
     code schwartz-lab-NLP/TOVA@9c7d09b (`TOVACache.reduce`); docs/methods.md#tova.
