@@ -159,7 +159,7 @@ def cmd_table(args: list[str]) -> int:
     for warning in warnings:
         print(f"evalkv table: note: {warning}", file=sys.stderr)
     if options.output:
-        from evalkv.run.records import write_text_atomic
+        from evalkv.records import write_text_atomic
 
         write_text_atomic(Path(options.output), text)
     else:
@@ -372,7 +372,7 @@ def cmd_bench(args: list[str]) -> int:
     else:
         report, table = _bench_grid(options, model, methods, graph_modes)
     if options.output:
-        from evalkv.run.records import write_json_atomic
+        from evalkv.records import write_json_atomic
 
         write_json_atomic(Path(options.output), report)
     print(f"{report['device']}, {report['model']}; {report['note']}\n{table}", end="")
@@ -612,7 +612,7 @@ def cmd_data(args: list[str]) -> int:
     else:
         import json
 
-        from evalkv.run.records import write_text_atomic
+        from evalkv.records import write_text_atomic
         from evalkv.tasks.longbench.data import minilongbench_records
 
         records = minilongbench_records(Path(options.source))

@@ -16,8 +16,8 @@ import pytest
 
 from evalkv.cli import main
 from evalkv.errors import EvalkvError
+from evalkv.records import read_records
 from evalkv.run.pred import git_state
-from evalkv.run.records import read_records
 
 TINY = ["model=random-tiny-llama", "model.device=cpu", "progress=false"]
 TIMING = {"prefill_s", "decode_s", "decode_batch"}  # how a sample ran, not what it produced

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from evalkv.errors import EvalkvError
 from evalkv.metrics.needle import needle_grid, needle_recall
+from evalkv.records import PREDICTIONS, read_records
 from evalkv.report.figure import check_output
-from evalkv.run.records import PREDICTIONS, read_records
 
 COLOURS = ["#F0496E", "#EBB839", "#0CD79F"]
 DPI = 100

@@ -19,11 +19,11 @@ import pandas as pd
 
 import evalkv
 from evalkv.errors import EvalkvError
+from evalkv.records import PREDICTIONS, read_records, write_text_atomic
 from evalkv.report.curves import plot_curves
 from evalkv.report.heatmap import plot_needle
 from evalkv.report.runs import FULL, NO_BUDGET, RunScores, load_runs
 from evalkv.report.table import against_full, build_table, formatted, notes
-from evalkv.run.records import PREDICTIONS, read_records, write_text_atomic
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }

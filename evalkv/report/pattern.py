@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from evalkv.config import compose_run, options
 from evalkv.errors import EvalkvError
+from evalkv.records import CONFIG
 from evalkv.report.figure import check_output, pyplot, save_figure
-from evalkv.run.records import CONFIG
 
 
 @dataclass

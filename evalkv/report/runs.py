@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from evalkv.config import options
 from evalkv.errors import EvalkvError
 from evalkv.methods import build_method
+from evalkv.records import CONFIG, PREDICTIONS, RUN_INFO, SCORES, read_json
 from evalkv.run.pred import method_label
-from evalkv.run.records import CONFIG, PREDICTIONS, RUN_INFO, SCORES, read_json
 from evalkv.run.score import score_files
 from evalkv.tasks import build_task
 

@@ -28,7 +28,7 @@ import torch
 
 from evalkv.errors import EvalkvError
 from evalkv.models.config import ModelConfig
-from evalkv.run.records import PREDICTIONS, drop_torn_tail, read_records, write_records_atomic
+from evalkv.records import PREDICTIONS, drop_torn_tail, read_records, write_records_atomic
 from evalkv.tasks import Sample
 
 SHARD_GLOB = "predictions.rank*.jsonl"

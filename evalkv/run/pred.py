@@ -25,8 +25,7 @@ from evalkv.methods import build_method
 from evalkv.methods.base import Method
 from evalkv.models.config import ModelConfig
 from evalkv.models.loader import LoadedModel, load_model
-from evalkv.run.parallel import ShardedRun
-from evalkv.run.records import (
+from evalkv.records import (
     CONFIG,
     PREDICTIONS,
     RUN_INFO,
@@ -36,6 +35,7 @@ from evalkv.run.records import (
     write_json_atomic,
     write_text_atomic,
 )
+from evalkv.run.parallel import ShardedRun
 from evalkv.tasks import Sample, Task, build_task
 
 # Keys that may change between a run and its resumption; everything else must match the stored config.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from evalkv.errors import EvalkvError
 from evalkv.metrics import METRICS, score_records
-from evalkv.run.records import PREDICTIONS, SCORES, read_records, write_json_atomic
+from evalkv.records import PREDICTIONS, SCORES, read_records, write_json_atomic
 
 
 def _records_of_file(path: Path) -> list[dict]:
