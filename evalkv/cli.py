@@ -128,10 +128,16 @@ def cmd_score(args: list[str]) -> int:
     options = parser.parse_args(args)
     from evalkv.run.score import format_scores, score_paths
 
-    for target, scores in score_paths(options.paths):
+    outcome = score_paths(options.paths)
+    for target, scores in outcome.scored:
         if not options.quiet:
             print(f"{target}\n{format_scores(scores)}\n")
-    return 0
+    for run in outcome.empty:
+        print(f"evalkv score: note: {run}: no records yet (the run stopped before its first sample); nothing to "
+              "score", file=sys.stderr)
+    for problem in outcome.unreadable:
+        print(f"evalkv score: error: {problem}", file=sys.stderr)
+    return 2 if outcome.unreadable else 0
 
 
 def cmd_table(args: list[str]) -> int:
@@ -217,9 +223,14 @@ def cmd_plot(args: list[str]) -> int:
         from evalkv.report.table import build_table
 
         tasks = [task for task in (options.tasks or "").split(",") if task]
-        print(plot_curves(build_table(load_runs(options.paths)), options.output, tasks, options.title))
+        skipped: list[str] = []
+        runs = load_runs(options.paths, skipped)
+        for warning in skipped:
+            print(f"evalkv plot: note: {warning}", file=sys.stderr)
+        print(plot_curves(build_table(runs), options.output, tasks, options.title))
     else:
-        from evalkv.report.pattern import eviction_pattern, pattern_config, plot_pattern
+        from evalkv.report.pattern import plot_pattern
+        from evalkv.run.pattern import eviction_pattern, pattern_config
 
         _check_group_choices([argument for argument in options.run if "=" in argument])
         found = eviction_pattern(pattern_config(options.run), options.sample, options.step)

@@ -15,6 +15,7 @@ PREDICTIONS = "predictions.jsonl"
 CONFIG = "config.yaml"
 RUN_INFO = "run.json"
 SCORES = "scores.json"
+NO_BUDGET = "-"  # run.json's budget label of a method that keeps no budget (the full cache)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -110,8 +110,10 @@ def _run_list(runs: list[RunScores], roots: list[str]) -> str:
 def build_report(paths: list[str], output: str | Path, title: str | None = None) -> Path:
     """Write the report page of every run under the paths to `output`."""
     target = Path(output)
-    runs = load_runs(paths)
+    skipped: list[str] = []
+    runs = load_runs(paths, skipped)
     sections, warnings = _views(runs)
+    warnings = [*skipped, *warnings]
     with tempfile.TemporaryDirectory() as folder:
         figures = _figures(runs, Path(folder))
     heading = html.escape(title or f"evalkv report: {', '.join(paths)}")

@@ -22,7 +22,7 @@ def run_demo(output_dir: str, budget: int, lengths: str, depths: str) -> str:
             f"task.lengths=[{lengths}]", f"task.depths=[{depths}]",
         ])
         run_dir = run_pred(cfg)
-        for target, scores in score_paths([str(run_dir)]):
+        for target, scores in score_paths([str(run_dir)]).scored:
             print(f"{target}\n{format_scores(scores)}\n", file=sys.stderr)
         runs.append(str(run_dir))
     summary = table(runs)

@@ -27,6 +27,7 @@ from evalkv.models.config import ModelConfig
 from evalkv.models.loader import LoadedModel, load_model
 from evalkv.records import (
     CONFIG,
+    NO_BUDGET,
     PREDICTIONS,
     RUN_INFO,
     RecordWriter,
@@ -222,6 +223,31 @@ def _new_invocation() -> dict:
     return {"started": _now(), "command": " ".join(sys.argv), **git_state(), "new_samples": 0}
 
 
+def run_labels(cfg: DictConfig, method: Method, task: Task) -> dict:
+    """What tables and reports show of a run, written into run.json so that they read it instead of rebuilding the
+    method and task: model, method and the options that differ from its defaults, budget label (`128`, `r0.5`, `-`
+    for a method without one), query-aware or agnostic, the benchmark tasks it was asked for, its context lengths."""
+    lengths = getattr(task, "lengths", None)
+    return {
+        "model": str(cfg.model.name),
+        "method": method.name,
+        "method_variant": method_label(method).removeprefix(method.describe()).removeprefix("-"),
+        "budget": _budget_label(method),
+        "query": "agnostic" if getattr(task, "query_agnostic", False) else "aware",
+        "expected_tasks": [str(name) for name in getattr(task, "task_names", None) or getattr(task, "tasks", None)
+                           or [task.name]],
+        "context_lengths": [int(length) for length in lengths] if lengths else None,
+    }
+
+
+def _budget_label(method: Method) -> str:
+    if not method.requires_budget():
+        return NO_BUDGET
+    if method.budget is not None:
+        return str(method.budget)
+    return f"r{method.compression_ratio:g}"
+
+
 def run_pred(cfg: DictConfig) -> Path:
     """Run (or resume) one prediction run; returns its directory. Under torchrun, this process's share of it
     (evalkv/run/parallel.py)."""
@@ -259,7 +285,8 @@ def run_pred(cfg: DictConfig) -> Path:
     info = {
         "evalkv": evalkv.__version__, "torch": torch.__version__, "transformers": _transformers_version(),
         "python": platform.python_version(), "device": _device_name(model.device), "model": model.description,
-        "method": method_label(method), "task": task_label(task), "status": "running",
+        "method": method_label(method), "task": task_label(task), "labels": run_labels(cfg, method, task),
+        "status": "running",
         "invocations": [*history, invocation],
     }
     if sharded.parallel:
