@@ -23,7 +23,7 @@ commands:
   train-policy -o FILE K=V ... train learned_mlp's eviction policy on a model and task's prompts
   data   longbench|minilongbench-to-jsonl  fetch LongBench's data.zip / convert MiniLongBench to predictions
 
-`evalkv COMMAND --help` explains each command.
+`evalkv COMMAND --help` explains each command; `evalkv --version` (-V) prints the version.
 """
 
 PRED_HELP = """usage: evalkv pred [--multirun] KEY=VALUE ...
@@ -80,12 +80,30 @@ def _check_group_choices(overrides: list[str]) -> None:
                 raise unknown_name(key, choice, known, f"evalkv list {key}s")
 
 
+def _sweep(overrides: list[str]) -> tuple[list[str], int | None]:
+    """The keys a --multirun sweeps over and its number of jobs (None when Hydra's parser cannot say)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        sweeps = [override for override in parsed if override.is_sweep_override()]
+        jobs = 1
+        for override in sweeps:
+            jobs *= len(list(override.sweep_string_iterator()))
+    except Exception:  # Hydra reports a malformed override itself, in its own words
+        return [], None
+    return [override.key_or_group for override in sweeps], jobs
+
+
 def cmd_pred(args: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in args):
         print(PRED_HELP)
         return 0
-    _check_group_choices([arg for arg in args if not arg.startswith("-")])
+    overrides = [arg for arg in args if not arg.startswith("-")]
+    _check_group_choices(overrides)
     import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from evalkv.config import register_configs
     from evalkv.paths import configs_dir
@@ -95,8 +113,14 @@ def cmd_pred(args: list[str]) -> int:
     register_configs()
     failures: list[str] = []
     rank, world_size = launched_ranks()
+    swept, jobs = _sweep(overrides)
 
     def job(cfg) -> None:
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN and rank == 0:
+            values = [o for o in hydra_cfg.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
+            print(f"evalkv pred: job {hydra_cfg.job.num + 1}/{jobs or '?'}: {' '.join(values)}", file=sys.stderr,
+                  flush=True)
         try:
             run_dir = run_pred(cfg)
         except EvalkvError as error:  # a --multirun sweep goes on with its other jobs and reports at the end
@@ -105,6 +129,10 @@ def cmd_pred(args: list[str]) -> int:
             if world_size > 1:  # unless other ranks wait for this one: end it, and torchrun ends them
                 raise SystemExit(2) from None
             return
+        except KeyboardInterrupt as stop:  # rank 0 says how far the run got; the other ranks end quietly
+            if rank != 0:
+                raise SystemExit(getattr(stop, "exit_code", 130)) from None
+            raise
         if rank == 0:  # under torchrun the run directory is printed once
             print(run_dir, flush=True)
 
@@ -640,10 +668,24 @@ COMMANDS = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("evalkv")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        import evalkv
+
+        return evalkv.__version__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"evalkv {_version()}")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -654,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
     except EvalkvError as error:
         print(f"evalkv {command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C; evalkv pred's own (also SIGTERM) says how far the run got
+        print(f"evalkv {command}: {stop or 'interrupted'}", file=sys.stderr)
+        return getattr(stop, "exit_code", 130)
 
 
 if __name__ == "__main__":

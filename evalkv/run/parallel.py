@@ -52,6 +52,12 @@ def _shards(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob(SHARD_GLOB), key=rank)
 
 
+def recorded_ids(run_dir: Path) -> set[str]:
+    """The ids of every record the run holds: in `predictions.jsonl` and in any shard not merged yet."""
+    files = [run_dir / PREDICTIONS, *_shards(run_dir)]
+    return {str(record.get("id")) for path in files if path.exists() for record in read_records(path)}
+
+
 def merge_shards(run_dir: Path, order: list[str] | None = None) -> int:
     """Fold every shard into `predictions.jsonl` and remove the shards; returns how many shards there were.
 
