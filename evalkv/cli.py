@@ -23,7 +23,7 @@ commands:
   train-policy -o FILE K=V ... train learned_mlp's eviction policy on a model and task's prompts
   data   longbench|ruler|minilongbench-to-jsonl  fetch LongBench's data.zip / RULER's essays + Punkt / MiniLongBench
 
-`evalkv COMMAND --help` explains each command.
+`evalkv COMMAND --help` explains each command; `evalkv --version` (-V) prints the version.
 """
 
 PRED_HELP = """usage: evalkv pred [--multirun] KEY=VALUE ...
@@ -82,11 +82,28 @@ def _remove_empty_job_folder() -> None:
             folder.rmdir()
 
 
+def _sweep(overrides: list[str]) -> tuple[list[str], int | None]:
+    """The keys a --multirun sweeps over and its number of jobs (None when Hydra's parser cannot say)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        sweeps = [override for override in parsed if override.is_sweep_override()]
+        jobs = 1
+        for override in sweeps:
+            jobs *= len(list(override.sweep_string_iterator()))
+    except Exception:  # Hydra reports a malformed override itself, in its own words
+        return [], None
+    return [override.key_or_group for override in sweeps], jobs
+
+
 def cmd_pred(args: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in args):
         print(PRED_HELP)
         return 0
     import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from evalkv.config import check_jobs, register_configs
     from evalkv.paths import configs_dir
@@ -102,8 +119,14 @@ def cmd_pred(args: list[str]) -> int:
     register_configs()
     failures: list[str] = []
     rank, world_size = launched_ranks()
+    swept, jobs = _sweep(hydra_args.overrides)
 
     def job(cfg) -> None:
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN and rank == 0:
+            values = [o for o in hydra_cfg.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
+            print(f"evalkv pred: job {hydra_cfg.job.num + 1}/{jobs or '?'}: {' '.join(values)}", file=sys.stderr,
+                  flush=True)
         try:
             run_dir = run_pred(cfg)
         except EvalkvError as error:  # a --multirun sweep goes on with its other jobs and reports at the end
@@ -112,6 +135,10 @@ def cmd_pred(args: list[str]) -> int:
             if world_size > 1:  # unless other ranks wait for this one: end it, and torchrun ends them
                 raise SystemExit(2) from None
             return
+        except KeyboardInterrupt as stop:  # rank 0 says how far the run got; the other ranks end quietly
+            if rank != 0:
+                raise SystemExit(getattr(stop, "exit_code", 130)) from None
+            raise
         finally:
             _remove_empty_job_folder()
         if rank == 0:  # under torchrun the run directory is printed once
@@ -135,10 +162,16 @@ def cmd_score(args: list[str]) -> int:
     options = parser.parse_args(args)
     from evalkv.run.score import format_scores, score_paths
 
-    for target, scores in score_paths(options.paths):
+    outcome = score_paths(options.paths)
+    for target, scores in outcome.scored:
         if not options.quiet:
             print(f"{target}\n{format_scores(scores)}\n")
-    return 0
+    for run in outcome.empty:
+        print(f"evalkv score: note: {run}: no records yet (the run stopped before its first sample); nothing to "
+              "score", file=sys.stderr)
+    for problem in outcome.unreadable:
+        print(f"evalkv score: error: {problem}", file=sys.stderr)
+    return 2 if outcome.unreadable else 0
 
 
 def cmd_table(args: list[str]) -> int:
@@ -166,7 +199,7 @@ def cmd_table(args: list[str]) -> int:
     for warning in warnings:
         print(f"evalkv table: note: {warning}", file=sys.stderr)
     if options.output:
-        from evalkv.run.records import write_text_atomic
+        from evalkv.records import write_text_atomic
 
         write_text_atomic(Path(options.output), text)
     else:
@@ -224,9 +257,14 @@ def cmd_plot(args: list[str]) -> int:
         from evalkv.report.table import build_table
 
         tasks = [task for task in (options.tasks or "").split(",") if task]
-        print(plot_curves(build_table(load_runs(options.paths)), options.output, tasks, options.title))
+        skipped: list[str] = []
+        runs = load_runs(options.paths, skipped)
+        for warning in skipped:
+            print(f"evalkv plot: note: {warning}", file=sys.stderr)
+        print(plot_curves(build_table(runs), options.output, tasks, options.title))
     else:
-        from evalkv.report.pattern import eviction_pattern, pattern_config, plot_pattern
+        from evalkv.report.pattern import plot_pattern
+        from evalkv.run.pattern import eviction_pattern, pattern_config
 
         found = eviction_pattern(pattern_config(options.run), options.sample, options.step)
         print(plot_pattern(found, options.output, options.title))
@@ -447,7 +485,7 @@ def cmd_bench(args: list[str]) -> int:
     else:
         report, table = _bench_grid(options, model, methods, graph_modes)
     if options.output:
-        from evalkv.run.records import write_json_atomic
+        from evalkv.records import write_json_atomic
 
         write_json_atomic(Path(options.output), report)
     print(f"{report['device']}, {report['model']}; {report['note']}\n{table}", end="")
@@ -697,7 +735,7 @@ def cmd_data(args: list[str]) -> int:
     else:
         import json
 
-        from evalkv.run.records import write_text_atomic
+        from evalkv.records import write_text_atomic
         from evalkv.tasks.longbench.data import minilongbench_records
 
         records = minilongbench_records(Path(options.source))
@@ -714,10 +752,24 @@ COMMANDS = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("evalkv")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        import evalkv
+
+        return evalkv.__version__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"evalkv {_version()}")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -728,6 +780,9 @@ def main(argv: list[str] | None = None) -> int:
     except EvalkvError as error:
         print(f"evalkv {command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C; evalkv pred's own (also SIGTERM) says how far the run got
+        print(f"evalkv {command}: {stop or 'interrupted'}", file=sys.stderr)
+        return getattr(stop, "exit_code", 130)
 
 
 if __name__ == "__main__":

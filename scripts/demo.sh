@@ -5,4 +5,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh" model
 cd "$repo"
+step "running evalkv demo (the first run also assembles and de-quantises the embedded model, cached afterwards)"
 evalkv demo "$@"

@@ -7,15 +7,21 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${EVALKV_VENV:-$repo/.venv}
 extras=${1:-model}
+# step: one line on stderr before each set-up step, so minutes of quiet pip have a reason
+step() { echo "[evalkv setup] $*" >&2; }
 if [[ ! -x $venv/bin/python ]]; then
+  step "creating the virtual environment $venv"
   python3 -m venv "$venv"
 fi
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
+step "updating pip"
 python -m pip install -q --upgrade pip >&2
 if ! python -c "import torch" 2>/dev/null; then
+  step "installing ${EVALKV_TORCH:-torch==2.13.0} (no torch importable; a few minutes the first time)"
   python -m pip install -q "${EVALKV_TORCH:-torch==2.13.0}" >&2
 fi
+step "installing evalkv with the extras [$extras] (editable, from $repo)"
 python -m pip install -q -e "$repo[$extras]" >&2
 
 # install_chromium: Debian's chromium for the report page's browser test (tests/test_report_page.py), when it is
@@ -26,6 +32,7 @@ install_chromium() {
     echo "note: no chromium and no root apt-get; the report page's browser test will skip" >&2
     return 0
   fi
+  step "installing Debian's chromium for the report page's browser test (about 40 s)"
   { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq chromium; } \
     >/dev/null 2>&1 || echo "note: could not install chromium; the report page's browser test will skip" >&2
 }

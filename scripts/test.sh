@@ -7,5 +7,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh" model,dev,slurm
 [[ -n ${EVALKV_NO_CHROMIUM:-} ]] || install_chromium
 cd "$repo"
+step "ruff check"
 ruff check evalkv tests
+step "pytest (the first run also assembles and de-quantises the embedded model, cached afterwards)"
 python -m pytest -q "$@"

@@ -8,15 +8,21 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from evalkv.config import compose_run
+from evalkv.config import compose_run, options
+from evalkv.methods import build_method
+from evalkv.run.pred import run_labels
+from evalkv.tasks import build_task
 
 
 def make_run(folder: Path, overrides: list[str], scores: dict | None, status: str = "finished") -> Path:
-    """A run of the tiny model with these evalkv pred overrides; scores.json holds `scores` (none when None)."""
+    """A run of the tiny model with these evalkv pred overrides; scores.json holds `scores` (none when None). Its
+    run.json holds the status and the labels evalkv pred writes."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = compose_run(["model=random-tiny-llama", *overrides])
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    (folder / "run.json").write_text(json.dumps({"status": status}))
+    labels = run_labels(cfg, build_method(cfg.method.name, options(cfg.method)), build_task(cfg.task.name,
+                                                                                          options(cfg.task)))
+    (folder / "run.json").write_text(json.dumps({"status": status, "labels": labels}))
     if scores is not None:
         (folder / "scores.json").write_text(json.dumps(scores))
     return folder

@@ -3,6 +3,8 @@ Phi-3."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import NEW_ARCHITECTURES, TINY_ARCHITECTURES, projected_keys, prompt_ids, tiny_model
@@ -22,17 +24,18 @@ def architecture(request) -> str:
 def _hf_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding with transformers' own cache and sdpa attention: the ground truth for the full cache."""
     model.set_attn_implementation("sdpa")
+    name = adapter.cache_argument(model)  # the model's own name for its cache, in and out
     tokens, logits_seen = [], []
     with torch.inference_mode():
         out = model(torch.tensor([ids]), use_cache=True)
-        cache = out.past_key_values
+        cache = out[name]
         logits = out.logits[:, -1]
         for _ in range(steps):
             token = int(logits.argmax(-1))
             tokens.append(token)
             logits_seen.append(logits.float())
-            out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            out = model(torch.tensor([[token]]), use_cache=True, **{name: cache})
+            cache, logits = out[name], out.logits[:, -1]
     return tokens, logits_seen
 
 
@@ -105,6 +108,35 @@ def test_attention_outside_a_session_is_an_error(tokenizer):
     with pytest.raises(RuntimeError, match="outside an evalkv session"), torch.inference_mode():
         model(torch.tensor([prompt_ids(tokenizer, 1)]))
 
+
+def test_the_cache_goes_under_the_name_the_forward_takes_so_nothing_warns(architecture, tokenizer):
+    """transformers renamed the forward's `past_key_values=` to `cache=` and warns (FutureWarning) on the old name;
+    the adapter reads the name from the forward's signature."""
+    model = tiny_model(architecture)
+    assert adapter.cache_argument(model) == "cache"  # the installed transformers has the new name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Engine(model, build_method("snapkv", {"budget": 24, "window_size": 4})).generate(
+            prompt_ids(tokenizer, repeats=2), max_new_tokens=3)
+
+
+def test_a_forward_that_takes_past_key_values_gets_it():
+    """transformers releases before the rename: the forward's parameter is `past_key_values`."""
+    seen = {}
+
+    class OldModel(torch.nn.Module):
+        def forward(self, input_ids, position_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0,
+                    **kwargs):
+            seen.update(cache=past_key_values, store=kwargs["evalkv_store"])
+            return type("Output", (), {"logits": torch.zeros(1, 2, 5)})()
+
+    class Cache:
+        store = object()
+
+    cache = Cache()
+    assert adapter.cache_argument(OldModel()) == "past_key_values"
+    assert adapter.forward(OldModel(), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2), cache).shape == (1, 5)
+    assert seen == {"cache": cache, "store": cache.store}
 
 
 def test_keys_before_rope_are_the_models_projected_keys(architecture, tokenizer):

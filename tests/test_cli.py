@@ -16,8 +16,8 @@ import pytest
 
 from evalkv.cli import main
 from evalkv.errors import EvalkvError
-from evalkv.run.pred import git_state
-from evalkv.run.records import read_records
+from evalkv.records import read_records
+from evalkv.run.invocations import git_state
 
 TINY = ["model=random-tiny-llama", "model.device=cpu", "progress=false"]
 TIMING = {"prefill_s", "decode_s", "decode_batch"}  # how a sample ran, not what it produced
@@ -343,8 +343,10 @@ def test_score_a_folder_of_runs_scores_each_run(tmp_path, capsys):
     assert main(["score", str(tmp_path / "b" / "c" / "nothing")]) == 2
 
 
-def test_multirun_flag_may_follow_the_overrides(tmp_path):
+def test_multirun_flag_may_follow_the_overrides(tmp_path, capsys):
     assert _pred(tmp_path, "method=snapkv,tova", "budget=64", "task.lengths=[256]", "task.n_samples=1",
                  "--multirun") == 0
     assert sorted(p.parent.name for p in (tmp_path / "results").rglob("predictions.jsonl")) == ["snapkv_64",
                                                                                                "tova_64"]
+    jobs = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evalkv pred: job")]
+    assert jobs == ["evalkv pred: job 1/2: method=snapkv", "evalkv pred: job 2/2: method=tova"]

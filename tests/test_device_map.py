@@ -15,7 +15,7 @@ from evalkv.errors import EvalkvError
 from evalkv.models.config import ModelConfig
 from evalkv.models.loader import load_model
 from evalkv.models.presets import byte_tokenizer
-from evalkv.run.records import read_records
+from evalkv.records import read_records
 
 RUN = ["model.device=auto", "progress=false", "method=snapkv", "budget=40", "method.window_size=8",
        "task.lengths=[256]", "task.depths=[0,100]"]

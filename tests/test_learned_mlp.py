@@ -17,7 +17,7 @@ from evalkv.kv.view import ModelGeometry, Phase
 from evalkv.methods import build_method
 from evalkv.methods.eviction_policy import EvictionPolicy, token_features
 from evalkv.methods.learned_mlp import SCORE
-from evalkv.run.records import read_records
+from evalkv.records import read_records
 from evalkv.run.train_policy import TrainingOptions, fit, top_overlap
 
 TINY = ["model=random-tiny-llama", "model.device=cpu", "progress=false"]

@@ -10,7 +10,7 @@ from conftest import SHARED_DATA
 from longbench_fixtures import small_longbench
 
 from evalkv.cli import main
-from evalkv.run.records import read_records
+from evalkv.records import read_records
 
 TINY = ["model=random-tiny-llama", "model.device=cpu", "progress=false"]
 

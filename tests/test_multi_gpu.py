@@ -19,7 +19,7 @@ from evalkv.cli import main
 from evalkv.kv.engine import Engine
 from evalkv.methods import build_method
 from evalkv.models.presets import byte_tokenizer
-from evalkv.run.records import read_records
+from evalkv.records import read_records
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 

@@ -15,8 +15,8 @@ import torch
 from evalkv.cli import main
 from evalkv.errors import EvalkvError
 from evalkv.models.config import ModelConfig
+from evalkv.records import read_records, record_line
 from evalkv.run.parallel import ShardedRun, gpu_for, merge_shards, shard_path
-from evalkv.run.records import read_records, record_line
 
 RUN = ["model=random-tiny-llama", "model.device=cpu", "progress=false", "method=h2o", "budget=48",
        "task.lengths=[256,512]", "task.depths=[0,50,100]"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
 from evalkv.errors import EvalkvError
-from evalkv.run.records import RecordWriter, drop_torn_tail, read_records, write_json_atomic
+from evalkv.records import RecordWriter, drop_torn_tail, read_records, write_json_atomic, write_text_atomic
 
 
 def test_records_round_trip(tmp_path):
@@ -46,3 +48,16 @@ def test_atomic_json_write_leaves_no_temporary(tmp_path):
     write_json_atomic(tmp_path / "scores.json", {"average": 1.5})
     assert json.loads((tmp_path / "scores.json").read_text()) == {"average": 1.5}
     assert [p.name for p in tmp_path.iterdir()] == ["scores.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_permissions_of_an_ordinary_new_file(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "run.json", {})
+        write_text_atomic(tmp_path / "run.json", "{}\n")  # replacing an existing file too
+        (tmp_path / "plain").write_text("")  # what open() makes under this umask
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "run.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "run.json").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)

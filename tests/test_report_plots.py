@@ -11,11 +11,12 @@ from report_runs import make_run
 from evalkv.cli import main
 from evalkv.config import compose_run
 from evalkv.errors import EvalkvError
-from evalkv.report import pattern as pattern_module
 from evalkv.report.curves import label_positions, series_points
-from evalkv.report.pattern import eviction_pattern, plot_pattern
+from evalkv.report.pattern import plot_pattern
 from evalkv.report.runs import load_runs
 from evalkv.report.table import build_table
+from evalkv.run import pattern as pattern_module
+from evalkv.run.pattern import eviction_pattern
 
 TINY_PASSKEY = ["model=random-tiny-llama", "model.device=cpu", "task.lengths=[256]", "task.depths=[50]"]
 

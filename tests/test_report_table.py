@@ -90,7 +90,8 @@ def test_ruler_view_averages_its_tasks_per_context_length(tmp_path, capsys):
     breakdown = {"niah_single_1": {"by_context_length": {"4096": 100.0, "8192": 80.0}},
                  "vt": {"by_context_length": {"4096": 70.0, "8192": 50.0}}}
     scores = {"task_scores": {"niah_single_1": 90.0, "vt": 60.0}, "breakdown": breakdown}
-    make_run(tmp_path / "r", ["method=snapkv", "budget=128", "task=ruler", "task.tasks=[niah_single_1,vt]"], scores)
+    make_run(tmp_path / "r", ["method=snapkv", "budget=128", "task=ruler", "task.tasks=[niah_single_1,vt]",
+                              "task.lengths=[4096,8192]"], scores)
     assert _csv(capsys, str(tmp_path), "--view", "ruler") == [
         ["model", "method", "budget", "4096", "8192", "average"], ["random-tiny-llama", "snapkv", "128", "85.0",
                                                                    "65.0", "75.0"]]

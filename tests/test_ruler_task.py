@@ -14,7 +14,7 @@ from test_ruler_generators import hotpot_fixture, squad_fixture
 from evalkv.cli import main
 from evalkv.errors import EvalkvError
 from evalkv.metrics.ruler import match_all, postprocess_pred
-from evalkv.run.records import read_records
+from evalkv.records import read_records
 from evalkv.tasks import build_task
 from evalkv.tasks.ruler import niah
 from evalkv.tasks.ruler.sentences import punkt_identity

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from evalkv.cli import main
-from evalkv.run.records import read_records
+from evalkv.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"

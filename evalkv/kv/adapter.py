@@ -7,7 +7,9 @@ uses the interface (Llama, Qwen2, Mistral, ...), the queries, the keys and value
 output, and the cache it shrinks is the one the model reads. No model class is patched.
 
 Contract pinned by tests/test_adapter.py on tiny Llama, Qwen2, Mistral, Qwen3 and Phi-3 configs:
-- the model calls `past_key_values.update(key, value, layer_idx)` with post-RoPE keys, then the attention function
+- the forward takes the cache as `cache=` (earlier transformers 5 releases: `past_key_values=`, which later ones
+  accept with a deprecation warning on every call; `install` reads the name from the model's forward signature);
+- the model calls the cache's `update(key, value, layer_idx)` with post-RoPE keys, then the attention function
   with `module.layer_idx`, the query after RoPE, `scaling=` and the forward's extra keyword arguments (evalkv passes
   the store as `evalkv_store=`: no global state, which torch.compile could not trace); it returns `[B, q, H, d]`;
 - explicit `position_ids` set RoPE positions (so positions stay true after eviction);
@@ -26,6 +28,7 @@ the model's forward does, and warns.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -190,6 +193,13 @@ def install(model) -> None:
         )
     if config._attn_implementation != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
+    model._evalkv_cache_argument = cache_argument(model)
+
+
+def cache_argument(model) -> str:
+    """The name under which the model's forward takes the cache: `cache`, or `past_key_values` in the transformers
+    releases before the rename."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def chunk_mlp(model, tokens: int | None) -> None:
@@ -231,8 +241,10 @@ def forward(model, input_ids: Tensor, positions: Tensor, cache: Cache) -> Tensor
     switch = _longrope_switch(_text_config(model))
     if switch is not None and not _capturing():
         _note_longrope_forward(model, positions, switch)
-    output = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                   evalkv_store=cache.store)
+    # read in `install`, not here: a compiled step must not trace `inspect`
+    name = getattr(model, "_evalkv_cache_argument", None) or cache_argument(model)
+    output = model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                   evalkv_store=cache.store, **{name: cache})
     return output.logits[:, -1, :]
 
 

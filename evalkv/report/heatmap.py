@@ -14,8 +14,8 @@ from pathlib import Path
 
 from evalkv.errors import EvalkvError
 from evalkv.metrics.needle import needle_grid, needle_recall
+from evalkv.records import PREDICTIONS, read_records
 from evalkv.report.figure import DPI, check_output, pyplot, save_figure
-from evalkv.run.records import PREDICTIONS, read_records
 
 COLOURS = ["#F0496E", "#EBB839", "#0CD79F"]
 ROW_HEIGHT = 8.0  # inches per run

@@ -24,13 +24,13 @@ from omegaconf import OmegaConf
 
 import evalkv
 from evalkv.errors import EvalkvError
+from evalkv.records import CONFIG, PREDICTIONS, read_records, write_text_atomic
 from evalkv.report.columns import category
 from evalkv.report.curves import plot_curves
 from evalkv.report.figure import sharper
 from evalkv.report.heatmap import plot_needle
 from evalkv.report.runs import FULL, NO_BUDGET, RunScores, load_runs, run_cells
 from evalkv.report.table import against_full, build_table, formatted, notes
-from evalkv.run.records import CONFIG, PREDICTIONS, read_records, write_text_atomic
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1600px; padding: 0 1.5em; color: #222; }
@@ -320,7 +320,8 @@ def _configurations(runs: list[RunScores]) -> str:
 def build_report(paths: list[str], output: str | Path, title: str | None = None) -> Path:
     """Write the report page of every run under the paths to `output`."""
     target = Path(output)
-    runs = load_runs(paths)
+    skipped: list[str] = []
+    runs = load_runs(paths, skipped)
     scores = build_table(runs)
     runs = in_table_order(runs, scores)
     scores_html, deltas_html, lacking = _score_sections(runs, scores)
@@ -329,7 +330,7 @@ def build_report(paths: list[str], output: str | Path, title: str | None = None)
         breakdowns = _breakdown_sections(runs, Path(folder))
     heading = html.escape(title or f"evalkv report: {', '.join(paths)}")
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    notes_html = "".join(f"<li>{html.escape(line)}</li>" for line in notes(runs, lacking))
+    notes_html = "".join(f"<li>{html.escape(line)}</li>" for line in [*skipped, *notes(runs, lacking)])
     page = "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{heading}</title>",
         f"<style>{STYLE}</style></head><body>", f"<h1>{heading}</h1>",

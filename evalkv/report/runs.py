@@ -1,28 +1,28 @@
-"""Finding the runs under some paths and reading what the tables and plots need from each.
+"""Finding the runs under some paths and reading what the tables and plots need from each run's own files.
 
-A run directory holds `predictions.jsonl` or `scores.json` (or, when its first sample failed, only `config.yaml`
-and `run.json`). Its scores are computed from its predictions (the source of truth), or read from `scores.json`
-when it has no predictions file. Its identity (model, method, budget, query-aware or not) comes from `config.yaml`;
-the tasks it was asked for come from there too, so a task a run never scored shows as missing, not as absent.
+A run directory holds `predictions.jsonl` or `scores.json` (or, when it stopped before its first sample, only
+`config.yaml` and `run.json`). Its scores are computed from its predictions (the source of truth) by the metrics,
+or read from `scores.json` when it has no predictions file; a run without records has no scores, which tables show
+as missing. Its labels (model, method and the options that differ from its defaults, budget, query-aware or not,
+the tasks and context lengths it was asked for) are run.json's `labels`, which `evalkv pred` writes; runs made
+before it wrote them get the same labels from config.yaml and run.json read as plain data (`derived_labels`).
+No method or task is built here, so a run made last month stays readable after a method's validation changes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
 
-from evalkv.config import options
 from evalkv.errors import EvalkvError
-from evalkv.methods import build_method
-from evalkv.run.pred import method_label
-from evalkv.run.records import CONFIG, PREDICTIONS, RUN_INFO, SCORES, read_json
-from evalkv.run.score import score_files
-from evalkv.tasks import build_task
+from evalkv.metrics import score_records
+from evalkv.records import CONFIG, NO_BUDGET, PREDICTIONS, RUN_INFO, SCORES, read_json, read_records
+from evalkv.tasks.longbench.task import expand_tasks
 
 FULL = "full"
-NO_BUDGET = "-"
 # The `runs` view's columns, in this order (see `run_cells`).
 RUN_COLUMNS = ("samples", "invocations", "interrupted", "processes", "wall_s", "s_per_sample")
 
@@ -37,7 +37,9 @@ class RunScores:
     scores: dict  # the whole scores.json content
     query_aware: bool = True  # False when the task compressed the context without the question (query_agnostic)
     expected_tasks: list[str] = field(default_factory=list)  # the tasks its config asks for
-    status: str = "finished"  # run.json's status ("running" when it was stopped or is still going)
+    context_lengths: list[int] = field(default_factory=list)  # the context lengths it asks for (passkey, RULER)
+    task: str = ""  # the task and its options, as run.json names it (`passkey-lengths=4096`)
+    status: str = "finished"  # run.json's status: running (or killed), interrupted, failed, finished
     info: dict = field(default_factory=dict)  # run.json's content
 
     def view(self, name: str) -> dict[str, float]:
@@ -45,7 +47,10 @@ class RunScores:
         if name == "scores":
             return {**{task: float("nan") for task in self.expected_tasks}, **self.task_scores}
         if name == "runs":
-            return run_cells(self.info)
+            cells = run_cells(self.info)
+            if cells and math.isnan(cells["samples"]):  # run.json has no count yet: count the records
+                cells["samples"] = float(sum(self.scores.get("n", {}).values()))
+            return cells
         source = self.scores.get("timing", {}) if name == "timing" else {
             task: views.get(name, {}) for task, views in self.scores.get("breakdown", {}).items()
         }
@@ -55,19 +60,22 @@ class RunScores:
 def run_cells(info: dict) -> dict[str, float]:
     """The `runs` view of one run.json: its samples, the `evalkv pred` invocations that wrote them, and their wall time.
 
-    An invocation that was killed (or is still going) records no wall time: `interrupted` counts those, and `wall_s`
-    sums the recorded ones only, so it is a lower bound whenever `interrupted` is not 0; `s_per_sample` divides it by
-    the samples the timed invocations wrote. `processes`: the most data-parallel processes one invocation used."""
+    `interrupted` counts the invocations that did not finish: stopped by a signal, failed, killed, or still going (one
+    recorded without a status ended `finished` if it recorded an end). A killed one records no wall time, so `wall_s`
+    sums the recorded ones only and is a lower bound while a killed invocation is counted; `s_per_sample` divides it
+    by the samples the timed invocations wrote. `processes`: the most data-parallel processes one invocation used."""
     if not info:
         return {}
     invocations = info.get("invocations", [])
     timed = [entry for entry in invocations if entry.get("wall_s") is not None]
     wall = sum(entry["wall_s"] for entry in timed)
     written = sum(entry.get("new_samples", 0) for entry in timed)
+    unfinished = [entry for entry in invocations
+                  if entry.get("status", "finished" if entry.get("wall_s") is not None else "") != "finished"]
     return {
         "samples": float(info.get("samples", float("nan"))),
         "invocations": float(len(invocations)),
-        "interrupted": float(len(invocations) - len(timed)),
+        "interrupted": float(len(unfinished)),
         "processes": float(max((entry.get("processes", 1) for entry in invocations), default=1)),
         "wall_s": round(wall, 2),
         "s_per_sample": round(wall / written, 3) if written else float("nan"),
@@ -91,45 +99,84 @@ def find_runs(paths: list[str]) -> list[Path]:
     return sorted(runs)
 
 
-def _budget_label(method) -> str:
-    if not method.requires_budget():
-        return NO_BUDGET
-    if method.budget is not None:
-        return str(method.budget)
-    return f"r{method.compression_ratio:g}"
+def _read_config(path: Path) -> dict:
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict) or not isinstance(config.get("method"), dict) or not isinstance(
+            config.get("task"), dict):
+        raise EvalkvError(f"{path}: not an evalkv run config (no method and task sections)")
+    return config
 
 
-def _expected_tasks(task) -> list[str]:
-    names = getattr(task, "task_names", None) or getattr(task, "tasks", None) or [task.name]
-    return [str(name) for name in names]
+def derived_labels(config: dict, info: dict) -> dict:
+    """The labels `evalkv pred` writes into run.json, derived for a run made before it did: from config.yaml and
+    run.json's `method` (the run's method label: `snapkv_128-window_size=8`, `streaming_llm_r0.5`, `full`), whose
+    prefix up to the budget is the method's own label and the rest its non-default options."""
+    method, task = config["method"], config["task"]
+    name = str(method["name"])
+    label = str(info.get("method") or name)
+    budget, ratio = method.get("budget"), method.get("compression_ratio")
+    candidates = [(f"{name}_{budget}", str(budget))] if budget is not None else []
+    if ratio is not None:
+        candidates.append((f"{name}_r{ratio:g}", f"r{ratio:g}"))
+    prefix, shown = next(((prefix, shown) for prefix, shown in candidates
+                          if label == prefix or label.startswith(f"{prefix}-")), (name, NO_BUDGET))
+    if "method" not in info and candidates:  # no label to read: the config's budget as given
+        prefix, shown = name, candidates[0][1]
+    tasks = task.get("tasks")
+    if task.get("name") == "longbench":  # LongBench's groups (all, en, zh, all_e) stand for their tasks
+        tasks = expand_tasks([str(name) for name in tasks or []])
+    lengths = task.get("lengths")
+    return {
+        "model": str(config.get("model", {}).get("name", "?")),
+        "method": name,
+        "method_variant": label.removeprefix(prefix).removeprefix("-"),
+        "budget": shown,
+        "query": "agnostic" if task.get("query_agnostic") else "aware",
+        "expected_tasks": [str(name) for name in tasks or [task.get("name")]],
+        "context_lengths": [int(length) for length in lengths] if lengths else None,
+    }
 
 
 def load_run(run: Path) -> RunScores:
     predictions = run / PREDICTIONS
     if predictions.exists():
-        scores = score_files([predictions])
+        records = read_records(predictions)
+        scores = score_records(records) if records else {}
     elif (run / SCORES).exists():
         scores = read_json(run / SCORES)
     else:
         scores = {}
     info = read_json(run / RUN_INFO) if (run / RUN_INFO).exists() else {}
     status = str(info.get("status", "unknown"))
-    if not (run / CONFIG).exists():
+    labels = info.get("labels")
+    if labels is None and (run / CONFIG).exists():
+        labels = derived_labels(_read_config(run / CONFIG), info)
+    if labels is None:
         return RunScores(run, "?", run.name, NO_BUDGET, dict(scores.get("task_scores", {})), scores, status=status,
                          info=info)
-    cfg = OmegaConf.load(run / CONFIG)
-    method = build_method(cfg.method.name, options(cfg.method))
-    variant = method_label(method).removeprefix(method.describe())
-    task = build_task(cfg.task.name, options(cfg.task))
+    variant = labels.get("method_variant")
     return RunScores(
-        run, str(cfg.model.name), method.name + variant, _budget_label(method), dict(scores.get("task_scores", {})),
-        scores, query_aware=not getattr(task, "query_agnostic", False), expected_tasks=_expected_tasks(task),
-        status=status, info=info,
+        run, str(labels["model"]), labels["method"] + (f"-{variant}" if variant else ""), str(labels["budget"]),
+        dict(scores.get("task_scores", {})), scores, query_aware=labels.get("query") != "agnostic",
+        expected_tasks=list(labels.get("expected_tasks") or []), context_lengths=list(labels.get("context_lengths")
+                                                                                      or []),
+        task=str(info.get("task", "")), status=status, info=info,
     )
 
 
-def load_runs(paths: list[str]) -> list[RunScores]:
-    runs = [load_run(run) for run in find_runs(paths)]
+def load_runs(paths: list[str], warnings: list[str] | None = None) -> list[RunScores]:
+    """Every run under the paths. A run that cannot be read (corrupt JSON or records, an unreadable config) is
+    skipped and named in `warnings`; without a `warnings` list it is an error."""
+    runs, skipped = [], []
+    for folder in find_runs(paths):
+        try:
+            runs.append(load_run(folder))
+        except (EvalkvError, OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
+            skipped.append(f"{folder}: skipped, cannot be read: {error}")
+    if skipped and (warnings is None or not runs):
+        raise EvalkvError("; ".join(skipped))
+    if warnings is not None:
+        warnings.extend(skipped)
     if not runs:
         raise EvalkvError(f"no runs under {', '.join(paths)} (a run directory holds predictions.jsonl or "
                           "scores.json; make one with evalkv pred)")

@@ -18,6 +18,8 @@ RULER reports it) and `longbench_e` (per length bucket 0-4k / 4-8k / 8k+, the me
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -30,10 +32,23 @@ from evalkv.tasks.ruler.constants import RULER_TASKS
 FORMATS = ("md", "csv", "latex", "json")
 # the `runs` view's counts, shown without decimals
 COUNT_COLUMNS = ("samples", "invocations", "interrupted", "processes")
-# view -> (the breakdown it averages over tasks, which tasks belong to it)
+VIEWS = "scores, timing, runs, ruler, longbench_e, or a breakdown such as by_depth, by_context_length, by_length"
+
+
+@dataclass(frozen=True)
+class BenchmarkView:
+    """A view that averages one breakdown of a benchmark's tasks per key (context length, length bucket)."""
+
+    benchmark: str
+    breakdown: str
+    belongs: Callable[[str], bool]  # is this task one of the benchmark's
+    expected_keys: Callable[[RunScores], list[str]]  # the keys a run was asked for (scored or not)
+
+
 BENCHMARK_VIEWS = {
-    "ruler": ("by_context_length", lambda task: task in RULER_TASKS),
-    "longbench_e": ("by_length", is_e_task),
+    "ruler": BenchmarkView("RULER", "by_context_length", lambda task: task in RULER_TASKS,
+                           lambda run: [str(length) for length in run.context_lengths]),
+    "longbench_e": BenchmarkView("LongBench-E", "by_length", is_e_task, lambda run: []),
 }
 
 
@@ -43,8 +58,23 @@ def _budget_order(budget: str) -> float:
     return float(budget.removeprefix("r"))
 
 
-def _row_key(run: RunScores) -> tuple[str, str, str, str]:
-    return run.model, run.method, run.budget, "aware" if run.query_aware else "agnostic"
+def _row_key(run: RunScores, view: str) -> tuple[str, ...]:
+    """model, method, budget, query; the runs view adds the task (each run is its own row there)."""
+    key = (run.model, run.method, run.budget, "aware" if run.query_aware else "agnostic")
+    return (*key, run.task) if view == "runs" else key
+
+
+def _row_order(keys) -> list[tuple]:
+    return sorted(keys, key=lambda key: (key[0], key[1] != FULL, key[1], key[3] != "aware", _budget_order(key[2]),
+                                         *key[4:]))
+
+
+def _frame(rows: dict[tuple, dict[str, float]], view: str) -> pd.DataFrame:
+    order = _row_order(rows)
+    names = ["model", "method", "budget", "query", "task"][: len(order[0])]
+    frame = pd.DataFrame([rows[key] for key in order], index=pd.MultiIndex.from_tuples(order, names=names),
+                         dtype=float)
+    return frame.droplevel("query") if all(key[3] == "aware" for key in order) else frame
 
 
 def _missing(value) -> bool:
@@ -55,7 +85,7 @@ def _cells(runs: list[RunScores], view: str) -> dict[tuple, dict[str, float]]:
     """One dict of cells per row; runs of the same row fill different cells (a missing cell never hides a value)."""
     cells: dict[tuple, dict[str, float]] = {}
     for run in runs:
-        row = cells.setdefault(_row_key(run), {})
+        row = cells.setdefault(_row_key(run, view), {})
         for column, value in run.view(view).items():
             if not _missing(row.get(column)) and not _missing(value):
                 raise EvalkvError(
@@ -70,20 +100,13 @@ def _cells(runs: list[RunScores], view: str) -> dict[tuple, dict[str, float]]:
 def build_table(runs: list[RunScores], view: str = "scores") -> pd.DataFrame:
     """Rows (model, method, budget[, query]), columns as the module docstring describes for each view."""
     if view in BENCHMARK_VIEWS:
-        return _benchmark_view(runs, view)
+        return _benchmark_view(runs, BENCHMARK_VIEWS[view], view)
     cells = _cells(runs, view)
     if not cells:
         raise EvalkvError("no runs found (a run directory holds predictions.jsonl or scores.json)")
     if not any(cells.values()):
-        raise EvalkvError(f"no run has a {view!r} view (views: scores, timing, runs, ruler, longbench_e, or a "
-                          "breakdown such as by_depth, by_context_length, by_length)")
-    order = sorted(cells, key=lambda key: (key[0], key[1] != FULL, key[1], key[3] != "aware",
-                                           _budget_order(key[2])))
-    names = ["model", "method", "budget", "query"]
-    frame = pd.DataFrame([cells[key] for key in order], index=pd.MultiIndex.from_tuples(order, names=names),
-                         dtype=float)
-    if all(key[3] == "aware" for key in order):
-        frame = frame.droplevel("query")
+        raise EvalkvError(f"no run has a {view!r} view (views: {VIEWS})")
+    frame = _frame(cells, view)
     if view == "scores":
         return with_categories(frame)
     if view == "runs":
@@ -91,22 +114,42 @@ def build_table(runs: list[RunScores], view: str = "scores") -> pd.DataFrame:
     return frame.reindex(sorted(frame.columns, key=_column_order), axis=1)
 
 
-def _benchmark_view(runs: list[RunScores], view: str) -> pd.DataFrame:
-    """Per breakdown key (context length, length bucket), the mean over the benchmark's tasks in each row."""
-    breakdown, belongs = BENCHMARK_VIEWS[view]
-    frame = build_table(runs, breakdown)
-    columns = [column for column in frame.columns if belongs(column.partition("/")[0])]
-    if not columns:
-        raise EvalkvError(f"no run has {view} scores (the {view} view averages the {breakdown} breakdown of its "
-                          "tasks; score runs of that benchmark with evalkv score)")
-    keys = list(dict.fromkeys(column.partition("/")[2] for column in columns))
-    result = pd.DataFrame({
-        key: frame[[c for c in columns if c.partition("/")[2] == key]].mean(axis=1, skipna=False).round(2)
-        for key in keys
-    }, index=frame.index)
+def _benchmark_view(runs: list[RunScores], spec: BenchmarkView, view: str) -> pd.DataFrame:
+    """Per breakdown key (context length, length bucket), the mean over the benchmark's tasks of each row: the tasks
+    its runs were asked for and those they scored. A key that one of them has no score for (a partial run) is
+    missing, never a mean over fewer tasks. Rows without any of the benchmark's tasks are left out."""
+    def tasks_of(run: RunScores) -> list[str]:
+        scored = sorted({column.partition("/")[0] for column in run.view(spec.breakdown)})
+        return [task for task in dict.fromkeys([*run.expected_tasks, *scored]) if spec.belongs(task)]
+
+    relevant = [run for run in runs if tasks_of(run)]
+    if not relevant:
+        raise EvalkvError(f"no run has {spec.benchmark} tasks, so there is no {view} view (it averages the "
+                          f"{spec.breakdown} breakdown of {spec.benchmark}'s tasks; views: {VIEWS})")
+    cells = _cells(relevant, spec.breakdown)
+    tasks: dict[tuple, dict[str, None]] = {}
+    keys: dict[str, None] = {}
+    for run in relevant:
+        tasks.setdefault(_row_key(run, view), {}).update(dict.fromkeys(tasks_of(run)))
+        keys.update(dict.fromkeys(spec.expected_keys(run)))
+    for row in cells.values():
+        keys.update(dict.fromkeys(column.partition("/")[2] for column in row if spec.belongs(column.partition("/")[0])))
+    if not keys:
+        raise EvalkvError(f"no {spec.benchmark} run has records yet, so the {view} view is empty")
+    columns = sorted(keys, key=lambda key: _column_order(f"/{key}"))
+    rows = {row: {key: _mean([cells[row].get(f"{task}/{key}") for task in tasks[row]]) for key in columns}
+            for row in tasks}
+    result = _frame(rows, view)
     if view == "ruler":
-        result["average"] = result[keys].mean(axis=1, skipna=False).round(2)
+        result["average"] = result[columns].mean(axis=1, skipna=False).round(2)
     return result
+
+
+def _mean(values: list) -> float:
+    """Their mean to 2 decimals, missing when any is."""
+    if not values or any(_missing(value) for value in values):
+        return float("nan")
+    return round(sum(values) / len(values), 2)
 
 
 def _column_order(column: str) -> tuple:
@@ -184,7 +227,9 @@ def _decimals(value: float) -> int:
 
 def notes(runs: list[RunScores], models_without_full: list[str] = ()) -> list[str]:
     """What a reader of the table should know that the cells cannot say: unfinished runs, deltas with no base."""
-    lines = [f"{run.path}: unfinished run (run.json status {run.status!r}); its scores cover the samples it has"
+    lines = [f"{run.path}: unfinished run (run.json status {run.status!r}"
+             + (f": {run.info['error']}" if run.info.get("error") else "") + "); "
+             + ("its scores cover the samples it has" if run.scores.get("n") else "it has no records yet")
              for run in unfinished(runs)]
     lines += [f"{model}: no full-cache run, so its deltas are missing (run evalkv pred model=... method=full)"
               for model in models_without_full]
@@ -193,8 +238,9 @@ def notes(runs: list[RunScores], models_without_full: list[str] = ()) -> list[st
 
 def table(paths: list[str], fmt: str = "md", view: str = "scores", deltas: bool = False,
           warnings: list[str] | None = None) -> str:
-    """The rendered table of every run under the paths; `warnings` (when given) receives `notes`."""
-    runs = load_runs(paths)
+    """The rendered table of every run under the paths; `warnings` (when given) receives `notes` and the runs that
+    could not be read (without it, an unreadable run is an error)."""
+    runs = load_runs(paths, warnings)
     frame = build_table(runs, view)
     lacking: list[str] = []
     if deltas:

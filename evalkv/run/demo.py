@@ -34,7 +34,7 @@ def run_demo(configs: Sequence[DictConfig]) -> str:
     runs = []
     for cfg in configs:
         run_dir = run_pred(cfg)
-        for target, scores in score_paths([str(run_dir)]):
+        for target, scores in score_paths([str(run_dir)]).scored:
             print(f"{target}\n{format_scores(scores)}\n", file=sys.stderr)
         runs.append(str(run_dir))
     summary = table(runs)

@@ -25,7 +25,7 @@ from evalkv.kv.engine import Engine
 from evalkv.methods.base import AttentionView, Method
 from evalkv.methods.catekv import ChunkGeometry, chunk_max, middle_attention
 from evalkv.models.loader import LoadedModel
-from evalkv.run.records import write_json_atomic, write_text_atomic
+from evalkv.records import write_json_atomic, write_text_atomic
 from evalkv.tasks import Task
 
 

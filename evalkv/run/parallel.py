@@ -28,7 +28,7 @@ import torch
 
 from evalkv.errors import EvalkvError
 from evalkv.models.config import ModelConfig
-from evalkv.run.records import PREDICTIONS, drop_torn_tail, read_records, write_records_atomic
+from evalkv.records import PREDICTIONS, drop_torn_tail, read_records, write_records_atomic
 from evalkv.tasks import Sample
 
 SHARD_GLOB = "predictions.rank*.jsonl"
@@ -50,6 +50,12 @@ def _shards(run_dir: Path) -> list[Path]:
         return int(suffix) if suffix.isdigit() else sys.maxsize
 
     return sorted(run_dir.glob(SHARD_GLOB), key=rank)
+
+
+def recorded_ids(run_dir: Path) -> set[str]:
+    """The ids of every record the run holds: in `predictions.jsonl` and in any shard not merged yet."""
+    files = [run_dir / PREDICTIONS, *_shards(run_dir)]
+    return {str(record.get("id")) for path in files if path.exists() for record in read_records(path)}
 
 
 def merge_shards(run_dir: Path, order: list[str] | None = None) -> int:

@@ -6,11 +6,10 @@ import dataclasses
 import itertools
 import json
 import platform
-import subprocess
+import signal
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -22,11 +21,12 @@ from evalkv.config import build_run
 from evalkv.errors import EvalkvError
 from evalkv.kv.engine import Engine, Request
 from evalkv.methods.base import Method
+from evalkv.metrics import score_records
 from evalkv.models.config import ModelConfig
 from evalkv.models.loader import LoadedModel, load_model
-from evalkv.run.parallel import ShardedRun
-from evalkv.run.records import (
+from evalkv.records import (
     CONFIG,
+    NO_BUDGET,
     PREDICTIONS,
     RUN_INFO,
     RecordWriter,
@@ -35,6 +35,16 @@ from evalkv.run.records import (
     write_json_atomic,
     write_text_atomic,
 )
+from evalkv.run.invocations import (
+    RunInterrupted,
+    Terminated,
+    new_invocation,
+    now,
+    settled,
+    signal_of,
+    sigterm_raises,
+)
+from evalkv.run.parallel import ShardedRun, recorded_ids
 from evalkv.tasks import Sample, Task
 
 # Keys that may change between a run and its resumption; everything else must match the stored config.
@@ -121,29 +131,10 @@ def check_resumable(run_dir: Path, composed: dict, task: Task, method: Method) -
         )
 
 
-def git_state(folder: Path | None = None) -> dict:
-    """The commit evalkv runs from and whether tracked files differ from it (`git_dirty`): a run made from a modified
-    checkout cannot be reproduced from the hash alone. Both None outside a git checkout."""
-    folder = folder or Path(evalkv.__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=folder).stdout.strip()
-
-    try:
-        head = git("rev-parse", "HEAD")
-        return {"git": head, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"git": None, "git_dirty": None}
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def make_record(sample: Sample, model: LoadedModel, method: Method, generation) -> dict:
@@ -210,20 +201,54 @@ def _already_complete(run_dir: Path, task: Task, done: set[str]) -> bool:
     info = read_json(info_path)
     if info.get("status") != "finished":
         return False
-    invocation = _new_invocation()
-    invocation.update(finished=invocation["started"], wall_s=0.0, note="already complete; the model was not loaded")
-    info["invocations"] = [*info.get("invocations", []), invocation]
+    invocation = new_invocation()
+    invocation.update(status="finished", finished=invocation["started"], wall_s=0.0,
+                      note="already complete; the model was not loaded")
+    info["invocations"] = [*settled(info.get("invocations", [])), invocation]
     write_json_atomic(info_path, info)
     return True
 
 
-def _new_invocation() -> dict:
-    return {"started": _now(), "command": " ".join(sys.argv), **git_state(), "new_samples": 0}
+def run_labels(cfg: DictConfig, method: Method, task: Task) -> dict:
+    """What tables and reports show of a run, written into run.json so that they read it instead of rebuilding the
+    method and task: model, method and the options that differ from its defaults, budget label (`128`, `r0.5`, `-`
+    for a method without one), query-aware or agnostic, the benchmark tasks it was asked for, its context lengths."""
+    lengths = getattr(task, "lengths", None)
+    return {
+        "model": str(cfg.model.name),
+        "method": method.name,
+        "method_variant": method_label(method).removeprefix(method.describe()).removeprefix("-"),
+        "budget": _budget_label(method),
+        "query": "agnostic" if getattr(task, "query_agnostic", False) else "aware",
+        "expected_tasks": [str(name) for name in getattr(task, "task_names", None) or getattr(task, "tasks", None)
+                           or [task.name]],
+        "context_lengths": [int(length) for length in lengths] if lengths else None,
+    }
+
+
+def _budget_label(method: Method) -> str:
+    if not method.requires_budget():
+        return NO_BUDGET
+    if method.budget is not None:
+        return str(method.budget)
+    return f"r{method.compression_ratio:g}"
 
 
 def run_pred(cfg: DictConfig) -> Path:
     """Run (or resume) one prediction run; returns its directory. Under torchrun, this process's share of it
-    (evalkv/run/parallel.py)."""
+    (evalkv/run/parallel.py). SIGINT and SIGTERM end it with `RunInterrupted` after run.json records how far it got;
+    an exception is recorded as `failed` with its message, then raised."""
+    with sigterm_raises():
+        try:
+            return _run_pred(cfg)
+        except (KeyboardInterrupt, Terminated) as stop:
+            if isinstance(stop, RunInterrupted):
+                raise
+            raise RunInterrupted("interrupted before any sample ran; nothing was written",
+                                 signal_of(stop)) from None
+
+
+def _run_pred(cfg: DictConfig) -> Path:
     run = build_run(cfg)  # every check that needs no model
     composed = OmegaConf.to_container(cfg, resolve=True)
     method, task = run.method, run.task
@@ -232,66 +257,111 @@ def run_pred(cfg: DictConfig) -> Path:
     run_dir = run_directory(cfg, method, task)
     check_resumable(run_dir, composed, task, method)
 
-    predictions = run_dir / PREDICTIONS
     done = sharded.resume(run_dir)
     if not sharded.parallel and _already_complete(run_dir, task, done):
+        print(f"evalkv pred: already complete: reusing {len(done)} records ({run_dir})", file=sys.stderr)
         return run_dir
 
+    began = time.perf_counter()
     model = cached_model(model_cfg)
     engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=cfg.mlp_chunk,
                     decode_graphs=cfg.decode_graphs)
     samples = task.samples(model)
     if task.n_samples is not None:
         samples = itertools.islice(samples, task.n_samples)
-    first = next(samples, None)  # builds the first sample before anything is written (bad data fails here)
-    if first is None:
-        raise EvalkvError(f"task {task.name} produced no samples")
-
-    if sharded.is_main and not (run_dir / CONFIG).exists():
-        write_text_atomic(run_dir / CONFIG, OmegaConf.to_yaml(composed))
-    info_path = run_dir / RUN_INFO
-    history = read_json(info_path).get("invocations", []) if info_path.exists() else []
-    invocation = _new_invocation()
-    info = {
-        "evalkv": evalkv.__version__, "torch": torch.__version__, "transformers": _transformers_version(),
-        "python": platform.python_version(), "device": _device_name(model.device), "model": model.description,
-        "method": method_label(method), "task": task_label(task), "status": "running",
-        "invocations": [*history, invocation],
-    }
-    if sharded.parallel:
-        invocation["processes"] = sharded.world_size
-    if sharded.is_main:
-        write_json_atomic(info_path, info)
-
-    began = time.perf_counter()
     total = _expected_samples(task)
-    if sharded.parallel:  # this rank's share is known only as the samples stream by
-        total = None
-    totals = {"prefill_s": 0.0, "decode_s": 0.0}
     progress = tqdm(
-        total=total, desc=f"{method_label(method)} {task.name}", unit="sample", disable=not cfg.progress,
-        file=sys.stderr, dynamic_ncols=True,
+        total=None if sharded.parallel else total,  # a rank's share is known only as the samples stream by
+        desc=f"{method_label(method)} {task.name}", unit="sample", disable=not cfg.progress, file=sys.stderr,
+        dynamic_ncols=True,
     )
-    with progress, RecordWriter(sharded.output(run_dir)) as writer:
-        # Records are written in sample order once a batch is done; a killed run loses at most one batch.
-        pending = sharded.assign(itertools.chain([first], samples), done)
-        for batch in _batches(pending, done, cfg.batch_size, progress):
-            generations = engine.generate_batch([_request(sample, model) for sample in batch], cfg.batch_size)
-            for sample, generation in zip(batch, generations):
-                writer.write(make_record(sample, model, method, generation))
-                done.add(sample.id)
-                invocation["new_samples"] += 1
-                totals["prefill_s"] += generation.prefill_s
-                totals["decode_s"] += generation.decode_s
-            progress.update(len(batch))
+    with progress:
+        batches = _batches(sharded.assign(samples, done), done, cfg.batch_size, progress)
+        # The first batch is built before anything is written: a task that cannot make its samples fails here.
+        first = next(batches, None)
+        if not sharded.order:
+            raise EvalkvError(f"task {task.name} produced no samples")
 
-    totals = sharded.finish(run_dir, {**totals, "new_samples": invocation["new_samples"]})
-    invocation.update(finished=_now(), wall_s=round(time.perf_counter() - began, 2), new_samples=totals["new_samples"],
-                      prefill_s=round(totals["prefill_s"], 3), decode_s=round(totals["decode_s"], 3))
+        if sharded.is_main and not (run_dir / CONFIG).exists():
+            write_text_atomic(run_dir / CONFIG, OmegaConf.to_yaml(composed))
+        info_path = run_dir / RUN_INFO
+        history = read_json(info_path).get("invocations", []) if info_path.exists() else []
+        invocation = new_invocation()
+        if sharded.parallel:
+            invocation["processes"] = sharded.world_size
+        info = {
+            "evalkv": evalkv.__version__, "torch": torch.__version__, "transformers": _transformers_version(),
+            "python": platform.python_version(), "device": _device_name(model.device), "model": model.description,
+            "method": method_label(method), "task": task_label(task), "labels": run_labels(cfg, method, task),
+            "status": "running", "invocations": [*settled(history), invocation],
+        }
+        if sharded.is_main:
+            write_json_atomic(info_path, info)
+        held_before = len(done)
+
+        def ended(status: str, written: int | None = None, **details) -> int:
+            """Record in run.json how this invocation ended (rank 0); returns how many samples the run holds."""
+            if not sharded.is_main:
+                return 0
+            held = len(recorded_ids(run_dir))
+            if written is None:  # other ranks may have written too: count what the folder holds
+                written = held - held_before if sharded.parallel else invocation["new_samples"]
+            invocation.update(status=status, finished=now(), wall_s=round(time.perf_counter() - began, 2),
+                              new_samples=written, **details)
+            info.pop("error", None)
+            info.update(status=status, samples=held, **{k: v for k, v in details.items() if k == "error"})
+            write_json_atomic(info_path, info)
+            return held
+
+        totals = {"prefill_s": 0.0, "decode_s": 0.0}
+        try:
+            with RecordWriter(sharded.output(run_dir)) as writer:
+                # Records are written in sample order once a batch is done; a killed run loses at most one batch.
+                for batch in itertools.chain([first] if first else [], batches):
+                    progress.set_postfix_str(f"{len(batch)} in flight")
+                    generations = engine.generate_batch([_request(sample, model) for sample in batch],
+                                                        cfg.batch_size)
+                    for sample, generation in zip(batch, generations):
+                        writer.write(make_record(sample, model, method, generation))
+                        done.add(sample.id)
+                        invocation["new_samples"] += 1
+                        totals["prefill_s"] += generation.prefill_s
+                        totals["decode_s"] += generation.decode_s
+                    progress.set_postfix_str("", refresh=False)
+                    progress.update(len(batch))
+            totals = sharded.finish(run_dir, {**totals, "new_samples": invocation["new_samples"]})
+        except (KeyboardInterrupt, Terminated) as stop:
+            number = signal_of(stop)
+            held = ended("interrupted", signal=signal.Signals(number).name)
+            counted = f" after {held}{f' of {total}' if total is not None else ''} samples" if sharded.is_main else ""
+            raise RunInterrupted(f"interrupted{counted}; run the same command again to resume ({run_dir})",
+                                 number) from None
+        except Exception as error:
+            ended("failed", error=str(error) or type(error).__name__)
+            raise
+        invocation.update(prefill_s=round(totals["prefill_s"], 3), decode_s=round(totals["decode_s"], 3))
+        held = ended("finished", written=totals["new_samples"])
     if sharded.is_main:
-        info.update(status="finished", samples=len(read_records(predictions)))
-        write_json_atomic(info_path, info)
+        print(_summary(run_dir, held, invocation), file=sys.stderr)
     return run_dir
+
+
+def _summary(run_dir: Path, held: int, invocation: dict) -> str:
+    """One line for the person who ran it: samples, the score where the task has a metric, wall time, the files."""
+    line = f"evalkv pred: finished {held} samples ({invocation['new_samples']} new) in {invocation['wall_s']:.1f} s"
+    try:
+        scores = score_records(read_records(run_dir / PREDICTIONS))
+    except EvalkvError:  # a task without a metric (or records another tool must score)
+        scores = {}
+    task_scores = scores.get("task_scores", {})
+    if task_scores:
+        shown = [f"{task} {value:.2f}" for task, value in list(task_scores.items())[:4]]
+        if len(task_scores) > 4:
+            shown.append(f"... ({len(task_scores)} tasks)")
+        if len(task_scores) > 1 and scores.get("average") is not None:
+            shown.append(f"average {scores['average']:.2f}")
+        line += "; " + ", ".join(shown)
+    return f"{line}; files in {run_dir}"
 
 
 def _transformers_version() -> str:

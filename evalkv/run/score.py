@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from evalkv.errors import EvalkvError
 from evalkv.metrics import METRICS, score_records
-from evalkv.run.records import PREDICTIONS, SCORES, read_records, write_json_atomic
+from evalkv.records import PREDICTIONS, SCORES, read_records, write_json_atomic
 
 
 def _records_of_file(path: Path) -> list[dict]:
@@ -40,20 +41,29 @@ def score_targets(paths: list[str]) -> list[tuple[Path, list[Path]]]:
     return list(groups.items())
 
 
-def score_files(files: list[Path]) -> dict:
-    records = [record for path in files for record in _records_of_file(path)]
-    if not records:
-        raise EvalkvError(f"{', '.join(map(str, files))}: no records to score")
-    return score_records(records)
+@dataclass
+class ScoreOutcome:
+    scored: list[tuple[Path, dict]] = field(default_factory=list)  # (scores.json written, its content)
+    empty: list[Path] = field(default_factory=list)  # runs that hold no record yet: nothing to score, not an error
+    unreadable: list[str] = field(default_factory=list)  # "PATH: why", skipped so the others are still scored
 
 
-def score_paths(paths: list[str]) -> list[tuple[Path, dict]]:
-    results = []
+def score_paths(paths: list[str]) -> ScoreOutcome:
+    """Score every run (or folder of predictions files) under the paths and write its scores.json."""
+    outcome = ScoreOutcome()
     for target, files in score_targets(paths):
-        scores = score_files(files)
+        try:
+            records = [record for path in files for record in _records_of_file(path)]
+            if not records:
+                outcome.empty.append(target.parent)
+                continue
+            scores = score_records(records)
+        except (EvalkvError, OSError, ValueError) as error:
+            outcome.unreadable.append(f"{target.parent}: {error}")
+            continue
         write_json_atomic(target, scores)
-        results.append((target, scores))
-    return results
+        outcome.scored.append((target, scores))
+    return outcome
 
 
 def format_scores(scores: dict) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from evalkv.errors import EvalkvError
-from evalkv.run.records import read_json, write_text_atomic
+from evalkv.records import read_json, write_text_atomic
 from evalkv.tasks.longbench.spec import AVERAGE_LENGTH, CATEGORIES, ENGLISH_TASKS, MAX_NEW_TOKENS, TASKS
 
 WORKLOAD_VERSION = 1

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkv.errors import EvalkvError
-from evalkv.run.records import read_records, write_json_atomic, write_text_atomic
+from evalkv.records import read_records, write_json_atomic, write_text_atomic
 
 # Bump when any generator's output changes for the same inputs: old files then stop matching.
 GENERATOR_VERSION = 1

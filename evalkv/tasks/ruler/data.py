@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from evalkv.errors import EvalkvError
-from evalkv.run.records import write_text_atomic
+from evalkv.records import write_text_atomic
 from evalkv.tasks.ruler.sentences import punkt_folder
 
 ESSAYS_FILE = "PaulGrahamEssays.json"

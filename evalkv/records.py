@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,16 @@ PREDICTIONS = "predictions.jsonl"
 CONFIG = "config.yaml"
 RUN_INFO = "run.json"
 SCORES = "scores.json"
+NO_BUDGET = "-"  # run.json's budget label of a method that keeps no budget (the full cache)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: a reader never sees half a file.
+    The file gets the permissions `open` would give it (0666 less the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # O_EXCL with mode 0666: the umask applies as for any new file (mkstemp would make every run file 0600)
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
