@@ -123,3 +123,14 @@ def test_caches_do_not_pile_up_while_a_batch_decodes(method, decodes, tokenizer,
     monkeypatch.setattr(Engine, "_decode", counting_decode)
     engine.generate_batch([Request(ids, 4) for ids in _prompts(tokenizer)])
     assert others_alive == [0] * decodes
+
+
+def test_each_request_is_reported_once_when_its_generation_ends(tokenizer):
+    """`on_finished` (the progress bar's hook): every index once, a row that stops early before the rest."""
+    engine = Engine(tiny_model(), build_method("snapkv", {"budget": 64}))
+    prompts = _prompts(tokenizer)
+    ended = []
+    requests = [Request(prompts[0], 9), Request(prompts[1], 2), Request(prompts[2], 9), Request(prompts[0], 1)]
+    engine.generate_batch(requests, on_finished=ended.append)
+    assert sorted(ended) == [0, 1, 2, 3]
+    assert ended.index(3) < ended.index(1) < min(ended.index(0), ended.index(2))

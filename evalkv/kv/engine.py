@@ -17,9 +17,10 @@ next group of the same shape when the method holds a budget (its cache size does
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -102,6 +103,11 @@ class _Row:
     decode_compiled: bool = False
     decode_static: bool = False
     context_reused: bool = False
+    on_finished: Callable[[], None] | None = None  # told once, when the row's generation ends
+
+    def done(self) -> None:
+        if self.on_finished is not None:
+            self.on_finished()
 
     def finished(self) -> bool:
         return len(self.tokens) >= self.request.max_new_tokens or self.tokens[-1] in self.stops
@@ -206,16 +212,19 @@ class Engine:
         return row.generation(1, keep_session)
 
     @torch.inference_mode()
-    def generate_batch(self, requests: Sequence[Request], max_batch: int | None = None) -> list[Generation]:
+    def generate_batch(self, requests: Sequence[Request], max_batch: int | None = None,
+                       on_finished: Callable[[int], None] | None = None) -> list[Generation]:
         """`generate` for each request, in order; samples whose caches allow it decode together (at most
         `max_batch` at once, default all). Requests with a suffix whose prompts are equal share one compression of
-        the prompt (each continues from its own copy: `Generation.context_reused`)."""
+        the prompt (each continues from its own copy: `Generation.context_reused`). `on_finished(index)` is called
+        as each request's generation ends (progress per sample while a batch decodes)."""
         rows: list[_Row] = []
         sizes = [1] * len(requests)
         groups: dict[tuple, list[int]] = {}
         contexts = _SharedContexts(requests)
         for index, request in enumerate(requests):
             row = self._prefill(request, contexts=contexts)
+            row.on_finished = None if on_finished is None else functools.partial(on_finished, index)
             rows.append(row)
             key = row.session.batch_key()
             if row.finished():
@@ -372,6 +381,7 @@ class Engine:
                     row.decode_graph = decoder.graph is not None
                     row.decode_compiled = decoder.compiled
                     row.decode_static = True
+                    row.done()
                 active = [index for index in active if index not in finished]
         if keep_entries:
             decoder.unload(layers, len(rows[0].tokens) - 1)
@@ -393,3 +403,4 @@ class Engine:
     def _finish(row: _Row, session: Session) -> None:
         row.final_kept_tokens = session.cache.kept_tokens()
         row.final_kv_bytes = session.cache.nbytes // session.batch_size
+        row.done()

@@ -318,17 +318,15 @@ def _run_pred(cfg: DictConfig) -> Path:
             with RecordWriter(sharded.output(run_dir)) as writer:
                 # Records are written in sample order once a batch is done; a killed run loses at most one batch.
                 for batch in itertools.chain([first] if first else [], batches):
-                    progress.set_postfix_str(f"{len(batch)} in flight")
+                    # the bar advances as each sample's generation ends; its record is written with its batch
                     generations = engine.generate_batch([_request(sample, model) for sample in batch],
-                                                        cfg.batch_size)
+                                                        cfg.batch_size, on_finished=lambda _: progress.update(1))
                     for sample, generation in zip(batch, generations):
                         writer.write(make_record(sample, model, method, generation))
                         done.add(sample.id)
                         invocation["new_samples"] += 1
                         totals["prefill_s"] += generation.prefill_s
                         totals["decode_s"] += generation.decode_s
-                    progress.set_postfix_str("", refresh=False)
-                    progress.update(len(batch))
             totals = sharded.finish(run_dir, {**totals, "new_samples": invocation["new_samples"]})
         except (KeyboardInterrupt, Terminated) as stop:
             number = signal_of(stop)
