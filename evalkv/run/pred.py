@@ -119,9 +119,15 @@ def check_resumable(run_dir: Path, composed: dict, task: Task, method: Method) -
     resumable = _RESUMABLE_KEYS | {f"task.{option}" for option in task.free_options}
     if not method.requires_budget():  # e.g. full: a sweep's budget= does not apply to it
         resumable |= {"budget", "method.budget", "compression_ratio", "method.compression_ratio"}
+    # An option added to evalkv after the run was made is absent from its stored config: at its default, it is the
+    # behaviour the run had, so the run resumes.
+    defaults = {f"{section}.{item.name}": _default(item)
+                for section, obj in (("method", method), ("task", task), ("model", ModelConfig))
+                for item in dataclasses.fields(obj)}
     differing = sorted(
         key for key in set(stored) | set(current)
         if key not in resumable and stored.get(key) != current.get(key)
+        and not (key not in stored and key in defaults and current.get(key) == defaults[key])
     )
     if differing:
         shown = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in differing[:6])
