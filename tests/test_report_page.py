@@ -156,7 +156,7 @@ def _write_run(folder, cfg: DictConfig, records: list[dict], status: str = "fini
     """config.yaml, run.json (with the labels and one timed invocation) and predictions.jsonl as evalkv pred writes
     them, or scores.json alone when `scores` is given."""
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
     method = build_method(cfg.method.name, options(cfg.method))
     task = build_task(cfg.task.name, options(cfg.task))
     invocation = {"wall_s": 0.5 * len(records), "new_samples": len(records)} if status == "finished" else {}
