@@ -31,14 +31,20 @@ def _bottom_right_causal(q_len: int, kv_len: int, device: torch.device) -> Tenso
     return torch.arange(kv_len, device=device)[None, :] <= rows
 
 
-def attend(query: Tensor, keys: Tensor, values: Tensor, scaling: float, backend: str = "sdpa") -> Tensor:
+def attend(query: Tensor, keys: Tensor, values: Tensor, scaling: float, backend: str = "sdpa",
+           valid: Tensor | None = None) -> Tensor:
     """Causal attention of the `q` newest tokens over the cache; returns `[B, H, q, d]`.
 
     The new tokens are the last `q` cache entries and every other entry is older (eviction never reorders time),
-    so the causal mask is aligned bottom-right whatever was evicted before.
+    so the causal mask is aligned bottom-right whatever was evicted before. valid `[B, H_c, m]`: the entries that
+    count (a padded layer's, `LayerCache.pad_heads`; one query token per sequence only).
     """
     q_len, kv_len = query.shape[-2], keys.shape[-2]
     groups = query.shape[1] // keys.shape[1]
+    if valid is not None:
+        if q_len != 1:
+            raise ValueError("a padded cache (per-head budgets laid out dense) takes one query token per sequence")
+        return _decode_attention(query, keys, values, scaling, valid)
     if q_len == 1 and backend != "flash_attention_2":
         return _decode_attention(query, keys, values, scaling)
     if backend == "flash_attention_2":
@@ -68,7 +74,8 @@ def attend(query: Tensor, keys: Tensor, values: Tensor, scaling: float, backend:
     )
 
 
-def _decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float) -> Tensor:
+def _decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float,
+                      valid: Tensor | None = None) -> Tensor:
     """One query token per sequence: grouped matmuls that read each KV head once (no GQA copy).
 
     Decode is memory-bound and its KV length changes every step; this path avoids both the GQA expansion and the
@@ -78,6 +85,8 @@ def _decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: floa
     kv_heads = keys.shape[1]
     grouped = query.reshape(batch, kv_heads, num_heads // kv_heads, dim)
     logits = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G, m]
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).to(values.dtype)
     return torch.matmul(probs, values).reshape(batch, num_heads, 1, dim)
 

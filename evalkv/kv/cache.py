@@ -28,6 +28,7 @@ class LayerCache:
     positions: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
     heads: list[LayerCache] | None = None  # ragged layers: one single-head cache per head
+    padded: bool = False  # a ragged layer laid out dense for decoding: padding entries sit at position -1
 
     @property
     def is_ragged(self) -> bool:
@@ -48,19 +49,59 @@ class LayerCache:
 
     @property
     def entries(self) -> int:
-        """Entries held over all heads, for one batch row."""
+        """Entries held over all heads, for one batch row (the first of a padded layer)."""
+        return self.entries_of(0)
+
+    def entries_of(self, row: int) -> int:
+        """Entries batch row `row` holds over all heads (a padded layer's padding not counted)."""
         if self.heads is not None:
             return sum(head.length for head in self.heads)
+        if self.padded:
+            return int((self.positions[row] >= 0).sum())
         return self.num_heads * self.length
 
     @property
     def nbytes(self) -> int:
-        """Bytes of keys and values held (positions and method state are bookkeeping, reported apart)."""
+        """Bytes of keys and values held, every batch row (positions and method state are bookkeeping, reported
+        apart; a padded layer counts its entries, not its padding)."""
         if self.heads is not None:
             return sum(head.nbytes for head in self.heads)
         if self.keys is None:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return sum(self.nbytes_of(row) for row in range(self.batch_size))
+
+    def nbytes_of(self, row: int) -> int:
+        """Bytes of the keys and values batch row `row` holds."""
+        if self.heads is not None or self.keys is None:
+            return self.nbytes if self.heads is not None else 0
+        per_entry = self.keys.shape[-1] * (self.keys.element_size() + self.values.element_size())
+        return self.entries_of(row) * per_entry
+
+    def pad_heads(self, length: int | None = None) -> None:
+        """Lay a ragged layer out dense for decoding: each head's entries, then padding entries (zeros at position
+        -1, which attention masks) up to `length` (default: the longest head's count). Decode steps append to every
+        head at the end, as for a dense layer; the bytes held still count the entries only."""
+        if self.heads is None:
+            if self.padded and length is not None and length > self.length:
+                self._extend_padding(length)
+            return
+        length = max(length or 0, self.length)
+        first = self.heads[0].keys
+        self.keys = first.new_zeros(1, len(self.heads), length, first.shape[-1])
+        self.values = torch.zeros_like(self.keys)
+        self.positions = torch.full((1, len(self.heads), length), -1, dtype=torch.long, device=first.device)
+        for h, head in enumerate(self.heads):
+            self.keys[:, h, : head.length] = head.keys[:, 0]
+            self.values[:, h, : head.length] = head.values[:, 0]
+            self.positions[:, h, : head.length] = head.positions[:, 0]
+        self.heads, self.padded = None, True
+
+    def _extend_padding(self, length: int) -> None:
+        extra = length - self.length
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(*self.keys.shape[:2], extra, self.keys.shape[-1])], 2)
+        self.values = torch.cat([self.values, torch.zeros_like(self.keys[:, :, -extra:])], 2)
+        self.positions = torch.cat([self.positions, self.positions.new_full((*self.positions.shape[:2], extra), -1)],
+                                   2)
 
     @property
     def batch_size(self) -> int:
@@ -74,11 +115,17 @@ class LayerCache:
             None if self.keys is None else self.keys.clone(), None if self.values is None else self.values.clone(),
             None if self.positions is None else self.positions.clone(),
             {name: value.clone() for name, value in self.extras.items()},
-            None if self.heads is None else [head.clone() for head in self.heads],
+            None if self.heads is None else [head.clone() for head in self.heads], self.padded,
         )
 
     def stack_rows(self, parts: Sequence[LayerCache]) -> None:
-        """Hold `parts` (dense, equal shapes) as the rows of one batch, in order."""
+        """Hold `parts` (dense, equal shapes; or ragged / padded, padded here to their longest) as the rows of one
+        batch, in order."""
+        if any(part.heads is not None or part.padded for part in parts):
+            length = max(part.length for part in parts)
+            for part in parts:
+                part.pad_heads(length)
+            self.padded = True
         self.keys = torch.cat([part.keys for part in parts])
         self.values = torch.cat([part.values for part in parts])
         self.positions = torch.cat([part.positions for part in parts])
@@ -218,10 +265,15 @@ class KVCache:
     def batch_size(self) -> int:
         return self.layers[0].batch_size if self.layers else 1
 
-    def kept_tokens(self) -> float:
-        """Mean entries per layer and KV head; a query-head cache counts its repeated heads at their real memory."""
-        entries = [layer.entries / self.num_kv_heads for layer in self.layers]
+    def kept_tokens(self, row: int = 0) -> float:
+        """Mean entries per layer and KV head of batch row `row`; a query-head cache counts its repeated heads at
+        their real memory."""
+        entries = [layer.entries_of(row) / self.num_kv_heads for layer in self.layers]
         return sum(entries) / len(entries) if entries else 0.0
+
+    def nbytes_of(self, row: int) -> int:
+        """Bytes of keys and values batch row `row` holds."""
+        return sum(layer.nbytes_of(row) for layer in self.layers)
 
     def lengths(self) -> list[int]:
         return [layer.length for layer in self.layers]

@@ -315,6 +315,7 @@ class Engine:
         keep_entries: leave the final entries in `session` (a `StaticDecoder` takes them out while it decodes, and
         puts them back only when asked: one row)."""
         steps = max(row.request.max_new_tokens - len(row.tokens) for row in rows)
+        session.pad_ragged()
         if self._static_allowed(rows, session, steps):
             self._decode_static(rows, session, steps, keep_entries)
             return
@@ -336,7 +337,7 @@ class Engine:
                 for index, row in enumerate(active):
                     if index not in staying:
                         row.decode_s = elapsed
-                        self._finish(row, session)
+                        self._finish(row, session, index)
                 if staying:
                     session.keep_rows(staying)
                 active = [active[index] for index in staying]
@@ -392,7 +393,7 @@ class Engine:
                 for index in finished:
                     row = rows[index]
                     row.decode_s = elapsed
-                    row.final_kept_tokens, row.final_kv_bytes = decoder.held(len(row.tokens) - 1)
+                    row.final_kept_tokens, row.final_kv_bytes = decoder.held(len(row.tokens) - 1, index)
                     row.decode_graph = decoder.graph is not None
                     row.decode_compiled = decoder.compiled
                     row.decode_static = True
@@ -415,7 +416,8 @@ class Engine:
         return self.decode_graphs in ("auto", "compile") and self.device.type == "cuda"
 
     @staticmethod
-    def _finish(row: _Row, session: Session) -> None:
-        row.final_kept_tokens = session.cache.kept_tokens()
-        row.final_kv_bytes = session.cache.nbytes // session.batch_size
+    def _finish(row: _Row, session: Session, index: int = 0) -> None:
+        """Record what batch row `index` of `session` holds as `row` ends."""
+        row.final_kept_tokens = session.cache.kept_tokens(index)
+        row.final_kv_bytes = session.cache.nbytes_of(index)
         row.done()

@@ -110,6 +110,10 @@ class StaticDecoder:
                                 for keys in self.keys]
         self.slots = [torch.arange(size, device=self.device) for size in sizes]
         self.base_tensors = [torch.tensor(base, device=self.device) for base in self.bases]
+        # Padded layers (per-head budgets laid out dense) mask their padding by position; the entries each row holds
+        # before decoding, per layer (read once here).
+        self.padded = [layer.padded for layer in layers]
+        self.held_before = [[layer.entries_of(row) for row in range(self.batch)] for layer in layers]
         self.step_index = torch.zeros((), dtype=torch.long, device=self.device)
         self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
@@ -221,14 +225,17 @@ class StaticDecoder:
         kv_heads = keys.shape[1]
         grouped = query.reshape(batch, kv_heads, num_heads // kv_heads, dim)
         logits = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G, slots]
-        written = self.slots[layer_idx] <= self.base_tensors[layer_idx] + self.step_index
+        if self.padded[layer_idx]:  # padding and unwritten slots alike sit at position -1
+            written = self.entry_positions[layer_idx][:, :, None, :] >= 0
+        else:
+            written = self.slots[layer_idx] <= self.base_tensors[layer_idx] + self.step_index
         logits = logits.masked_fill(~written, float("-inf"))
         probs = torch.softmax(logits, dim=-1).to(values.dtype)
         return torch.matmul(probs, values).reshape(batch, num_heads, 1, dim)
 
-    def held(self, fed: int) -> tuple[float, int]:
-        """(kept tokens, KV bytes) of one row after `fed` decode tokens: what `KVCache` would report."""
-        entries = [keys.shape[1] * (base + fed) for keys, base in zip(self.keys, self.bases)]
+    def held(self, fed: int, row: int = 0) -> tuple[float, int]:
+        """(kept tokens, KV bytes) of batch row `row` after `fed` decode tokens: what `KVCache` would report."""
+        entries = [held[row] + keys.shape[1] * fed for keys, held in zip(self.keys, self.held_before)]
         element = self.keys[0].element_size() * self.keys[0].shape[-1] * 2
         kept = sum(entries) / self.geometry.num_kv_heads / len(entries)
         return kept, sum(entries) * element

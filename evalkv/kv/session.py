@@ -50,18 +50,22 @@ class Session:
         method = self.method
         if not (method.requires_budget() and self.decodes_from_entries()):
             return None
-        shapes = tuple(
-            (tuple(layer.keys.shape[1:]), layer.keys.dtype, str(layer.keys.device),
-             tuple((name, tuple(value.shape[1:])) for name, value in sorted(layer.extras.items())))
-            for layer in self.cache.layers
-        )
-        return (shapes, method.decode_group_key(self.sample.prompt_length), self.sample.phase)
+        return (tuple(_layer_shape(layer) for layer in self.cache.layers),
+                method.decode_group_key(self.sample.prompt_length), self.sample.phase)
 
     def decodes_from_entries(self) -> bool:
-        """Whether decode steps read nothing of this session but its dense layers' entries: no trace, no per-sample
-        or per-layer method state, no ragged layer (what batched and CUDA-graph decoding both need)."""
+        """Whether decode steps read nothing of this session but its layers' entries: no trace, no per-sample or
+        per-layer method state, and no ragged layer unless the method runs no step hook (its ragged layers then
+        decode padded, `LayerCache.pad_heads`): what batched and CUDA-graph decoding both need."""
+        ragged = any(layer.is_ragged or layer.padded for layer in self.cache.layers)
         return (self.trace is None and not self.has_state()
-                and not any(layer.is_ragged for layer in self.cache.layers))
+                and not (ragged and (self.method.before_step is not None or self.method.after_step is not None)))
+
+    def pad_ragged(self) -> None:
+        """Lay ragged layers out dense for decoding (a method without step hooks: nothing evicts from them again)."""
+        if self.trace is None and self.method.before_step is None and self.method.after_step is None:
+            for layer in self.cache.layers:
+                layer.pad_heads()
 
     def has_state(self) -> bool:
         """Whether the method keeps anything about this sample beyond the cache entries and their extras."""
@@ -154,6 +158,8 @@ class Session:
         return output
 
     def _attend(self, layer: LayerCache, query: Tensor, scaling: float) -> Tensor:
+        if layer.padded:
+            return attend(query, layer.keys, layer.values, scaling, self.backend, valid=layer.positions >= 0)
         if not layer.is_ragged:
             return attend(query, layer.keys, layer.values, scaling, self.backend)
         groups = query.shape[1] // layer.num_heads
@@ -171,6 +177,16 @@ class Session:
                     f"{self.method.name}: an eviction before attention in layer {layer_idx} dropped the tokens "
                     "being fed"
                 )
+
+
+def _layer_shape(layer: LayerCache) -> tuple:
+    """What layers of batch rows must share: their shapes, or for per-head budgets (padded to a common length when
+    the rows merge) their head count."""
+    if layer.is_ragged or layer.padded:
+        keys = layer.heads[0].keys if layer.is_ragged else layer.keys
+        return ("per-head", layer.num_heads, keys.dtype, str(keys.device))
+    return (tuple(layer.keys.shape[1:]), layer.keys.dtype, str(layer.keys.device),
+            tuple((name, tuple(value.shape[1:])) for name, value in sorted(layer.extras.items())))
 
 
 def _copied(value):

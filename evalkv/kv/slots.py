@@ -117,7 +117,7 @@ class SlotDecoder(StaticDecoder):
         self.free[layer_idx].copy_(torch.where(full, evicted, first_free))
         return output
 
-    def held(self, fed: int) -> tuple[float, int]:
+    def held(self, fed: int, row: int = 0) -> tuple[float, int]:
         entries = [keys.shape[1] * min(base + fed, self.capacity) if base <= self.capacity else keys.shape[1] * base
                    for keys, base in zip(self.keys, self.bases)]
         element = self.keys[0].element_size() * self.keys[0].shape[-1] * 2
