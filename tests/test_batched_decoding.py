@@ -11,10 +11,11 @@ from evalkv.kv.engine import Engine, Request
 from evalkv.methods import build_method
 
 NEW_TOKENS = 6
-# Methods whose decode reads per-sample state (or whose cache is ragged, or full-length) decode one at a time.
+# Methods whose decode reads per-sample state (a query buffer, ...), whose cache is ragged, or that keep no budget
+# decode one at a time.
 UNBATCHED = {"full", "sink_recent_uniform-stride", "adakv", "adakv-query_head-pyramid", "catekv", "lacache",
              "segment_two_stage", "segment_two_stage-kv_head-v2", "kmeans-centroid-decode",
-             "snapkv-decoding"}  # per-sample state (a query buffer, ...), ragged caches, or no budget
+             "snapkv-decoding", "expected_attention-decoding", "laq", "rkv"}
 
 
 def _prompts(tokenizer) -> list[list[int]]:
