@@ -1,4 +1,4 @@
-"""ChunkKV (kvpress ChunkKVPress over SnapKVPress) and the chunk_size regime of every scorer: whole chunks of
+"""ChunkKV (kvpress ChunkKVPress over SnapKVPress) and the chunk_length regime of every scorer: whole chunks of
 consecutive tokens, one set for the layer."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def brute_force_chunks(token_scores: torch.Tensor, chunk: int, keep: int) -> lis
 
 def test_chunkkv_keeps_whole_chunks_by_mean_snapkv_score_and_the_window():
     n, budget, window, chunk = 50, 22, 4, 3
-    method = build_method("chunkkv", {"budget": budget, "window_size": window, "chunk_size": chunk})
+    method = build_method("chunkkv", {"budget": budget, "window_size": window, "chunk_length": chunk})
     layer = SingleLayer(method, prompt_length=n, seed=8)
     prompt = layer.prompt()
     scores = snapkv_pool_then_reduce(prompt.query, prompt.appended_keys, window, 5)
@@ -53,10 +53,10 @@ def test_chunkkv_keeps_whole_chunks_by_mean_snapkv_score_and_the_window():
     assert len(starts) == -(-(budget - window) // chunk)  # 6 chunks: 5 whole, 1 filled with its best tokens
 
 
-def test_chunk_size_chunks_any_scorer():
+def test_chunk_length_chunks_any_scorer():
     """Knorm's scores (lowest key norms) chunked: the chunks with the lowest mean norm summed over the KV heads."""
     n, budget = 30, 9
-    layer = SingleLayer(build_method("knorm", {"budget": budget, "chunk_size": 4}), prompt_length=n, seed=3)
+    layer = SingleLayer(build_method("knorm", {"budget": budget, "chunk_length": 4}), prompt_length=n, seed=3)
     prompt = layer.prompt()
     kept = brute_force_chunks(-prompt.appended_keys[0].double().norm(dim=-1), 4, budget)
     assert layer.cache.positions[0].tolist() == [kept, kept]
@@ -65,10 +65,10 @@ def test_chunk_size_chunks_any_scorer():
     assert plain.cache.positions[0].tolist() != [kept, kept]
 
 
-def test_chunk_size_refuses_what_selects_per_head():
-    with pytest.raises(EvalkvError, match="chunk_size"):
+def test_chunk_length_refuses_what_selects_per_head():
+    with pytest.raises(EvalkvError, match="chunk_length"):
         build_method("chunkkv", {"budget": 64, "head_budgets": "adaptive"})
-    with pytest.raises(EvalkvError, match="chunk_size"):
-        build_method("snapkv", {"budget": 64, "chunk_size": 10, "critical": True})
-    with pytest.raises(EvalkvError, match="chunk_size"):
-        build_method("snapkv", {"budget": 64, "chunk_size": 0})
+    with pytest.raises(EvalkvError, match="chunk_length"):
+        build_method("snapkv", {"budget": 64, "chunk_length": 10, "critical": True})
+    with pytest.raises(EvalkvError, match="chunk_length"):
+        build_method("snapkv", {"budget": 64, "chunk_length": 0})

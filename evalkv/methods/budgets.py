@@ -1,7 +1,7 @@
 """How a budget is shared out: per layer (PyramidKV's schedules), per head (AdaKV's adaptive allocation) and in
 whole chunks of consecutive entries (ChunkKV).
 
-Any scorer (evalkv/methods/scorer.py) takes these through its `layer_budgets`, `head_budgets` and `chunk_size`
+Any scorer (evalkv/methods/scorer.py) takes these through its `layer_budgets`, `head_budgets` and `chunk_length`
 options (docs/methods.md#regimes).
 """
 
@@ -67,19 +67,19 @@ def adaptive_head_budgets(scores: Tensor, base: int, floor_alpha: float, normali
     return [min(length, int(c)) for c in torch.round(counts * (1 - floor_alpha) + floor).tolist()]
 
 
-def chunk_selection(scores: Tensor, chunk_size: int, keep: int) -> Tensor:
+def chunk_selection(scores: Tensor, chunk_length: int, keep: int) -> Tensor:
     """`keep` of the candidates scored `[B, h, c]`, taken in whole chunks, one set for the layer (ChunkKV,
     docs/methods.md#chunkkv): `[B, 1, keep]` ascending.
 
-    The candidates are cut into chunks of `chunk_size` consecutive entries from the first (the last chunk may be
+    The candidates are cut into chunks of `chunk_length` consecutive entries from the first (the last chunk may be
     shorter). The scores are summed over the selection heads and a chunk scores the mean over its entries, as
     kvpress's `ChunkKVPress` computes them; whole chunks are taken in (score desc, index asc) order and the chunk
     that would overflow `keep` is filled with its best entries (`top_k_by_group`).
     """
     batch, _, length = scores.shape
     summed = scores.sum(dim=1, keepdim=True)
-    chunks = torch.arange(length, device=scores.device) // chunk_size
-    count = -(-length // chunk_size)
+    chunks = torch.arange(length, device=scores.device) // chunk_length
+    count = -(-length // chunk_length)
     sums = summed.new_zeros(batch, 1, count).index_add_(-1, chunks, summed)
     sizes = torch.bincount(chunks, minlength=count).to(summed.dtype)
     return top_k_by_group(summed, chunks.expand(batch, 1, length), sums / sizes, keep)

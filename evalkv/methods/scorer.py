@@ -14,7 +14,7 @@ always kept). The shared part (docs/methods.md#regimes) decides when a scorer ru
   newest; they play the prompt's observation rows) and cut back to `decode_target` entries per head (default: the
   budget); between cuts it grows by one entry per step.
 
-How the kept entries are chosen from the scores: the best per head (default), whole chunks of `chunk_size`
+How the kept entries are chosen from the scores: the best per head (default), whole chunks of `chunk_length`
 consecutive entries shared by the layer (ChunkKV, `budgets.chunk_selection`), or CriticalKV's two stages with
 `critical` (the scores rescaled by each value's output-projection norm, evalkv/methods/criticalkv.py).
 
@@ -58,7 +58,7 @@ class Scorer(Method):
     decode_interval: re-score and cut the cache every this many forwards after the prompt (None: prompt only).
     decode_target: entries per head after each cut while decoding (None: the budget).
     decode_buffer: queries kept for the next cut (kvpress's hidden_states_buffer_size); 0 or 1: the newest only.
-    chunk_size: keep whole chunks of this many consecutive entries, one set for the layer (ChunkKV; None: entries).
+    chunk_length: keep whole chunks of this many consecutive entries, one set for the layer (ChunkKV; None: entries).
     critical: CriticalKV's two-stage selection (scores rescaled by each value's output-projection norm).
     critical_first_stage: with `critical`, the share of each head's budget chosen by the raw scores (kvpress: 0.5).
     critical_epsilon: with `critical`, added to the scores before rescaling (kvpress: 1e-4).
@@ -73,7 +73,7 @@ class Scorer(Method):
     decode_interval: Optional[int] = None
     decode_target: Optional[int] = None
     decode_buffer: int = 256
-    chunk_size: Optional[int] = None
+    chunk_length: Optional[int] = None
     critical: bool = False
     critical_first_stage: float = 0.5
     critical_epsilon: float = 1e-4
@@ -96,10 +96,11 @@ class Scorer(Method):
         elif self.head_budgets == "adaptive":
             raise EvalkvError(f"{self.name}: head_budgets=adaptive keeps a ragged cache, which decode_interval cannot "
                               "cut again; use one of them")
-        if self.chunk_size is not None and (self.chunk_size < 1 or self.head_budgets == "adaptive" or self.critical):
-            raise EvalkvError(f"{self.name}: chunk_size must be a positive number of entries and selects one set for "
+        per_head = self.head_budgets == "adaptive" or self.critical
+        if self.chunk_length is not None and (self.chunk_length < 1 or per_head):
+            raise EvalkvError(f"{self.name}: chunk_length must be a positive number of entries and selects one set for "
                               "the layer, so it takes neither head_budgets=adaptive nor critical; got "
-                              f"chunk_size={self.chunk_size}")
+                              f"chunk_length={self.chunk_length}")
         if not 0.0 <= self.critical_first_stage <= 1.0 or self.critical_epsilon < 0:
             raise EvalkvError(f"{self.name}: need critical_first_stage in [0, 1] and critical_epsilon >= 0, got "
                               f"{self.critical_first_stage}, {self.critical_epsilon}")
@@ -139,8 +140,8 @@ class Scorer(Method):
         candidates, keep = view.length - window, capacity - window
         scores = self.score(view, candidates)
         tail = torch.arange(candidates, view.length, device=scores.device)
-        if self.chunk_size is not None:
-            best = chunk_selection(scores, self.chunk_size, keep)
+        if self.chunk_length is not None:
+            best = chunk_selection(scores, self.chunk_length, keep)
             return torch.cat([best, tail.expand(*best.shape[:-1], tail.numel())], dim=-1)
         if self.head_budgets == "uniform":
             if self.critical:
