@@ -16,8 +16,8 @@ from evalkv.methods.scorer import Scorer
 
 
 def query_statistics(queries: Tensor, covariance: bool) -> tuple[Tensor, Tensor | None]:
-    """Mean `[B, H, d]` and covariance `[B, H, d, d]` (biased: divided by the row count, as kvpress) of query rows
-    `[B, H, r, d]`, fp32."""
+    """Mean `[..., d]` and covariance `[..., d, d]` (biased: divided by the row count, as kvpress) of query rows
+    `[..., r, d]`, fp32."""
     queries = queries.float()
     mean = queries.mean(dim=-2)
     if not covariance:
@@ -118,10 +118,11 @@ class ExpectedAttention(Scorer):
         after_sinks = (positions[0] >= self.n_sink).nonzero().flatten()
         if after_sinks.numel() > 0:  # rows share positions across the batch except in a batched decode step
             rows, positions = rows[:, :, after_sinks], positions[:, after_sinks]
-        # One query head at a time: the RoPE table of `r` positions, never `H x r`.
-        unrotated = torch.stack([unrotate_keys(rows[:, head : head + 1], positions[:, None, :], view.rotary)[:, 0]
-                                 for head in range(rows.shape[1])], dim=1)
-        mean, covariance = query_statistics(unrotated, self.use_covariance)
+        # One query head at a time: the RoPE table and the unrotated rows of one head, never `H x r` of them.
+        per_head = [query_statistics(unrotate_keys(rows[:, head : head + 1], positions[:, None, :], view.rotary)[:, 0],
+                                     self.use_covariance) for head in range(rows.shape[1])]
+        mean = torch.stack([head_mean for head_mean, _ in per_head], dim=1)
+        covariance = torch.stack([head_cov for _, head_cov in per_head], dim=1) if self.use_covariance else None
         future = positions[:, -1:] + torch.arange(1, self.n_future_positions + 1, device=positions.device)
         rotation = average_rotation(*view.rotary(future))[:, None]  # [B, 1, d, d]
         mean = (rotation @ mean[..., None])[..., 0]
