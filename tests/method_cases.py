@@ -49,6 +49,13 @@ CASES = {
     "kmeans-centroid-decode": {"budget": BUDGET, "window_size": 8, "scoring": "centroid", "cluster_every": 3},
     "learned_mlp": {"budget": BUDGET, "window_size": 8, "policy_path": str(TINY_POLICY)},
     "learned_mlp-chunked": {"budget": BUDGET, "window_size": 8, "prefill_chunk": 100, "policy_path": str(TINY_POLICY)},
+    "expected_attention": {"budget": BUDGET, "n_future_positions": 16},
+    "expected_attention-decoding": {"budget": BUDGET, "n_future_positions": 16, "decode_interval": 3,
+                                    "decode_buffer": 5, "use_vnorm": False},
+    "keydiff": {"budget": BUDGET},
+    "chunkkv": {"budget": BUDGET, "window_size": 8},
+    "laq": {"budget": BUDGET, "lookahead_steps": 3, "lookahead_budget": 200, "lookahead_window": 16},
+    "rkv": {"budget": BUDGET, "window_size": 4, "decode_interval": 4, "decode_buffer": 4},
 }
 
 

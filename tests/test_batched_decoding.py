@@ -11,10 +11,11 @@ from evalkv.kv.engine import Engine, Request
 from evalkv.methods import build_method
 
 NEW_TOKENS = 6
-# Methods whose decode reads per-sample state (or whose cache is ragged, or full-length) decode one at a time.
+# Methods whose decode reads per-sample state (a query buffer, ...) or that keep no budget decode one at a time
+# (ragged per-head caches batch, padded to their longest head).
 UNBATCHED = {"full", "sink_recent_uniform-stride", "lacache",
              "segment_two_stage", "segment_two_stage-kv_head-v2", "kmeans-centroid-decode",
-             "snapkv-decoding"}  # per-sample state (a query buffer, ...) or no budget
+             "snapkv-decoding", "expected_attention-decoding", "laq", "rkv"}
 
 
 def _prompts(tokenizer) -> list[list[int]]:

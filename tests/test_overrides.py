@@ -138,9 +138,11 @@ def test_list_methods_shows_presets_on_their_base_line(capsys):
     names = [line.split()[0] for line in lines]
     presets = REGISTRY.presets("obcache")
     assert len(presets) == 25 and all(issubclass(METHODS[name], OBCache) for name in presets)
-    assert set(names) == set(METHODS) - set(presets) and len(lines) == len(METHODS) - 25
+    every_preset = set(REGISTRY.preset_of)
+    assert set(names) == set(METHODS) - every_preset and len(lines) == len(METHODS) - len(every_preset)
     obcache = lines[names.index("obcache")]
     assert obcache.endswith(f" Presets: {', '.join(presets)}.") and "kvcV+tova" in presets
+    assert lines[names.index("snapkv")].endswith(" Presets: chunkkv.")
 
 
 def test_demo_takes_overrides_and_applies_method_options_where_they_exist(tmp_path, capsys):

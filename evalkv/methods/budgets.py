@@ -1,7 +1,8 @@
-"""How a budget is shared out: per layer (PyramidKV's schedules) and per head (AdaKV's adaptive allocation).
+"""How a budget is shared out: per layer (PyramidKV's schedules), per head (AdaKV's adaptive allocation) and in
+whole chunks of consecutive entries (ChunkKV).
 
-Any scorer (evalkv/methods/scorer.py) takes these through its `layer_budgets` and `head_budgets` options
-(docs/methods.md#regimes).
+Any scorer (evalkv/methods/scorer.py) takes these through its `layer_budgets`, `head_budgets` and `chunk_length`
+options (docs/methods.md#regimes).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from evalkv.kv.select import top_k_positions
+from evalkv.kv.select import top_k_by_group, top_k_positions
 
 LAYER_SCHEDULES = ("uniform", "pyramid", "ada_pyramid")
 HEAD_ALLOCATIONS = ("uniform", "adaptive")
@@ -64,3 +65,21 @@ def adaptive_head_budgets(scores: Tensor, base: int, floor_alpha: float, normali
     counts = torch.bincount(best // length, minlength=heads).float()  # float32, half-to-even rounding: the reference
     floor = int(base * floor_alpha)
     return [min(length, int(c)) for c in torch.round(counts * (1 - floor_alpha) + floor).tolist()]
+
+
+def chunk_selection(scores: Tensor, chunk_length: int, keep: int) -> Tensor:
+    """`keep` of the candidates scored `[B, h, c]`, taken in whole chunks, one set for the layer (ChunkKV,
+    docs/methods.md#chunkkv): `[B, 1, keep]` ascending.
+
+    The candidates are cut into chunks of `chunk_length` consecutive entries from the first (the last chunk may be
+    shorter). The scores are summed over the selection heads and a chunk scores the mean over its entries, as
+    kvpress's `ChunkKVPress` computes them; whole chunks are taken in (score desc, index asc) order and the chunk
+    that would overflow `keep` is filled with its best entries (`top_k_by_group`).
+    """
+    batch, _, length = scores.shape
+    summed = scores.sum(dim=1, keepdim=True)
+    chunks = torch.arange(length, device=scores.device) // chunk_length
+    count = -(-length // chunk_length)
+    sums = summed.new_zeros(batch, 1, count).index_add_(-1, chunks, summed)
+    sizes = torch.bincount(chunks, minlength=count).to(summed.dtype)
+    return top_k_by_group(summed, chunks.expand(batch, 1, length), sums / sizes, keep)

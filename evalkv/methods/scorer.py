@@ -14,6 +14,10 @@ always kept). The shared part (docs/methods.md#regimes) decides when a scorer ru
   newest; they play the prompt's observation rows) and cut back to `decode_target` entries per head (default: the
   budget); between cuts it grows by one entry per step.
 
+How the kept entries are chosen from the scores: the best per head (default), whole chunks of `chunk_length`
+consecutive entries shared by the layer (ChunkKV, `budgets.chunk_selection`), or CriticalKV's two stages with
+`critical` (the scores rescaled by each value's output-projection norm, evalkv/methods/criticalkv.py).
+
 Selection is `evalkv.kv.select`'s stable top-k (ties by position); kept entries stay in position order.
 """
 
@@ -29,7 +33,14 @@ from torch import Tensor
 from evalkv.errors import EvalkvError
 from evalkv.kv.select import keep_best_and_tail, top_k_positions
 from evalkv.methods.base import AttentionView, Keep, Method, require_choice
-from evalkv.methods.budgets import HEAD_ALLOCATIONS, LAYER_SCHEDULES, adaptive_head_budgets, layer_capacity
+from evalkv.methods.budgets import (
+    HEAD_ALLOCATIONS,
+    LAYER_SCHEDULES,
+    adaptive_head_budgets,
+    chunk_selection,
+    layer_capacity,
+)
+from evalkv.methods.criticalkv import critical_scores
 
 _ROWS, _ROW_POSITIONS = "decode_rows", "decode_row_positions"
 
@@ -47,6 +58,10 @@ class Scorer(Method):
     decode_interval: re-score and cut the cache every this many forwards after the prompt (None: prompt only).
     decode_target: entries per head after each cut while decoding (None: the budget).
     decode_buffer: queries kept for the next cut (kvpress's hidden_states_buffer_size); 0 or 1: the newest only.
+    chunk_length: keep whole chunks of this many consecutive entries, one set for the layer (ChunkKV; None: entries).
+    critical: CriticalKV's two-stage selection (scores rescaled by each value's output-projection norm).
+    critical_first_stage: with `critical`, the share of each head's budget chosen by the raw scores (kvpress: 0.5).
+    critical_epsilon: with `critical`, added to the scores before rescaling (kvpress: 1e-4).
     """
 
     layer_budgets: str = "uniform"
@@ -58,6 +73,10 @@ class Scorer(Method):
     decode_interval: Optional[int] = None
     decode_target: Optional[int] = None
     decode_buffer: int = 256
+    chunk_length: Optional[int] = None
+    critical: bool = False
+    critical_first_stage: float = 0.5
+    critical_epsilon: float = 1e-4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +96,14 @@ class Scorer(Method):
         elif self.head_budgets == "adaptive":
             raise EvalkvError(f"{self.name}: head_budgets=adaptive keeps a ragged cache, which decode_interval cannot "
                               "cut again; use one of them")
+        per_head = self.head_budgets == "adaptive" or self.critical
+        if self.chunk_length is not None and (self.chunk_length < 1 or per_head):
+            raise EvalkvError(f"{self.name}: chunk_length must be a positive number of entries and selects one set for "
+                              "the layer, so it takes neither head_budgets=adaptive nor critical; got "
+                              f"chunk_length={self.chunk_length}")
+        if not 0.0 <= self.critical_first_stage <= 1.0 or self.critical_epsilon < 0:
+            raise EvalkvError(f"{self.name}: need critical_first_stage in [0, 1] and critical_epsilon >= 0, got "
+                              f"{self.critical_first_stage}, {self.critical_epsilon}")
 
     def score(self, view: AttentionView, candidates: int) -> Tensor:
         """Scores `[B, h, candidates]` of the first `candidates` entries of `view.cache` (higher = keep), from the
@@ -110,20 +137,29 @@ class Scorer(Method):
     def select(self, view: AttentionView, capacity: int) -> Keep:
         """Keep `capacity` entries per head (on average, with adaptive head budgets): the window, then the best."""
         window = min(self.window(), view.num_new, capacity)
-        candidates = view.length - window
+        candidates, keep = view.length - window, capacity - window
         scores = self.score(view, candidates)
+        tail = torch.arange(candidates, view.length, device=scores.device)
+        if self.chunk_length is not None:
+            best = chunk_selection(scores, self.chunk_length, keep)
+            return torch.cat([best, tail.expand(*best.shape[:-1], tail.numel())], dim=-1)
         if self.head_budgets == "uniform":
-            return keep_best_and_tail(scores, capacity - window, view.length)
+            if self.critical:
+                scores = self._critical(view, scores, [keep] * scores.shape[1], window)
+            return keep_best_and_tail(scores, keep, view.length)
         if scores.shape[0] != 1:
             raise EvalkvError(f"{self.name}: head_budgets=adaptive keeps a different number of tokens per head and "
                               "needs batch size 1")
-        heads, keep = scores[0], capacity - window
         if view.layer_idx < self.skip_layers:
-            budgets = [keep] * heads.shape[0]
+            budgets = [keep] * scores.shape[1]
         else:
-            budgets = adaptive_head_budgets(heads, keep, self.floor_alpha, self.normalize)
-        tail = torch.arange(candidates, view.length, device=heads.device)
-        return [torch.cat([top_k_positions(head, budget), tail]) for head, budget in zip(heads, budgets)]
+            budgets = adaptive_head_budgets(scores[0], keep, self.floor_alpha, self.normalize)
+        if self.critical:
+            scores = self._critical(view, scores, budgets, window)
+        return [torch.cat([top_k_positions(head, budget), tail]) for head, budget in zip(scores[0], budgets)]
+
+    def _critical(self, view: AttentionView, scores: Tensor, budgets: list[int], window: int) -> Tensor:
+        return critical_scores(view, scores, budgets, window, self.critical_first_stage, self.critical_epsilon)
 
     def _buffers_rows(self, view: AttentionView) -> bool:
         """Whether cuts need queries of earlier forwards (kept in `view.state`); `decode_interval=1` needs none, so

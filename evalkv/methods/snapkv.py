@@ -51,13 +51,9 @@ class SnapKV(Scorer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_choice(self.name, "pooling", self.pooling, ("max", "avg"))
-        require_choice(self.name, "granularity", self.granularity, ("kv_head", "query_head"))
-        require_choice(self.name, "gqa_reduce", self.gqa_reduce, ("mean", "max"))
-        require_choice(self.name, "gqa_order", self.gqa_order, ("reduce_then_pool", "pool_then_reduce"))
-        if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise EvalkvError(f"{self.name}: window_size must be >= 1 and kernel_size odd, got {self.window_size}, "
-                              f"{self.kernel_size}")
+        check_window_settings(self)
+        if self.window_size < 1:
+            raise EvalkvError(f"{self.name}: window_size must be >= 1, got {self.window_size}")
         if self.budget is not None and self.budget < self.window_size:
             raise EvalkvError(f"{self.name}: budget {self.budget} is smaller than window_size {self.window_size}")
 
@@ -70,10 +66,27 @@ class SnapKV(Scorer):
         scores = attention_column_sums(
             view.query[:, :, -window:], view.query_positions[:, -window:], view.keys, view.positions, view.scaling
         )[..., :candidates]
-        if self.granularity == "query_head":
-            return pool_scores(scores, self.kernel_size, self.pooling)
-        num_kv_heads = view.geometry.num_kv_heads
-        if self.gqa_order == "reduce_then_pool":
-            return pool_scores(reduce_query_heads(scores, num_kv_heads, self.gqa_reduce), self.kernel_size,
-                               self.pooling)
-        return reduce_query_heads(pool_scores(scores, self.kernel_size, self.pooling), num_kv_heads, self.gqa_reduce)
+        return pooled_window_scores(scores, view.geometry.num_kv_heads, self)
+
+
+def check_window_settings(settings) -> None:
+    """Refuse SnapKV pooling settings (see `pooled_window_scores`) that do not exist, naming the valid ones."""
+    require_choice(settings.name, "pooling", settings.pooling, ("max", "avg"))
+    require_choice(settings.name, "granularity", settings.granularity, ("kv_head", "query_head"))
+    require_choice(settings.name, "gqa_reduce", settings.gqa_reduce, ("mean", "max"))
+    require_choice(settings.name, "gqa_order", settings.gqa_order, ("reduce_then_pool", "pool_then_reduce"))
+    if settings.kernel_size < 1 or settings.kernel_size % 2 == 0:
+        raise EvalkvError(f"{settings.name}: kernel_size must be odd, got {settings.kernel_size}")
+
+
+def pooled_window_scores(scores: Tensor, num_kv_heads: int, settings) -> Tensor:
+    """Window attention summed over the observation rows, per query head `[B, H, c]` -> SnapKV's pooled scores per
+    selection head. settings: anything with SnapKV's `kernel_size`, `pooling`, `granularity`, `gqa_reduce` and
+    `gqa_order` (a SnapKV, LAQ)."""
+    if settings.granularity == "query_head":
+        return pool_scores(scores, settings.kernel_size, settings.pooling)
+    if settings.gqa_order == "reduce_then_pool":
+        return pool_scores(reduce_query_heads(scores, num_kv_heads, settings.gqa_reduce), settings.kernel_size,
+                           settings.pooling)
+    return reduce_query_heads(pool_scores(scores, settings.kernel_size, settings.pooling), num_kv_heads,
+                              settings.gqa_reduce)
