@@ -18,6 +18,8 @@ CASES = {
                                    "uniform_stride": 2},
     "snapkv": {"budget": BUDGET, "window_size": 8},
     "snapkv-query_head": {"budget": BUDGET, "window_size": 8, "granularity": "query_head"},
+    "snapkv-critical": {"budget": BUDGET, "window_size": 8, "critical": True},
+    "adakv-critical": {"budget": BUDGET, "window_size": 8, "critical": True},
     "snapkv-decoding": {"budget": BUDGET, "window_size": 8, "decode_interval": 3, "decode_buffer": 5},
     "snapkv-avg-pool_then_reduce": {"budget": BUDGET, "window_size": 8, "pooling": "avg",
                                     "gqa_order": "pool_then_reduce", "gqa_reduce": "max"},

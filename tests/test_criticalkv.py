@@ -1,14 +1,11 @@
 """CriticalKV (kvpress CriticalKVPress / CriticalAdaKVPress) as the `critical` regime of every scorer: a first stage
 by the scorer's own scores, the rest by the scores times the L1 norm of W_o,h v.
 
-The engine does not hand the layer's output projection to methods yet (AttentionView.output_projection); these tests
-give it to the view themselves, with the weights of a tiny model's o_proj, and the end-to-end test waits for the seam.
+The single-layer tests give the views a tiny model's o_proj weights themselves; the engine passes the model's own
+(AttentionView.output_projection), checked end to end against the masked full cache.
 """
 
 from __future__ import annotations
-
-import functools
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -17,10 +14,9 @@ from single_layer import SingleLayer
 from test_equivalence import _assert_equal_logits
 
 from evalkv.errors import EvalkvError
-from evalkv.kv import session as session_module
 from evalkv.kv.engine import Engine
 from evalkv.kv.reference import masked_reference_logits
-from evalkv.kv.view import AttentionView, ModelGeometry
+from evalkv.kv.view import ModelGeometry
 from evalkv.methods import build_method
 from evalkv.methods.budgets import adaptive_head_budgets
 from evalkv.methods.criticalkv import output_value_norms
@@ -28,23 +24,9 @@ from evalkv.methods.criticalkv import output_value_norms
 TINY = ModelGeometry(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16)  # the tiny models' attention
 
 
-@dataclass
-class _ViewWithProjection(AttentionView):
-    """The view as the proposed seam would build it: the layer's o_proj weight on it."""
-
-    output_projection: torch.Tensor | None = None
-
-
 @pytest.fixture
 def o_proj():
     return tiny_model("tiny-llama").model.layers[0].self_attn.o_proj
-
-
-@pytest.fixture
-def with_projection(monkeypatch, o_proj):
-    """Sessions build views carrying tiny-llama's layer-0 output projection."""
-    monkeypatch.setattr(session_module, "AttentionView",
-                        functools.partial(_ViewWithProjection, output_projection=o_proj.weight.detach()))
 
 
 def head_norms(values: torch.Tensor, o_proj) -> torch.Tensor:
@@ -89,10 +71,11 @@ def test_output_norms_are_the_l1_norms_of_each_value_through_its_head(o_proj):
     torch.testing.assert_close(output_value_norms(expanded, o_proj.weight.detach(), TINY.num_heads), norms)
 
 
-def test_critical_snapkv_selects_in_two_stages(with_projection, o_proj):
+def test_critical_snapkv_selects_in_two_stages(o_proj):
     n, budget, window = 40, 20, 4
     options = {"budget": budget, "window_size": window, "kernel_size": 1}
-    layer = SingleLayer(build_method("snapkv", {**options, "critical": True}), n, geometry=TINY, seed=3)
+    layer = SingleLayer(build_method("snapkv", {**options, "critical": True}), n, geometry=TINY, seed=3,
+                        output_projections=[o_proj.weight.detach()])
     prompt = layer.prompt()
     scores = snapkv_scores(prompt.query, prompt.appended_keys, window)
     norms = head_norms(prompt.appended_values[0, :, : n - window], o_proj).reshape(2, 2, -1).mean(dim=1)
@@ -103,11 +86,11 @@ def test_critical_snapkv_selects_in_two_stages(with_projection, o_proj):
     assert plain.cache.positions[0].tolist() != expected
 
 
-def test_critical_adakv_splits_each_heads_adaptive_budget(with_projection, o_proj):
+def test_critical_adakv_splits_each_heads_adaptive_budget(o_proj):
     n, budget, window = 40, 20, 4
     method = build_method("adakv", {"budget": budget, "window_size": window, "kernel_size": 1, "critical": True,
                                     "critical_first_stage": 0.3})
-    layer = SingleLayer(method, n, geometry=TINY, seed=5)
+    layer = SingleLayer(method, n, geometry=TINY, seed=5, output_projections=[o_proj.weight.detach()])
     prompt = layer.prompt()
     scores = snapkv_scores(prompt.query, prompt.appended_keys, window)
     norms = head_norms(prompt.appended_values[0, :, : n - window], o_proj).reshape(2, 2, -1).mean(dim=1)
@@ -118,14 +101,12 @@ def test_critical_adakv_splits_each_heads_adaptive_budget(with_projection, o_pro
         assert layer.cache.heads[head].positions[0, 0].tolist() == expected
 
 
-def test_without_the_seam_critical_stops_with_a_message():
+def test_without_output_projections_critical_stops_with_a_message():
     layer = SingleLayer(build_method("snapkv", {"budget": 20, "window_size": 4, "critical": True}), 40, geometry=TINY)
     with pytest.raises(EvalkvError, match="output projection"):
         layer.prompt()
 
 
-@pytest.mark.xfail(strict=True, raises=EvalkvError, reason="needs the engine seam: AttentionView.output_projection "
-                   "(each layer's o_proj.weight, from evalkv/kv/adapter.py through Engine and Session)")
 def test_critical_runs_through_the_engine_and_equals_the_masked_full_cache(tokenizer):
     model = tiny_model("tiny-llama")
     options = {"budget": 64, "window_size": 8}

@@ -140,6 +140,16 @@ def rotary(model) -> RotaryTable | None:
     return table
 
 
+def output_projections(model) -> list[Tensor | None]:
+    """Each decoder layer's attention output projection weight `[hidden, heads * head_dim]` (`self_attn.o_proj`, as
+    Llama, Qwen2, Mistral, Qwen3 and Phi-3 name it), or None where a layer has none (CriticalKV reads it)."""
+    projections = []
+    for layer in model.get_decoder().layers:
+        projection = getattr(getattr(layer, "self_attn", None), "o_proj", None)
+        projections.append(getattr(projection, "weight", None))
+    return projections
+
+
 def _longrope_switch(config) -> int | None:
     """For a LongRoPE model (Phi-3), the length from which a forward uses the long factors; None for other RoPE."""
     parameters = getattr(config, "rope_parameters", None) or {}

@@ -184,6 +184,7 @@ class Engine:
         self.backend = backend
         self.geometry = adapter.geometry(model)
         self.rotary = adapter.rotary(model)
+        self.output_projections = adapter.output_projections(model)
         self.device = next(model.parameters()).device
         self.decode_graphs = decode_graphs
         self._static: tuple[tuple, StaticDecoder] | None = None  # the last decoder, kept for the next batch
@@ -273,7 +274,7 @@ class Engine:
         reused = session is not None
         if session is None:
             session = Session(self.method, self.geometry, prompt, backend=self.backend, trace=trace,
-                              rotary=self.rotary)
+                              rotary=self.rotary, output_projections=self.output_projections)
             logits = self._compress(session, prompt, forwards)
             if contexts is not None and not trace:
                 contexts.keep(request, session)

@@ -22,12 +22,13 @@ from evalkv.kv.view import AttentionView, ModelGeometry, Phase, SampleState
 class Session:
     def __init__(
         self, method, geometry: ModelGeometry, input_ids: Tensor, backend: str = "sdpa", trace: bool = False,
-        rotary: RotaryTable | None = None,
+        rotary: RotaryTable | None = None, output_projections: list[Tensor | None] | None = None,
     ):
         self.method = method
         self.geometry = geometry
         self.backend = backend
         self.rotary = rotary
+        self.output_projections = output_projections  # per layer: the o_proj weight (views read it)
         self.cache = KVCache(geometry.num_layers, geometry.num_kv_heads)
         self.layer_state: list[dict] = [{} for _ in range(geometry.num_layers)]
         self.sample = SampleState(input_ids=input_ids, prompt_length=input_ids.shape[-1])
@@ -77,7 +78,8 @@ class Session:
         first = sessions[0]
         if any(session.batch_key() is None or session.batch_key() != first.batch_key() for session in sessions):
             raise ValueError("these sessions cannot decode as one batch (their batch keys differ)")
-        merged = cls(first.method, first.geometry, first.sample.input_ids, backend=first.backend, rotary=first.rotary)
+        merged = cls(first.method, first.geometry, first.sample.input_ids, backend=first.backend, rotary=first.rotary,
+                     output_projections=first.output_projections)
         # Decode steps read prompt_length only through decode_group_key, equal for every row by the check above.
         merged.sample = SampleState(
             input_ids=first.sample.input_ids, prompt_length=first.sample.prompt_length, phase=first.sample.phase,
@@ -92,7 +94,8 @@ class Session:
     def fork(self) -> Session:
         """An independent copy of this session as it stands (its cache, the method's state): a compressed context
         answers several questions, each from its own copy, so no answer's tokens reach the next question."""
-        forked = Session(self.method, self.geometry, self.sample.input_ids, backend=self.backend, rotary=self.rotary)
+        forked = Session(self.method, self.geometry, self.sample.input_ids, backend=self.backend, rotary=self.rotary,
+                         output_projections=self.output_projections)
         forked.cache = self.cache.clone()
         forked.layer_state = [_copied(state) for state in self.layer_state]
         forked.sample = dataclasses.replace(self.sample, state=_copied(self.sample.state))
@@ -133,6 +136,7 @@ class Session:
             query_positions=self.query_positions.to(query.device), scaling=scaling, cache=layer,
             state=self.layer_state[layer_idx],
             rotary=self.rotary,
+            output_projection=None if self.output_projections is None else self.output_projections[layer_idx],
         )
         prompt = self.sample.phase is Phase.PREFILL
         before = None if prompt else self.method.before_step

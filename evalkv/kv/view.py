@@ -57,6 +57,7 @@ class AttentionView:
     state: dict[str, Any]  # the method's per-layer state for this sample
     output: Tensor | None = None  # [B, H, q, d] attention output before o_proj (hooks after the attention only)
     rotary: RotaryTable | None = None  # the model's RoPE table (Engine runs), for keys_before_rope
+    output_projection: Tensor | None = None  # the layer's o_proj weight `[hidden, H * d]` (Engine runs), CriticalKV
 
     def keys_before_rope(self, start: int = 0) -> Tensor:
         """Cache entries `start:` with RoPE undone (position-free keys), fp32 `[B, H_c, m - start, d]`."""

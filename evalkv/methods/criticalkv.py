@@ -17,9 +17,9 @@ layer's output projection that head `h` writes through: the L1 norm of what valu
 stream if head `h` attended only to it. A selection per KV head averages the norms over its query heads, one per
 layer over all heads. A score of +inf (a scorer's always-kept entries: Expected Attention's sinks) stays +inf.
 
-Needs the layer's output projection weights on the view (`view.output_projection`, `[hidden, heads * head_dim]`
-as `o_proj.weight`), which evalkv's engine does not provide yet: a scorer with `critical=true` stops with an error
-naming the missing seam until it does.
+Reads the layer's output projection weights on the view (`view.output_projection`, `[hidden, heads * head_dim]`
+as `o_proj.weight`, which the engine takes from the model through evalkv/kv/adapter.py); a view without them (a
+harness that runs no model) stops with an error.
 
 Deviations: norms in fp32 from products in the model's dtype (kvpress takes the norm in the model's dtype); ties by
 position (docs/methods.md#shared-tie-rule). With `head_budgets=adaptive`, the per-head budgets are AdaKV's
@@ -68,10 +68,10 @@ def critical_scores(view: AttentionView, scores: Tensor, budgets: list[int], win
     budget's first share) at +inf, the others rescaled by their output norms (see the module docstring).
 
     budgets: the candidates each selection head keeps (window excluded); window: entries kept after the candidates."""
-    weight = getattr(view, "output_projection", None)  # the engine seam CriticalKV needs (see the module docstring)
+    weight = view.output_projection
     if weight is None:
-        raise EvalkvError("critical=true rescales scores by the layer's output projection, which this engine does not "
-                          "hand to methods yet (AttentionView.output_projection); run the scorer without critical")
+        raise EvalkvError("critical=true rescales scores by the layer's output projection, which this view does not "
+                          "carry (AttentionView.output_projection: the engine passes the model's o_proj weights)")
     candidates = scores.shape[-1]
     norms = output_value_norms(view.values[..., :candidates, :], weight, view.geometry.num_heads)
     batch, heads = scores.shape[:2]
