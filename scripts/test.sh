@@ -9,5 +9,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh" model,dev,slurm
 cd "$repo"
 step "ruff check"
 ruff check evalkv tests
-step "pytest (the first run also assembles and de-quantises the embedded model, cached afterwards)"
-python -m pytest -q "$@"
+step "pytest, one worker per core (the first run also assembles and de-quantises the embedded model, cached afterwards)"
+# One torch thread per worker and per process the tests start: more threads than cores only spin.
+OMP_NUM_THREADS=1 python -m pytest -q -n auto --dist worksteal "$@"

@@ -20,7 +20,8 @@ TINY_ARCHITECTURES = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
 NEW_ARCHITECTURES = ("tiny-qwen3", "tiny-phi3")
 SHARED_DATA = Path(os.environ.get("EVALKV_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread per pytest-xdist worker (scripts/test.sh runs one worker per core); two when the suite runs alone.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
