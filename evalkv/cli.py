@@ -14,7 +14,7 @@ commands:
   pred   KEY=VALUE ...         run a model x method x task (Hydra overrides; --multirun sweeps)
   score  PATH ...              score run directories (or folders of runs) or predictions .jsonl files
   table  PATH ... [--format]   one table of every run under the paths (md, csv, latex, json)
-  plot   curves|needle|pattern  score-vs-budget curves, needle heatmaps, one sample's eviction pattern (PNG/PDF)
+  plot   curves|needle|pattern  score vs budget / ratio, needle heatmaps, one sample's eviction pattern (PNG/PDF)
   report PATH ... -o HTML      one self-contained page with the tables and plots of the runs under the paths
   list   methods|tasks|models  what is registered: a name and its description per line
   demo                         the README's main job: passkey on the embedded model, full vs SnapKV vs StreamingLLM
@@ -182,20 +182,31 @@ def cmd_table(args: list[str]) -> int:
         "budget (and query aware / agnostic when some run compressed the context without the question), columns "
         "the tasks grouped by benchmark category (LongBench's categories, RULER), each category's average, then "
         "the average over every task. Missing scores show as '-' (empty in csv, null in json), never as 0; "
-        "unfinished runs are named on stderr.")
-    parser.add_argument("paths", nargs="+", metavar="PATH")
+        "unfinished runs are named on stderr. kvpress evaluation folders (metrics.json + config.yaml, as kvpress's "
+        "evaluation/evaluate.py writes them) join as rows labelled kvpress:PRESS with kvpress's own scores.")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run directories, kvpress evaluation folders, or "
+                        "folders holding them")
     parser.add_argument("--format", default="md", choices=FORMATS)
     parser.add_argument("--view", default="scores", help="scores (default); timing (mean cost per sample); runs "
                         "(samples, invocations, interrupted ones, processes, recorded wall time); ruler "
                         "(RULER's per-length averages); longbench_e (LongBench-E's 0-4k / 4-8k / 8k+ buckets, "
-                        "averaged over its tasks); or one metric breakdown per task such as by_context_length, "
-                        "by_depth, by_length")
+                        "averaged over its tasks); leaderboard (kvpress's leaderboard columns: dataset, data_dir, "
+                        "model, method, compression_ratio, score; compression-ratio and full-cache runs only); or "
+                        "one metric breakdown per task such as by_context_length, by_depth, by_length")
     parser.add_argument("--delta", action="store_true", help="show every row but the full cache's as its "
                         "difference from the full-cache row of the same model")
     parser.add_argument("-o", "--output", help="write the table to this file instead of stdout")
     options = parser.parse_args(args)
     warnings: list[str] = []
-    text = table(options.paths, options.format, options.view, options.delta, warnings)
+    if options.view == "leaderboard":
+        from evalkv.report.leaderboard import leaderboard
+
+        if options.delta:
+            raise EvalkvError("--delta does not apply to the leaderboard view (it lists scores as kvpress's "
+                              "leaderboard does); use it with the scores view")
+        text = leaderboard(options.paths, options.format, warnings)
+    else:
+        text = table(options.paths, options.format, options.view, options.delta, warnings)
     for warning in warnings:
         print(f"evalkv table: note: {warning}", file=sys.stderr)
     if options.output:
@@ -221,12 +232,14 @@ def cmd_plot(args: list[str]) -> int:
         description="Plot runs into a PNG or PDF file (the suffix of -o picks the format).")
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="curves|needle|pattern")
     curves = kinds.add_parser(
-        "curves", help="score versus budget per method, one panel per task and one for the average",
-        description="Score versus budget (log2 axis) for every method of the runs under the paths, one panel per "
-        "task plus the average, the full cache as a dashed line; every line is named at its right end.")
+        "curves", help="score versus budget or compression ratio per method, one panel per task and the average",
+        description="Score versus budget (log2 axis) or compression ratio (linear, 0 to 1) for every method of the "
+        "runs under the paths, one panel per task plus the average, the full cache as a dashed line; every line is "
+        "named at its right end. Runs with budgets and runs with compression ratios get a row of panels each.")
     curves.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders of runs")
     curves.add_argument("-o", "--output", default="curves.png", help="PNG or PDF file (default curves.png)")
-    curves.add_argument("--tasks", help="comma-separated columns to plot (default: every task and the average)")
+    curves.add_argument("--tasks", help="comma-separated columns to plot: tasks, categories (e.g. RULER) or "
+                        "average (default: every task and the average)")
     curves.add_argument("--title")
     needle = kinds.add_parser(
         "needle", help="the needle-in-a-haystack heatmap (depth x context length) of runs",
