@@ -13,6 +13,7 @@ from report_runs import make_run
 from evalkv.cli import main
 from evalkv.report import curves
 from evalkv.report.kvpress import kvpress_model_name, listed
+from evalkv.report.page import run_configuration
 from evalkv.report.runs import load_runs
 from evalkv.report.table import build_table
 
@@ -133,6 +134,8 @@ def test_leaderboard_view_lists_kvpress_and_evalkv_runs_in_the_leaderboards_colu
         "| dataset | data_dir | model | method | compression_ratio | score |"
     assert main(["table", str(tmp_path), "--view", "leaderboard", "--delta"]) == 2
     assert "--delta does not apply to the leaderboard view" in capsys.readouterr().err
+    kvpress_run = next(run for run in load_runs([str(tmp_path)]) if run.source == "kvpress")
+    assert run_configuration(kvpress_run) == {}  # the report page's configuration table is of evalkv runs only
 
 
 def test_leaderboard_view_without_ratio_runs_is_a_clear_error(tmp_path, capsys):
@@ -169,10 +172,3 @@ def test_budgets_and_ratios_get_a_row_of_panels_each(tmp_path, monkeypatch):
         assert len(solid) == 1 and [line.get_ydata()[0] for line in dashed] == [80.0]
     assert list(panels[1].get_lines()[0].get_xdata()) == [0.25, 0.75]
     assert list(panels[0].get_lines()[0].get_xdata()) == [32.0, 64.0]
-
-
-def test_plot_curves_command_draws_ratio_sweeps(tmp_path):
-    _mixed_sweep(tmp_path / "runs")
-    output = tmp_path / "curves.png"
-    assert main(["plot", "curves", str(tmp_path / "runs"), "-o", str(output)]) == 0
-    assert output.read_bytes().startswith(b"\x89PNG")
