@@ -76,6 +76,8 @@ def test_a_task_where_evalkvs_ruler_metric_disagrees_with_kvpress_is_named(tmp_p
     err = capsys.readouterr().err
     assert "evalkv's RULER metric on kvpress's predictions gives niah_single_1 0.00 (metrics.json 100.00); the " \
            "table shows kvpress's scores" in err
+    assert main(["table", str(tmp_path), "--intervals"]) == 0
+    assert "no interval there (a kvpress folder's metrics.json holds task scores only)" in capsys.readouterr().err
 
 
 def test_kvpress_longbench_and_unreadable_kvpress_folders(tmp_path, capsys):

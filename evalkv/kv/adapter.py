@@ -194,6 +194,7 @@ def install(model) -> None:
     if config._attn_implementation != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
     model._evalkv_cache_argument = cache_argument(model)
+    model._evalkv_longrope_switch = _longrope_switch(_text_config(model))
 
 
 def cache_argument(model) -> str:
@@ -238,10 +239,10 @@ def _chunked_forward(mlp):
 def forward(model, input_ids: Tensor, positions: Tensor, cache: Cache) -> Tensor:
     """One forward pass over `input_ids` at true `positions` (`cache` from `make_cache`: its store attends); returns
     the last position's logits `[B, vocab]`."""
-    switch = _longrope_switch(_text_config(model))
+    # both read in `install`, not here: a compiled step must not trace `inspect` or the config
+    switch = getattr(model, "_evalkv_longrope_switch", None)
     if switch is not None and not _capturing():
         _note_longrope_forward(model, positions, switch)
-    # read in `install`, not here: a compiled step must not trace `inspect`
     name = getattr(model, "_evalkv_cache_argument", None) or cache_argument(model)
     output = model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
                    evalkv_store=cache.store, **{name: cache})

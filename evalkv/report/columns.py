@@ -52,3 +52,17 @@ def with_categories(frame: pd.DataFrame) -> pd.DataFrame:
     columns.update({task: frame[task] for task in sorted(t for t in tasks if category(t) is None)})
     columns["average"] = frame[tasks].mean(axis=1, skipna=False).round(2)
     return pd.DataFrame(columns, index=frame.index)
+
+
+def averaged_tasks(columns) -> dict[str, list[str]]:
+    """For each column of a scores table, the task columns whose mean it is (as `with_categories` computes it): a
+    task itself, a category its tasks, `average` every task."""
+    categories = {name for column in columns if (name := category(column)) is not None}
+    tasks = [column for column in columns if column not in categories and column != "average"]
+    members = {task: [task] for task in tasks}
+    for task in tasks:
+        if (name := category(task)) is not None and name in columns:
+            members.setdefault(name, []).append(task)
+    if "average" in columns:
+        members["average"] = tasks
+    return members

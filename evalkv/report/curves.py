@@ -5,7 +5,8 @@ compression ratios (`compression_ratio=`, budget labels `r0.5`) along a linear a
 leaderboard plots them. Runs of both kinds give one row of panels per kind (per model), each panel titled with its
 axis. The full cache (and kvpress's no_press) is a dashed horizontal line in every panel. Every line is named at its
 right end in its own colour (no legend to look up), and a method keeps its colour in every panel. A missing score is
-a gap in its line, never a 0.
+a gap in its line, never a 0. Given `bands` (the scores' 95% interval ends, report/intervals.py), each line is drawn in
+a shaded band of its colour and the full cache's line in a shaded strip.
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ def label_positions(values: list[float], low: float, high: float) -> list[float]
 
 
 def plot_curves(frame: pd.DataFrame, output: str | Path, tasks: list[str] | None = None,
-                title: str | None = None) -> Path:
+                title: str | None = None, bands: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> Path:
     """Draw the table's score-versus-budget curves into a PNG or PDF file: per model, a row of panels (wrapped at
-    PANEL_COLUMNS) for absolute budgets and one for compression ratios, whichever its runs have."""
+    PANEL_COLUMNS) for absolute budgets and one for compression ratios, whichever its runs have. `bands`: the lower
+    and upper ends of each score's interval (frames shaped as `frame`, NaN where there is none)."""
     plt = pyplot()
     names = list(frame.index.names)
     kinds = _kinds(frame)
@@ -93,11 +95,12 @@ def plot_curves(frame: pd.DataFrame, output: str | Path, tasks: list[str] | None
     for axis in axes.flat:
         axis.set_visible(False)
     for number, (model, kind) in enumerate(groups):
-        rows = frame.xs(model, level="model", drop_level=False)
-        rows = rows[[b == NO_BUDGET or axis_kind(b) == kind for b in rows.index.get_level_values("budget")]]
+        rows = _panel_rows(frame, model, kind)
         for position, column in enumerate(columns):
             axis = axes[number * rows_per_group + position // PANEL_COLUMNS, position % PANEL_COLUMNS]
             axis.set_visible(True)
+            if bands is not None:
+                _draw_bands(axis, *(_panel_rows(band, model, kind)[column] for band in bands), names, colours)
             _draw_panel(axis, rows[column], names, colours, kind)
             heading = f"{model}: {column}" if len(models) > 1 else column
             axis.set_title(heading + (f" (by {kind})" if len(kinds) > 1 else ""), fontsize=11)
@@ -106,6 +109,12 @@ def plot_curves(frame: pd.DataFrame, output: str | Path, tasks: list[str] | None
     figure.suptitle(title or f"Score versus {' and '.join(kinds)} ({', '.join(models)})", fontsize=13)
     figure.tight_layout()
     return save_figure(figure, output)
+
+
+def _panel_rows(frame: pd.DataFrame, model: str, kind: str) -> pd.DataFrame:
+    """The model's rows drawn on an axis of this kind: its budgets of that kind and its full-cache rows."""
+    rows = frame.xs(model, level="model", drop_level=False)
+    return rows[[budget == NO_BUDGET or axis_kind(budget) == kind for budget in rows.index.get_level_values("budget")]]
 
 
 def series_points(column: pd.Series, names: list[str]) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
@@ -147,3 +156,14 @@ def _draw_panel(axis, column: pd.Series, names: list[str], colours: dict, kind: 
     for y, (_, name) in zip(label_positions([v for v, _ in ends], low, high), ends):
         axis.annotate(name, xy=(1.02, y), xycoords=("axes fraction", "data"), color=colours[name],
                       fontsize=9, va="center", annotation_clip=False)
+
+
+def _draw_bands(axis, low: pd.Series, high: pd.Series, names: list[str], colours: dict) -> None:
+    """Each line's interval as a shaded band (gaps where a point has none), the full cache's as a horizontal strip."""
+    lows, full_lows = series_points(low, names)
+    highs, full_highs = series_points(high, names)
+    for name, points in lows.items():
+        axis.fill_between([x for x, _ in points], [y for _, y in points], [y for _, y in highs[name]],
+                          color=colours[name], alpha=0.15, linewidth=0)
+    for name, value in full_lows.items():
+        axis.axhspan(value, full_highs[name], color=colours[name], alpha=0.08, linewidth=0)
