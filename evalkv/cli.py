@@ -14,7 +14,7 @@ commands:
   pred   KEY=VALUE ...         run a model x method x task (Hydra overrides; --multirun sweeps)
   score  PATH ...              score run directories (or folders of runs) or predictions .jsonl files
   table  PATH ... [--format]   one table of every run under the paths (md, csv, latex, json)
-  plot   curves|needle|pattern  score-vs-budget curves, needle heatmaps, one sample's eviction pattern (PNG/PDF)
+  plot   curves|needle|pattern  score vs budget / ratio, needle heatmaps, one sample's eviction pattern (PNG/PDF)
   report PATH ... -o HTML      one self-contained page with the tables and plots of the runs under the paths
   list   methods|tasks|models  what is registered: a name and its description per line
   demo                         the README's main job: passkey on the embedded model, full vs SnapKV vs StreamingLLM
@@ -205,14 +205,17 @@ def cmd_table(args: list[str]) -> int:
         "budget (and query aware / agnostic when some run compressed the context without the question), columns "
         "the tasks grouped by benchmark category (LongBench's categories, RULER), each category's average, then "
         "the average over every task. Missing scores show as '-' (empty in csv, null in json), never as 0; "
-        "unfinished runs are named on stderr.")
-    parser.add_argument("paths", nargs="+", metavar="PATH")
+        "unfinished runs are named on stderr. kvpress evaluation folders (metrics.json + config.yaml, as kvpress's "
+        "evaluation/evaluate.py writes them) join as rows labelled kvpress:PRESS with kvpress's own scores.")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run directories, kvpress evaluation folders, or "
+                        "folders holding them")
     parser.add_argument("--format", default="md", choices=FORMATS)
     parser.add_argument("--view", default="scores", help="scores (default); timing (mean cost per sample); runs "
                         "(samples, invocations, interrupted ones, processes, recorded wall time); ruler "
                         "(RULER's per-length averages); longbench_e (LongBench-E's 0-4k / 4-8k / 8k+ buckets, "
-                        "averaged over its tasks); or one metric breakdown per task such as by_context_length, "
-                        "by_depth, by_length")
+                        "averaged over its tasks); leaderboard (kvpress's leaderboard columns: dataset, data_dir, "
+                        "model, method, compression_ratio, score; compression-ratio and full-cache runs only); or "
+                        "one metric breakdown per task such as by_context_length, by_depth, by_length")
     parser.add_argument("--delta", action="store_true", help="show every row but the full cache's as its "
                         "difference from the full-cache row of the same model")
     parser.add_argument("--intervals", action="store_true", help="scores view: each cell with its 95%% bootstrap "
@@ -231,6 +234,13 @@ def cmd_table(args: list[str]) -> int:
             raise EvalkvError(f"--intervals applies to the scores view (its tasks, categories and average), not to "
                               f"--view {options.view}; leave out --view or --intervals")
         text = interval_table(options.paths, options.format, options.delta, warnings, _resampling(options))
+    elif options.view == "leaderboard":
+        from evalkv.report.leaderboard import leaderboard
+
+        if options.delta:
+            raise EvalkvError("--delta does not apply to the leaderboard view (it lists scores as kvpress's "
+                              "leaderboard does); use it with the scores view")
+        text = leaderboard(options.paths, options.format, warnings)
     else:
         text = table(options.paths, options.format, options.view, options.delta, warnings)
     for warning in warnings:
@@ -258,13 +268,16 @@ def cmd_plot(args: list[str]) -> int:
         description="Plot runs into a PNG or PDF file (the suffix of -o picks the format).")
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="curves|needle|pattern")
     curves = kinds.add_parser(
-        "curves", help="score versus budget per method, one panel per task and one for the average",
-        description="Score versus budget (log2 axis) for every method of the runs under the paths, one panel per "
-        "task plus the average, the full cache as a dashed line; every line is named at its right end and drawn in "
-        "a shaded band of its scores' 95%% bootstrap intervals over samples (the average's stratified by task).")
+        "curves", help="score versus budget or compression ratio per method, one panel per task and the average",
+        description="Score versus budget (log2 axis) or compression ratio (linear, 0 to 1) for every method of the "
+        "runs under the paths, one panel per task plus the average, the full cache as a dashed line; every line is "
+        "named at its right end and drawn in a shaded band of its scores' 95%% bootstrap intervals over samples "
+        "(the average's stratified by task). Runs with budgets and runs with compression ratios get a row of "
+        "panels each.")
     curves.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders of runs")
     curves.add_argument("-o", "--output", default="curves.png", help="PNG or PDF file (default curves.png)")
-    curves.add_argument("--tasks", help="comma-separated columns to plot (default: every task and the average)")
+    curves.add_argument("--tasks", help="comma-separated columns to plot: tasks, categories (e.g. RULER) or "
+                        "average (default: every task and the average)")
     curves.add_argument("--title")
     curves.add_argument("--no-bands", action="store_true", help="leave out the 95%% bootstrap bands around the lines")
     _add_resampling_options(curves)

@@ -17,6 +17,7 @@ import yaml
 
 from evalkv.cli import main
 from evalkv.records import read_records
+from evalkv.tasks.ruler.constants import ESSAY_TASKS, RULER_TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -27,7 +28,7 @@ FAKE_EVALKV = """#!/usr/bin/env bash
 echo "$*" >> "$FAKE_LOG"
 if [[ $1 == pred ]]; then
   [[ " $* " == *" method=broken "* ]] && exit 2
-  dir="$FAKE_ROOT/$(echo "${*:2}" | tr ' /[]=' '_____')"
+  dir="$FAKE_ROOT/$(echo "${*:2}" | tr ' /[]=' '_____' | cut -c1-200)"
   mkdir -p "$dir" && echo "$dir"
 fi
 """
@@ -38,7 +39,7 @@ def _script(name: str, *args: str, env: dict | None = None) -> subprocess.Comple
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
-@pytest.mark.parametrize("name", ["sweep_budgets.sh", *BENCHMARK_SCRIPTS])
+@pytest.mark.parametrize("name", ["sweep_budgets.sh", "leaderboard.sh", *BENCHMARK_SCRIPTS])
 def test_sweep_scripts_explain_their_usage(name):
     without_arguments = _script(name)
     assert without_arguments.returncode == 2 and "usage: scripts/" + name in without_arguments.stdout
@@ -79,6 +80,94 @@ def test_ruler_and_needle_sweeps_add_their_views(tmp_path, fake_evalkv, name, ex
     assert _script(name, "snapkv", "64", f"output_dir={tmp_path / 'out'}", env=env).returncode == 0
     calls = log.read_text().splitlines()
     assert f"task={name.removesuffix('.sh')}" in calls[0] and any(extra in call for call in calls)
+
+
+def _script_list(name: str) -> list[str]:
+    """A comma-separated list the leaderboard script assigns (and extends with `+=,...`)."""
+    text = (SCRIPTS / "leaderboard.sh").read_text()
+    return "".join(re.findall(rf"^{name}\+?=(\S+)$", text, flags=re.M)).split(",")
+
+
+def test_leaderboard_script_knows_rulers_tasks():
+    assert _script_list("RULER_TASKS") == list(RULER_TASKS)
+    assert _script_list("ESSAY_TASKS") == list(ESSAY_TASKS)
+
+
+def test_leaderboard_script_runs_the_protocol_then_its_table_and_plot(tmp_path, fake_evalkv):
+    env, log = fake_evalkv
+    out = tmp_path / "out"
+    out.mkdir()
+    done = _script("leaderboard.sh", "full,snapkv", "task.essay_path=essays.json", f"output_dir={out}", env=env)
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    synthetic = ",".join(task for task in RULER_TASKS if not task.startswith("qa_"))
+    assert calls[0] == ("pred --multirun method=full,snapkv compression_ratio=0.25,0.5,0.75,0.875 task=ruler "
+                        f"model=llama3.1-8b-instruct task.lengths=[4096] task.tasks=[{synthetic}] progress=false "
+                        f"compress=context task.essay_path=essays.json output_dir={out}")
+    assert calls[1:] == [f"score --quiet {out}", f"table {out}",
+                         f"table {out} --view leaderboard --format csv -o {out}/leaderboard.csv",
+                         f"plot curves {out} --tasks RULER -o {out}/leaderboard.png --title RULER at 4096 tokens, "
+                         "llama3.1-8b-instruct: score versus compression ratio",
+                         f"table {out} --view leaderboard"]
+    assert "qa_1 / qa_2 left out" in done.stderr
+
+
+def test_leaderboard_script_takes_qa_data_model_ratios_and_samples(tmp_path, fake_evalkv):
+    env, log = fake_evalkv
+    env = {**env, "MODEL": "qwen3-8b", "RATIOS": "0.1,0.9", "SAMPLES": "50", "LEADERBOARD_QUERY_AGNOSTIC": "X=1"}
+    assert _script("leaderboard.sh", "snapkv", "task.essay_path=e", "task.squad_path=s", "task.hotpotqa_path=h",
+                   f"output_dir={tmp_path}", env=env).returncode == 0
+    pred = log.read_text().splitlines()[0]
+    assert "compression_ratio=0.1,0.9 task=ruler model=qwen3-8b" in pred and "task.num_samples=50 X=1" in pred
+    assert f"task.tasks=[{','.join(RULER_TASKS)}]" in pred
+
+
+def test_leaderboard_script_needs_the_essays_for_the_essay_tasks(tmp_path, fake_evalkv):
+    env, log = fake_evalkv
+    refused = _script("leaderboard.sh", "snapkv", env=env)
+    assert refused.returncode == 2 and "niah_single_2 reads Paul Graham's essays: give task.essay_path=" in \
+        refused.stderr
+    assert not log.exists()  # nothing ran
+    chosen = _script("leaderboard.sh", "snapkv", f"output_dir={tmp_path}", env={**env, "TASKS": "niah_single_1,vt"})
+    assert chosen.returncode == 0 and "task.tasks=[niah_single_1,vt]" in log.read_text()
+
+
+def test_acceptance_leaderboard_protocol_on_the_tiny_model(tmp_path, capsys):
+    """The leaderboard script for real: full and SnapKV at two compression ratios on two RULER tasks, then its
+    leaderboard.csv / .md and plot. Random weights score 0, so the test then plants the answers of one record and
+    checks the leaderboard score against that run's own task scores."""
+    output = tmp_path / "results"
+    # LEADERBOARD_QUERY_AGNOSTIC="": the query-agnostic option lands with the change that adds it to every task.
+    env = {"EVALKV": f"{sys.executable} -m evalkv.cli", "PYTHONPATH": str(REPO), "MODEL": "random-tiny-llama",
+           "LENGTH": "1024", "TASKS": "niah_single_1,fwe", "SAMPLES": "1", "RATIOS": "0.5,0.75",
+           "LEADERBOARD_QUERY_AGNOSTIC": ""}
+    done = _script("leaderboard.sh", "full,snapkv", "model.device=cpu", f"task.cache_dir={tmp_path / 'cache'}",
+                   f"output_dir={output}", env=env)
+    assert done.returncode == 0, done.stderr
+    runs = {run.parent.name: run.parent for run in output.rglob("predictions.jsonl")}
+    assert sorted(runs) == ["full", "snapkv_r0.5", "snapkv_r0.75"]
+    aware = json.loads((runs["snapkv_r0.5"] / "run.json").read_text())["labels"]["query"] == "aware"
+    snapkv = "snapkv_query_aware" if aware else "snapkv"
+    rows = list(csv.reader(io.StringIO((output / "leaderboard.csv").read_text())))
+    assert rows == [["dataset", "data_dir", "model", "method", "compression_ratio", "score"],
+                    ["ruler", "1024", "random-tiny-llama", "full", "0.0", "0.0"],
+                    ["ruler", "1024", "random-tiny-llama", snapkv, "0.5", "0.0"],
+                    ["ruler", "1024", "random-tiny-llama", snapkv, "0.75", "0.0"]]
+    assert (output / "leaderboard.md").read_text().startswith("| dataset | data_dir | model | method |")
+    assert (output / "leaderboard.png").read_bytes().startswith(b"\x89PNG")
+
+    records = read_records(runs["snapkv_r0.5"] / "predictions.jsonl")
+    planted = next(record for record in records if record["task"] == "niah_single_1")
+    planted["pred"] = " ".join(planted["answers"])
+    (runs["snapkv_r0.5"] / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["score", "--quiet", str(output)]) == 0
+    task_scores = json.loads((runs["snapkv_r0.5"] / "scores.json").read_text())["task_scores"]
+    assert task_scores["niah_single_1"] == 100.0
+    capsys.readouterr()
+    assert main(["table", str(output), "--view", "leaderboard", "--format", "csv"]) == 0
+    row = next(row for row in csv.DictReader(io.StringIO(capsys.readouterr().out))
+               if row["compression_ratio"] == "0.5")
+    assert float(row["score"]) == round((task_scores["niah_single_1"] + task_scores["fwe"]) / 2, 2)
 
 
 def _rows(capsys, *args: str) -> list[dict]:

@@ -53,9 +53,10 @@ def _lacking_notes(runs: list[RunScores]) -> list[str]:
     notes = []
     for run in runs:
         lacking = sorted(set(run.task_scores) - set(task_samples(run.scores)))
+        why = ("a kvpress folder's metrics.json holds task scores only" if run.source == "kvpress" else
+               "its scores.json was written before evalkv kept them: evalkv score the run's predictions again")
         if lacking:
-            notes.append(f"{run.path}: no per-sample scores for {', '.join(lacking)}, so no interval there (its "
-                         "scores.json was written before evalkv kept them: evalkv score the run's predictions again)")
+            notes.append(f"{run.path}: no per-sample scores for {', '.join(lacking)}, so no interval there ({why})")
     return notes
 
 

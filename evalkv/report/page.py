@@ -312,7 +312,7 @@ def label_options(label: str) -> list[str]:
 def run_configuration(run: RunScores) -> dict[str, str]:
     """What a run was asked to do, from its own files: config.yaml's values, and which method and task options
     differed from their defaults as its labels say (the table's method label; run.json's task label)."""
-    if not (run.path / CONFIG).exists():
+    if run.source != "evalkv" or not (run.path / CONFIG).exists():  # a kvpress folder's config is kvpress's
         return {}
     cfg = OmegaConf.to_container(OmegaConf.load(run.path / CONFIG), resolve=True)
     method, task = cfg.get("method", {}), cfg.get("task", {})

@@ -7,6 +7,7 @@ as missing. Its labels (model, method and the options that differ from its defau
 the tasks and context lengths it was asked for) are run.json's `labels`, which `evalkv pred` writes; runs made
 before it wrote them get the same labels from config.yaml and run.json read as plain data (`derived_labels`).
 No method or task is built here, so a run made last month stays readable after a method's validation changes.
+A kvpress evaluation folder (metrics.json + config.yaml, report/kvpress.py) reads as a run too, labelled `kvpress:`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import yaml
 from evalkv.errors import EvalkvError
 from evalkv.metrics import score_records
 from evalkv.records import CONFIG, NO_BUDGET, PREDICTIONS, RUN_INFO, SCORES, read_json, read_records
+from evalkv.report.kvpress import KVPRESS_FULL, is_kvpress_run, read_kvpress_run
 from evalkv.tasks.longbench.task import expand_tasks
 
 FULL = "full"
@@ -41,6 +43,8 @@ class RunScores:
     task: str = ""  # the task and its options, as run.json names it (`passkey-lengths=4096`)
     status: str = "finished"  # run.json's status: running (or killed), interrupted, failed, finished
     info: dict = field(default_factory=dict)  # run.json's content
+    source: str = "evalkv"  # or "kvpress": a kvpress evaluation folder (report/kvpress.py)
+    notes: list[str] = field(default_factory=list)  # what a reader should know about its scores
 
     def view(self, name: str) -> dict[str, float]:
         """Columns of one view: `scores` (task -> score), `timing`, `runs`, or a breakdown key."""
@@ -55,6 +59,11 @@ class RunScores:
             task: views.get(name, {}) for task, views in self.scores.get("breakdown", {}).items()
         }
         return {f"{task}/{key}": value for task, values in source.items() for key, value in values.items()}
+
+
+def is_full_cache(method: str) -> bool:
+    """evalkv's full cache or kvpress's no_press: the reference every curve is drawn against."""
+    return method in (FULL, KVPRESS_FULL)
 
 
 def run_cells(info: dict) -> dict[str, float]:
@@ -83,8 +92,9 @@ def run_cells(info: dict) -> dict[str, float]:
 
 
 def is_run(folder: Path) -> bool:
-    """Records or scores, or the config and run.json `evalkv pred` writes before its first record."""
-    return any((folder / name).exists() for name in (PREDICTIONS, SCORES)) or (
+    """Records or scores, or the config and run.json `evalkv pred` writes before its first record; or a kvpress
+    evaluation folder."""
+    return is_kvpress_run(folder) or any((folder / name).exists() for name in (PREDICTIONS, SCORES)) or (
         (folder / CONFIG).exists() and (folder / RUN_INFO).exists())
 
 
@@ -138,6 +148,9 @@ def derived_labels(config: dict, info: dict) -> dict:
 
 
 def load_run(run: Path) -> RunScores:
+    if is_kvpress_run(run):
+        labels, scores, notes = read_kvpress_run(run)
+        return _labelled(run, labels, scores, {}, "finished", source="kvpress", notes=notes)
     predictions = run / PREDICTIONS
     if predictions.exists():
         records = read_records(predictions)
@@ -154,13 +167,17 @@ def load_run(run: Path) -> RunScores:
     if labels is None:
         return RunScores(run, "?", run.name, NO_BUDGET, dict(scores.get("task_scores", {})), scores, status=status,
                          info=info)
+    return _labelled(run, labels, scores, info, status)
+
+
+def _labelled(run: Path, labels: dict, scores: dict, info: dict, status: str, **more) -> RunScores:
     variant = labels.get("method_variant")
     return RunScores(
         run, str(labels["model"]), labels["method"] + (f"-{variant}" if variant else ""), str(labels["budget"]),
         dict(scores.get("task_scores", {})), scores, query_aware=labels.get("query") != "agnostic",
         expected_tasks=list(labels.get("expected_tasks") or []), context_lengths=list(labels.get("context_lengths")
                                                                                       or []),
-        task=str(info.get("task", "")), status=status, info=info,
+        task=str(labels.get("task", info.get("task", ""))), status=status, info=info, **more,
     )
 
 
@@ -176,7 +193,7 @@ def load_runs(paths: list[str], warnings: list[str] | None = None) -> list[RunSc
     if skipped and (warnings is None or not runs):
         raise EvalkvError("; ".join(skipped))
     if warnings is not None:
-        warnings.extend(skipped)
+        warnings.extend([*skipped, *(note for run in runs for note in run.notes)])
     if not runs:
         raise EvalkvError(f"no runs under {', '.join(paths)} (a run directory holds predictions.jsonl or "
                           "scores.json; make one with evalkv pred)")

@@ -32,7 +32,8 @@ from evalkv.tasks.ruler.constants import RULER_TASKS
 FORMATS = ("md", "csv", "latex", "json")
 # the `runs` view's counts, shown without decimals
 COUNT_COLUMNS = ("samples", "invocations", "interrupted", "processes")
-VIEWS = "scores, timing, runs, ruler, longbench_e, or a breakdown such as by_depth, by_context_length, by_length"
+VIEWS = ("scores, timing, runs, ruler, longbench_e, leaderboard, or a breakdown such as by_depth, by_context_length, "
+         "by_length")
 
 
 @dataclass(frozen=True)
