@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from evalkv.errors import EvalkvError
+from evalkv.kv.sampling import Sampling
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Sample:
     length: int | None = None  # the dataset's length field; synthetic tasks: prompt tokens
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-turn tokens
     min_new_tokens: int = 0  # stop tokens cannot be generated before this many tokens (HF generate's min_length)
+    sampling: Sampling | None = None  # sampled decoding with its own seed (reasoning tasks); None: greedy
     metadata: dict[str, Any] = field(default_factory=dict)  # written into the record (context_length, depth, ...)
 
 
