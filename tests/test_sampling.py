@@ -106,3 +106,20 @@ def test_static_buffers_draw_what_ordinary_decoding_draws(tokenizer):
 def test_bad_sampling_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         Sampling(**options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["snapkv", "h2o"])
+def test_cuda_graphs_and_batches_draw_what_one_eager_sample_draws(method, tokenizer):
+    """On the GPU (fp32): CUDA-graph decoding (snapkv) or batched eager decoding (h2o) of sampling rows with CUDA
+    generators gives each row the tokens it draws alone with graphs off."""
+    from evalkv.models.presets import build_random_model
+
+    model = build_random_model("tiny-llama", torch.float32, torch.device("cuda"), seed=0)
+    prompts = _prompts(tokenizer)
+    requests = [Request(ids, 40, sampling=Sampling(0.7, 0, 0.95, seed=index)) for index, ids in enumerate(prompts)]
+    graphs = Engine(model, build_method(method, {"budget": 64}), decode_graphs="auto").generate_batch(requests)
+    eager = Engine(model, build_method(method, {"budget": 64}), decode_graphs="off")
+    alone = [eager.generate(r.prompt_ids, r.max_new_tokens, sampling=r.sampling) for r in requests]
+    assert [g.token_ids for g in graphs] == [g.token_ids for g in alone]
+    assert all(g.decode_graph for g in graphs) == (method == "snapkv")

@@ -86,7 +86,7 @@ class ReasoningTask(Task):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.prompt not in PROMPTS:
-            raise unknown_name("prompt", self.prompt, PROMPTS, f"task {self.name}: task.prompt=")
+            raise unknown_name("prompt", self.prompt, PROMPTS, f"task.prompt of {self.name}")
         if self.samples_per_problem < 1 or self.max_new_tokens < 1:
             raise EvalkvError(f"task {self.name}: samples_per_problem and max_new_tokens must be >= 1")
         if self.temperature < 0:
