@@ -13,12 +13,14 @@ that finished (stopped on a stop token rather than at max_new_tokens), in percen
 
 math-verify bounds each parse and comparison with a 5-second `signal.alarm`, which only the main thread may set; in
 any other thread evalkv calls it with the timeout off (math-verify's advice for threaded use), so scoring works there
-too, without that bound.
+too, without that bound. A parse or comparison that times out (or fails) counts as no answer / not equal, as in
+math-verify; its warnings, which print the whole output, are silenced (the `math_verify` logger at ERROR).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections import defaultdict
 from importlib.metadata import version
@@ -30,6 +32,8 @@ REASONING_TASKS = ("gsm8k", "math500", "aime24", "aime25")
 REASONING_KEYS = ("pass@1", "maj@k", "pass@k", "new_tokens", "finished", "k", "problems")
 THINK_END = "</think>"
 _TIMEOUT_S = 5
+# A timed-out parse counts as no answer; math-verify's warning about it would print the whole (32K-token) output.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 def answer_text(output: str) -> str:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from evalkv.errors import EvalkvError
-from evalkv.kv.sampling import Sampling
+
+if TYPE_CHECKING:  # tasks load without torch: reports read them
+    from evalkv.kv.sampling import Sampling
 
 
 @dataclass

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from evalkv.errors import EvalkvError, unknown_name
-from evalkv.kv.sampling import Sampling
 from evalkv.tasks.base import Sample, Task
 from evalkv.tasks.reasoning.data import HubDataset, Problems, load_problems
 
@@ -134,7 +133,10 @@ class ReasoningTask(Task):
         problem.metadata = {"dataset": loaded.dataset, "dataset_revision": loaded.revision, **problem.metadata}
         return problem
 
-    def _sampling(self, seed: int) -> Sampling | None:
+    def _sampling(self, seed: int):
+        """The sampling of a sample with this seed (an `evalkv.kv.sampling.Sampling`), None when greedy."""
+        from evalkv.kv.sampling import Sampling  # torch loads with the engine, not with the task list
+
         if self.temperature == 0:
             return None
         return Sampling(self.temperature, self.top_k, self.top_p, seed)
