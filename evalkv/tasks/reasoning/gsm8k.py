@@ -23,7 +23,8 @@ class GSM8K(ReasoningTask):
 
     A `\\boxed{}` answer after a long sampled generation, pass@1 over k samples and maj@k (evalkv/metrics/reasoning.py).
     Data: openai/gsm8k, config main, split test (lighteval's gsm8k task), or task.data_path (columns
-    `question`, `answer` with the `#### N` line). Default budget 8,192 new tokens (R-KV's run_math.py for gsm8k).
+    `question`, `answer` with the `#### N` line). Default budget 8,192 new tokens (R-KV's run_math.py
+    length for gsm8k, prompt included there).
     Options: see ReasoningTask (evalkv/tasks/reasoning/task.py)."""
 
     max_new_tokens: int = 8192
