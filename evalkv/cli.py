@@ -214,7 +214,8 @@ def cmd_table(args: list[str]) -> int:
                         "(samples, invocations, interrupted ones, processes, recorded wall time); ruler "
                         "(RULER's per-length averages); longbench_e (LongBench-E's 0-4k / 4-8k / 8k+ buckets, "
                         "averaged over its tasks); leaderboard (kvpress's leaderboard columns: dataset, data_dir, "
-                        "model, method, compression_ratio, score; compression-ratio and full-cache runs only); or "
+                        "model, method, compression_ratio, score; compression-ratio and full-cache runs only); "
+                        "reasoning (gsm8k, math500, aime: pass@1, maj@k, pass@k, mean new tokens, finished share); or "
                         "one metric breakdown per task such as by_context_length, by_depth, by_length")
     parser.add_argument("--delta", action="store_true", help="show every row but the full cache's as its "
                         "difference from the full-cache row of the same model")

@@ -42,7 +42,7 @@ CASES = {
     "headmask": [
         (["task.lenghts=[256]", "-o", "x.csv"], "task 'ruler' has no option 'lenghts' (did you mean 'lengths'?)"),
         (["task.lengths=abc", "-o", "x.csv"], LENGTHS_TYPE),
-        (["task=rulr", "-o", "x.csv"], "unknown task 'rulr' (did you mean 'ruler'?); known: longbench, "),
+        (["task=rulr", "-o", "x.csv"], "unknown task 'rulr' (did you mean 'ruler'?); known: aime, gsm8k, longbench, "),
     ],
     "train-policy": [
         (["task.lenghts=[256]", "-o", "x.safetensors"],

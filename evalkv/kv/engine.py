@@ -1,4 +1,5 @@
-"""Greedy generation with an eviction method: prefill (one forward or chunks), optional suffix, decode steps.
+"""Generation with an eviction method: prefill (one forward or chunks), optional suffix, decode steps; greedy, or
+sampled per request (`Request.sampling`: temperature, top-k, top-p and a seed, evalkv/kv/sampling.py).
 
 Prefill asks the model for the last position's logits only; every forward passes the tokens' true positions, so
 RoPE positions never shift after eviction (docs/methods.md#shared-positions).
@@ -7,7 +8,7 @@ Batched decoding: `generate_batch` prefills each prompt alone (prompts differ in
 samples whose compressed caches have the same shape and whose method keeps no per-sample state for decoding
 (`Session.batch_key`). Each row keeps its own true positions; a row leaves the batch when it stops. The tokens
 equal batch-size-1 decoding up to floating-point reassociation of the batched matmuls (identical in fp32 on the
-CPU in the tests).
+CPU in the tests). A sampling row draws from its own generator once per step, so that holds for sampled tokens too.
 
 CUDA graphs (`decode_graphs="auto"`, on CUDA devices): a group whose cache only grows while decoding decodes through a
 `StaticDecoder`, whose step is captured once and replayed (evalkv/kv/graphs.py). The captured graph is kept for the
@@ -29,6 +30,7 @@ from torch import Tensor
 from evalkv.errors import EvalkvError
 from evalkv.kv import adapter
 from evalkv.kv.graphs import StaticDecoder, can_decode_static, dense_on, may_compile
+from evalkv.kv.sampling import Sampling, sample_token
 from evalkv.kv.session import Session
 from evalkv.kv.slots import SlotDecoder, implements_slots
 from evalkv.kv.view import Phase
@@ -51,13 +53,14 @@ def check_decode_graphs(mode: str) -> None:
 
 @dataclass
 class Request:
-    """One prompt to complete greedily."""
+    """One prompt to complete: greedily, or sampled with its own seeded generator (`sampling`)."""
 
     prompt_ids: Sequence[int] | Tensor
     max_new_tokens: int
     stop_token_ids: Sequence[int] = ()
     suffix_ids: Sequence[int] | Tensor | None = None  # fed after the prompt was compressed (no eviction)
     min_new_tokens: int = 0  # stop tokens are masked out of the first choices (HF generate's `min_length`)
+    sampling: Sampling | None = None  # None: greedy
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -105,6 +108,7 @@ class _Row:
     decode_static: bool = False
     context_reused: bool = False
     on_finished: Callable[[], None] | None = None  # told once, when the row's generation ends
+    generator: torch.Generator | None = None  # the request's own draws when it samples
 
     def done(self) -> None:
         if self.on_finished is not None:
@@ -199,13 +203,15 @@ class Engine:
         trace: bool = False,
         keep_session: bool = False,
         min_new_tokens: int = 0,
+        sampling: Sampling | None = None,
     ) -> Generation:
-        """Greedy tokens after `prompt_ids` (compressed by the method) and `suffix_ids` (fed after compression).
+        """Greedy tokens after `prompt_ids` (compressed by the method) and `suffix_ids` (fed after compression), or
+        sampled ones with `sampling` (evalkv/kv/sampling.py).
 
         Generation stops after a stop token or `max_new_tokens`; stop tokens are masked out of the first
         `min_new_tokens` choices (HF generate's `min_length`, which LongBench uses on samsum).
         """
-        request = Request(prompt_ids, max_new_tokens, stop_token_ids, suffix_ids, min_new_tokens)
+        request = Request(prompt_ids, max_new_tokens, stop_token_ids, suffix_ids, min_new_tokens, sampling)
         row = self._prefill(request, trace)
         if row.finished():
             self._finish(row, row.session)
@@ -284,7 +290,8 @@ class Engine:
                                    self.device), Phase.SUFFIX, forwards)
             length += suffix.shape[-1]
         row = _Row(request, session, length, 0.0, 0.0, 0, forwards, stops=set(map(int, request.stop_token_ids)),
-                   context_reused=reused)
+                   context_reused=reused,
+                   generator=None if request.sampling is None else request.sampling.generator(self.device))
         row.tokens.append(int(self._choose(logits, [row])[0]))
         adapter.synchronize(self.device)
         row.prefill_s = time.perf_counter() - began
@@ -303,12 +310,18 @@ class Engine:
         return logits
 
     def _choose(self, logits: Tensor, rows: list[_Row]) -> list[int]:
-        """Greedy choice per row; a row still under its `min_new_tokens` cannot choose a stop token."""
+        """Greedy choice per row, or one draw from the row's own generator when its request samples (so a row's
+        tokens do not depend on the rows beside it); a row still under its `min_new_tokens` cannot choose a stop
+        token."""
         for index, row in enumerate(rows):
             if row.stops and len(row.tokens) < row.request.min_new_tokens:
                 masked = torch.tensor(sorted(row.stops), dtype=torch.long, device=logits.device)
                 logits[index].index_fill_(-1, masked, float("-inf"))
-        return logits.argmax(dim=-1).tolist()
+        choices = logits.argmax(dim=-1)
+        for index, row in enumerate(rows):
+            if row.generator is not None:
+                choices[index] = sample_token(logits[index], row.request.sampling, row.generator)[0]
+        return choices.tolist()
 
     def _decode(self, rows: list[_Row], session: Session, keep_entries: bool = False) -> None:
         """Decode `rows` (held as batch rows of `session`, in order) until each stops.
@@ -384,9 +397,10 @@ class Engine:
         began = time.perf_counter()
         while active:
             logits = decoder.step([row.tokens[-1] for row in rows], [row.length + len(row.tokens) - 1 for row in rows])
-            choices = self._choose(logits, rows)
-            for index in active:
-                rows[index].tokens.append(choices[index])
+            if len(active) < len(rows):  # finished rows still step; only the others choose (and draw)
+                logits = logits[active]
+            for index, choice in zip(active, self._choose(logits, [rows[index] for index in active])):
+                rows[index].tokens.append(choice)
             finished = [index for index in active if rows[index].finished()]
             if finished:
                 adapter.synchronize(self.device)

@@ -178,7 +178,8 @@ def _view(runs: list[RunScores], view: str) -> pd.DataFrame | None:
 
 def _benchmark_sections(runs: list[RunScores]) -> list[str]:
     sections = []
-    for view, heading in (("ruler", "RULER by context length (tokens)"), ("longbench_e", "LongBench-E by length")):
+    for view, heading in (("ruler", "RULER by context length (tokens)"), ("longbench_e", "LongBench-E by length"),
+                          ("reasoning", "Reasoning: accuracy (%), mean new tokens and finished samples (%)")):
         if (frame := _view(runs, view)) is not None:
             sections.append(f"<h2>{heading}</h2>{_frame_table(frame, view)}")
     return sections

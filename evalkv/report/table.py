@@ -12,6 +12,8 @@ wall time in total and per sample: report/runs.py `run_cells`), any breakdown a 
 `by_context_length`, `by_depth`, LongBench-E's `by_length`): columns
 `task/key`, and the benchmark views `ruler` (per context length, the mean over RULER's tasks, and their average as
 RULER reports it) and `longbench_e` (per length bucket 0-4k / 4-8k / 8k+, the mean over LongBench-E's tasks).
+`reasoning` is the math tasks' breakdown (metrics/reasoning.py) in its own column order: per task pass@1, maj@k,
+pass@k, mean new tokens, the share of finished samples, k and the number of problems.
 `deltas=True` shows every row but the full cache's as its difference from the full-cache row of the same model.
 """
 
@@ -24,16 +26,17 @@ from dataclasses import dataclass
 import pandas as pd
 
 from evalkv.errors import EvalkvError
+from evalkv.metrics.reasoning import REASONING_KEYS
 from evalkv.report.columns import with_categories
 from evalkv.report.runs import FULL, NO_BUDGET, RUN_COLUMNS, RunScores, load_runs, unfinished
 from evalkv.tasks.longbench.spec import is_e_task
 from evalkv.tasks.ruler.constants import RULER_TASKS
 
 FORMATS = ("md", "csv", "latex", "json")
-# the `runs` view's counts, shown without decimals
-COUNT_COLUMNS = ("samples", "invocations", "interrupted", "processes")
-VIEWS = ("scores, timing, runs, ruler, longbench_e, leaderboard, or a breakdown such as by_depth, by_context_length, "
-         "by_length")
+# counts, shown without decimals: the `runs` view's, and the `reasoning` view's `task/k`, `task/problems`
+COUNT_COLUMNS = ("samples", "invocations", "interrupted", "processes", "k", "problems")
+VIEWS = ("scores, timing, runs, ruler, longbench_e, leaderboard, reasoning, or a breakdown such as by_depth, "
+         "by_context_length, by_length")
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,8 @@ def build_table(runs: list[RunScores], view: str = "scores") -> pd.DataFrame:
         return with_categories(frame)
     if view == "runs":
         return frame.reindex(list(RUN_COLUMNS), axis=1)
+    if view == "reasoning":
+        return frame.reindex(sorted(frame.columns, key=_reasoning_order), axis=1)
     return frame.reindex(sorted(frame.columns, key=_column_order), axis=1)
 
 
@@ -156,6 +161,11 @@ def _mean(values: list) -> float:
     if not values or any(_missing(value) for value in values):
         return float("nan")
     return round(sum(values) / len(values), 2)
+
+
+def _reasoning_order(column: str) -> tuple:
+    task, _, key = column.partition("/")
+    return (task, REASONING_KEYS.index(key) if key in REASONING_KEYS else len(REASONING_KEYS), key)
 
 
 def _column_order(column: str) -> tuple:
@@ -236,7 +246,7 @@ def formatted(frame: pd.DataFrame, deltas: bool = False) -> pd.DataFrame:
 def _cell(value: float, column, sign: str) -> str:
     if _missing(value):
         return "-"
-    if column in COUNT_COLUMNS and not sign:
+    if str(column).rpartition("/")[2] in COUNT_COLUMNS and not sign:
         return f"{value:.0f}"
     return f"{value:{sign}.{_decimals(value)}f}"
 

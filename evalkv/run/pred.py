@@ -158,6 +158,7 @@ def make_record(sample: Sample, model: LoadedModel, method: Method, generation: 
         "length": sample.length,
         "prompt_tokens": generation.prompt_tokens,
         "new_tokens": len(generation.token_ids),
+        "finished": generation.token_ids[-1] in _stop_token_ids(sample, model),  # a stop token, not the token limit
         "kept_tokens": round(generation.kept_tokens, 3),
         "final_kept_tokens": round(generation.final_kept_tokens, 3),
         "kv_bytes": generation.kv_bytes,
@@ -177,10 +178,14 @@ def make_record(sample: Sample, model: LoadedModel, method: Method, generation: 
     return record
 
 
+def _stop_token_ids(sample: Sample, model: LoadedModel) -> list[int]:
+    return [*model.stop_token_ids, *sample.stop_token_ids]
+
+
 def _request(sample: Sample, model: LoadedModel) -> Request:
     return Request(
-        sample.prompt_ids, sample.max_new_tokens, stop_token_ids=[*model.stop_token_ids, *sample.stop_token_ids],
-        suffix_ids=sample.suffix_ids, min_new_tokens=sample.min_new_tokens,
+        sample.prompt_ids, sample.max_new_tokens, stop_token_ids=_stop_token_ids(sample, model),
+        suffix_ids=sample.suffix_ids, min_new_tokens=sample.min_new_tokens, sampling=sample.sampling,
     )
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from evalkv.errors import EvalkvError
+
+if TYPE_CHECKING:  # tasks load without torch: reports read them
+    from evalkv.kv.sampling import Sampling
 
 
 @dataclass
@@ -23,6 +26,7 @@ class Sample:
     length: int | str | None = None  # the dataset's length field (LongBench v2: its bucket); synthetic: prompt tokens
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-turn tokens
     min_new_tokens: int = 0  # stop tokens cannot be generated before this many tokens (HF generate's min_length)
+    sampling: Sampling | None = None  # sampled decoding with its own seed (reasoning tasks); None: greedy
     metadata: dict[str, Any] = field(default_factory=dict)  # written into the record (context_length, depth, ...)
     # A second prompt made from this one's decoded output (LongBench v2's chain of thought), or None for none. It is
     # generated with the full cache (it holds no context to compress); its output is the record's `pred`, its
