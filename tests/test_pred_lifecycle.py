@@ -43,11 +43,11 @@ def _stop_on_second_batch(monkeypatch, stop) -> None:
     """Engine.generate_batch runs the first batch, then `stop()` happens during the second."""
     original, calls = Engine.generate_batch, []
 
-    def generate_batch(self, requests, max_batch=None):
+    def generate_batch(self, requests, max_batch=None, **options):
         calls.append(len(requests))
         if len(calls) == 2:
             stop()
-        return original(self, requests, max_batch)
+        return original(self, requests, max_batch, **options)
 
     monkeypatch.setattr(Engine, "generate_batch", generate_batch)
 
