@@ -4,9 +4,11 @@ context (RULER's niah_multiquery with task.split_queries) compressed once per co
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 from ruler_helpers import multiquery_rows
 
 from evalkv.cli import main
@@ -88,3 +90,19 @@ def test_questions_about_one_context_are_compressed_once_and_answer_as_alone(tmp
     assert main(["score", str(run)]) == 0
     scores = json.loads((run / "scores.json").read_text())
     assert scores["n"] == {"niah_multiquery": 8}
+
+
+LEGACY_AGNOSTIC = (Path(__file__).parent / "data" / "legacy" / "runs" / "longbench-tasks=multi_news-query_agnostic=True"
+                   / "random-tiny-llama" / "snapkv_64")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "longbench" / "multi_news.jsonl").is_file(),
+                    reason="LongBench's multi_news is not in ../shared/data")
+def test_a_run_made_with_query_agnostic_resumes_as_compress_context(tmp_path, capsys):
+    """A LongBench folder from before `compress` (task.query_agnostic: true) is the compress=context run it was."""
+    shutil.copytree(LEGACY_AGNOSTIC, tmp_path / "run")
+    command = ["pred", "model=random-tiny-llama", "progress=false", "method=snapkv", "budget=64", "task=longbench",
+               "task.tasks=[multi_news]", "task.samples_per_task=2", f"task.data_dir={SHARED_DATA / 'longbench'}",
+               "model.max_prompt_length=512", f"run_dir={tmp_path / 'run'}"]
+    assert main([*command, "compress=context"]) == 0
+    assert "already complete: reusing 2 records" in capsys.readouterr().err
