@@ -36,6 +36,8 @@ main keys (defaults in configs/config.yaml):
   method=NAME           an eviction method (evalkv list methods); default full
   task=NAME             a task (evalkv list tasks); default passkey
   budget=N              tokens kept per head per layer (window included), or compression_ratio=0.5
+  compress=prompt|context  what the method compresses: each whole prompt (default, as the KV-cache papers), or the
+                        context alone with the question fed after it (as kvpress's leaderboard); minilongbench: prompt
   task.n_samples=N      take at most N samples
   output_dir=DIR        runs go to DIR/<task>/<model>/<method>_<budget>/ (default results); or run_dir=DIR
   method.OPTION=VALUE   a method option, e.g. method.window_size=8 (options: the method's dataclass fields, in its
