@@ -36,6 +36,8 @@ main keys (defaults in configs/config.yaml):
   method=NAME           an eviction method (evalkv list methods); default full
   task=NAME             a task (evalkv list tasks); default passkey
   budget=N              tokens kept per head per layer (window included), or compression_ratio=0.5
+  compress=prompt|context  what the method compresses: each whole prompt (default, as the KV-cache papers), or the
+                        context alone with the question fed after it (as kvpress's leaderboard); minilongbench: prompt
   task.n_samples=N      take at most N samples
   output_dir=DIR        runs go to DIR/<task>/<model>/<method>_<budget>/ (default results); or run_dir=DIR
   method.OPTION=VALUE   a method option, e.g. method.window_size=8 (options: the method's dataclass fields, in its
@@ -444,6 +446,7 @@ examples:
   evalkv bench model=random-llama-3.1-8b method=full,snapkv budget=1024 snapkv.window_size=8 --lengths 8192
   evalkv bench method=snapkv budget=2048 --lengths 8192 --batch-sizes 1,16 --decode-graphs off,auto
   evalkv bench --workload longbench method=snapkv budget=1024 --batch-size 8 --write-workload workload.json
+  evalkv bench --questions 8 method=full,snapkv budget=1024 --lengths 32768
 """
 BENCH_MODEL = "random-llama-3.1-8b"
 BENCH_BUDGET = 1024
@@ -495,7 +498,8 @@ def cmd_bench(args: list[str]) -> int:
         "HBM-bandwidth bound (weight bytes over the measured copy bandwidth) over its time; of_bound_kv counts the "
         "KV bytes a step reads too. With --workload longbench, time a whole LongBench-shaped workload end to end "
         "instead (lengths from LongBench's per-task length distribution, each task's max new tokens; "
-        "evalkv/run/workload.py).")
+        "evalkv/run/workload.py). With --questions N, time N questions about one context answered from one "
+        "compression of it versus compressing it again for each question (compress=context's shared contexts).")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model=, model.X=, method=A,B, budget=, "
                         "compression_ratio=, method.X=, A.X= (below)")
     parser.add_argument("--methods", help="comma-separated method names, as method=A,B")
@@ -533,6 +537,11 @@ def cmd_bench(args: list[str]) -> int:
                                "and the methods' settings (what scripts/kvpress_bench.py reads)")
     workload_args.add_argument("--batch-size", type=int, help="samples per Engine.generate_batch call, as "
                                "evalkv pred's batch_size= (default 8)")
+    question_args = parser.add_argument_group(
+        "questions", "time questions about one context (--lengths, --new-tokens, --repeats apply too) instead of the "
+        "grid: answered from one compression of the context, and with the context compressed again for each")
+    question_args.add_argument("--questions", type=int, help="questions about each context (at least 2)")
+    question_args.add_argument("--question-tokens", type=int, help="tokens of each question (default 32)")
     options = parser.parse_intermixed_args(args)
     _check_bench_arguments(options)
     from evalkv.config import compose_methods, model_config
@@ -548,6 +557,8 @@ def cmd_bench(args: list[str]) -> int:
     graph_modes = _graph_modes(options)
     if options.workload:
         report, table = _bench_workload(options, configs[0].model.name, model, methods, graph_modes)
+    elif options.questions is not None:
+        report, table = _bench_questions(options, model, methods, graph_modes)
     else:
         report, table = _bench_grid(options, model, methods, graph_modes)
     if options.output:
@@ -558,46 +569,67 @@ def cmd_bench(args: list[str]) -> int:
     return 0
 
 
-_WORKLOAD_ONLY = ("samples_per_task", "min_length", "max_length", "seed", "workload_file", "write_workload",
-                  "batch_size")
-_GRID_ONLY = ("lengths", "batch_sizes", "new_tokens")
+# The options of each mode of evalkv bench (the others are refused there); shared ones are in no list.
+_MODE_OPTIONS = {
+    "grid": ("lengths", "batch_sizes", "new_tokens", "profile"),
+    "workload": ("samples_per_task", "min_length", "max_length", "seed", "workload_file", "write_workload",
+                 "batch_size"),
+    "questions": ("questions", "question_tokens", "lengths", "new_tokens"),
+}
+_MODE_NAMES = {"grid": "the length x batch-size grid (without --workload or --questions)", "workload": "--workload",
+               "questions": "--questions"}
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _bench_mode(options: argparse.Namespace) -> str:
+    if options.workload and options.questions is not None:
+        raise EvalkvError("--workload and --questions are two modes of evalkv bench; give one")
+    return "workload" if options.workload else "questions" if options.questions is not None else "grid"
+
+
 def _check_bench_arguments(options: argparse.Namespace) -> None:
-    """Options of the other mode are refused rather than silently ignored."""
-    given = [name for name in (_GRID_ONLY + ("profile",) if options.workload else _WORKLOAD_ONLY)
-             if getattr(options, name) not in (None, False)]
+    """Options of the other modes are refused rather than silently ignored."""
+    mode = _bench_mode(options)
+    others = {name for names in _MODE_OPTIONS.values() for name in names} - set(_MODE_OPTIONS[mode])
+    given = [name for name in sorted(others) if getattr(options, name) not in (None, False)]
     if given:
-        mode = "--workload" if options.workload else "the length x batch-size grid (without --workload)"
-        raise EvalkvError(f"{', '.join(map(_flag, given))} cannot be used with {mode}; see evalkv bench --help")
+        raise EvalkvError(f"{', '.join(map(_flag, given))} cannot be used with {_MODE_NAMES[mode]}; see "
+                          "evalkv bench --help")
     if options.workload_file:
         drawn = [name for name in ("samples_per_task", "min_length", "max_length", "seed")
                  if getattr(options, name) is not None]
         if drawn:
             raise EvalkvError(f"{', '.join(map(_flag, drawn))}: the workload comes from --workload-file "
                               f"{options.workload_file}; leave them out")
-    for name in ("batch_size", "samples_per_task", "repeats"):
+    for name in ("batch_size", "samples_per_task", "repeats", "question_tokens"):
         if getattr(options, name) is not None and getattr(options, name) < 1:
             raise EvalkvError(f"{_flag(name)} must be at least 1, got {getattr(options, name)}")
+    if options.questions is not None and options.questions < 2:
+        raise EvalkvError(f"--questions must be at least 2 (one question has nothing to share), got "
+                          f"{options.questions}")
     from evalkv.kv.engine import check_decode_graphs
 
-    for mode in _graph_modes(options) or [""]:
-        check_decode_graphs(mode)
+    for graphs in _graph_modes(options) or [""]:
+        check_decode_graphs(graphs)
 
 
 def _graph_modes(options: argparse.Namespace) -> list[str]:
     return [mode for mode in options.decode_graphs.split(",") if mode]
 
 
+def _bench_lengths(options: argparse.Namespace) -> tuple[list[int], int]:
+    """--lengths and --new-tokens with their defaults (8192,32768 and 64)."""
+    lengths = [int(x) for x in (options.lengths or "8192,32768").split(",") if x]
+    return lengths, 64 if options.new_tokens is None else options.new_tokens
+
+
 def _bench_grid(options, model, methods, graph_modes) -> tuple[dict, str]:
     from evalkv.run.bench import format_rows, profile_once, run_bench
 
-    lengths = [int(x) for x in (options.lengths or "8192,32768").split(",") if x]
-    new_tokens = 64 if options.new_tokens is None else options.new_tokens
+    lengths, new_tokens = _bench_lengths(options)
     if options.profile:
         print(profile_once(model, methods[0], lengths[0], new_tokens))
     batch_sizes = [int(x) for x in (options.batch_sizes or "1").split(",") if x]
@@ -606,6 +638,16 @@ def _bench_grid(options, model, methods, graph_modes) -> tuple[dict, str]:
     report = run_bench(model, methods, lengths, new_tokens, options.repeats or 3, options.warmup,
                        batch_sizes=batch_sizes, mlp_chunk=options.mlp_chunk, decode_graphs=graph_modes)
     return report, format_rows(report)
+
+
+def _bench_questions(options, model, methods, graph_modes) -> tuple[dict, str]:
+    from evalkv.run.bench import format_questions_rows, run_questions_bench
+
+    lengths, new_tokens = _bench_lengths(options)
+    report = run_questions_bench(model, methods, lengths, options.questions, options.question_tokens or 32, new_tokens,
+                                 options.repeats or 3, options.warmup, mlp_chunk=options.mlp_chunk,
+                                 decode_graphs=graph_modes)
+    return report, format_questions_rows(report)
 
 
 def _bench_workload(options, model_name, model, methods, graph_modes) -> tuple[dict, str]:

@@ -38,6 +38,9 @@ class RunConfig:
     """The root config of `evalkv pred`.
 
     budget / compression_ratio: shorthands that fill `method.budget` / `method.compression_ratio`.
+    compress: the shorthand that fills `task.compress`: `prompt` compresses each whole prompt, question included (the
+        KV-cache papers' protocol, the default); `context` compresses the context alone and feeds the question after
+        it without eviction (kvpress's protocol). evalkv/tasks/base.py.
     batch_size: samples whose compressed caches decode together (same shape, a method without per-sample decode
         state); 1 decodes every sample alone. Tokens equal batch size 1 (specs in evalkv/kv/engine.py).
     mlp_chunk: run each layer's MLP over at most this many prompt tokens at a time (null: whole prompt); with an
@@ -53,6 +56,7 @@ class RunConfig:
     task: Any = MISSING
     budget: Optional[int] = None
     compression_ratio: Optional[float] = None
+    compress: str = "prompt"
     output_dir: str = "results"
     run_dir: Optional[str] = None
     progress: bool = True

@@ -18,6 +18,13 @@ SCORES = "scores.json"
 NO_BUDGET = "-"  # run.json's budget label of a method that keeps no budget (the full cache)
 
 
+def compress_of(config: dict) -> str:
+    """Which part of each prompt a run's config.yaml (as plain data) had compressed: `prompt` or `context`. Configs
+    written before `compress` existed compressed the whole prompt, except LongBench's `task.query_agnostic: true`."""
+    task = config.get("task") or {}
+    return str(task.get("compress") or ("context" if task.get("query_agnostic") else "prompt"))
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path`: a reader never sees half a file.
     The file gets the permissions `open` would give it (0666 less the umask)."""

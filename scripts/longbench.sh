@@ -5,7 +5,7 @@
 #     METHODS   comma-separated method names (evalkv list methods); full runs once, without a budget
 #     BUDGETS   comma-separated budgets, e.g. 128,256,512,1024
 #     KEY=VALUE any evalkv pred override: task.data_dir= (the unpacked data.zip, see evalkv data longbench),
-#               model=, output_dir=, task.query_agnostic=true, task.n_samples=, method.X=, ...
+#               model=, output_dir=, compress=context, task.n_samples=, method.X=, ...
 #   env: TASKS   comma-separated LongBench tasks, one run each (e.g. hotpotqa,qasper,narrativeqa_e);
 #                default: one run of the task config's tasks (the 16 English ones)
 #        EVALKV  the command to run (default: evalkv), e.g. "python3 -m evalkv.cli"

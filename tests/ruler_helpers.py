@@ -31,3 +31,13 @@ def count_words(text: str) -> int:
 def setting(task: str, length: int, num_samples: int = 4, seed: int = 42) -> Setting:
     spec = RULER_TASKS[task]
     return Setting(length, spec.tokens_to_generate, num_samples, seed, FRAME, count_words, dict(spec.args))
+
+
+def multiquery_rows(length: int = 1024, num_samples: int = 2) -> list[dict]:
+    """niah_multiquery's rows made on a noise haystack (no essays needed): four keys, all four asked about each
+    context."""
+    from evalkv.tasks.ruler import niah
+
+    spec = setting("niah_single_1", length, num_samples)
+    spec.args.update(num_needle_k=4, num_needle_q=4)
+    return niah.generate(spec, "niah_multiquery")

@@ -106,8 +106,32 @@ def test_workload_bench_runs_a_saved_workload(tmp_path):
     assert report["workload"]["seed"] == 3 and report["rows"][0]["generated_tokens"] == report["workload"]["new_tokens"]
 
 
+def test_questions_bench_times_one_compression_against_one_per_question(tmp_path, capsys):
+    """Both ways answer the same questions with the same tokens; only the shared way reuses the compressed context."""
+    report_path = tmp_path / "bench.json"
+    assert main(["bench", "model=random-tiny-llama", "model.device=cpu", "method=full,snapkv", "budget=32",
+                 "--questions", "3", "--question-tokens", "8", "--lengths", "96", "--new-tokens", "4",
+                 "--repeats", "2", "--warmup", "0", "-o", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert (report["questions"], report["question_tokens"], report["repeats"]) == (3, 8, 2)
+    assert [row["method"] for row in report["rows"]] == ["full", "snapkv"]
+    for row in report["rows"]:
+        assert (row["context_length"], row["questions"], row["new_tokens"]) == (96, 3, 4)
+        assert row["contexts_reused"] == 2 and row["same_tokens"]
+        assert len(row["shared_wall_s_all"]) == len(row["recompressed_wall_s_all"]) == 2
+        assert row["speedup"] == pytest.approx(row["recompressed_wall_s"] / row["shared_wall_s"], rel=1e-2)
+    assert [row["kept_tokens"] for row in report["rows"]] == [96 + 8, 32 + 8]  # the question is kept whole
+    row = report["rows"][1]
+    assert f"| snapkv | 96 | 3 | {row['shared_wall_s']:.3f} | {row['recompressed_wall_s']:.3f} |" in \
+        capsys.readouterr().out
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--batch-size", "4"], "--batch-size cannot be used with the length x batch-size grid"),
+    (["--questions", "3", "--batch-sizes", "2"], "--batch-sizes cannot be used with --questions"),
+    (["--question-tokens", "8"], "--question-tokens cannot be used with the length x batch-size grid"),
+    (["--questions", "1"], "--questions must be at least 2"),
+    (["--questions", "2", "--workload", "longbench"], "--workload and --questions are two modes"),
     (["--workload", "longbench", "--lengths", "96"], "--lengths cannot be used with --workload"),
     (["--workload", "longbench", "--workload-file", "w.json", "--samples-per-task", "2"],
      "--samples-per-task: the workload comes from --workload-file"),

@@ -35,10 +35,12 @@ def test_longbench_run_and_score(tmp_path, capsys):
     assert records[0]["length"] == 1000 and records[0]["answers"] == ["Alice Smith"]
     assert records[2]["all_classes"] == ["City", "Individual", "Other location"]
 
-    agnostic = _run(tmp_path, capsys, *common, "task.tasks=[hotpotqa]", "task.query_agnostic=true")
-    assert agnostic.parent.parent.name == "longbench-tasks=hotpotqa-query_agnostic=True-check_row_counts=False"
+    agnostic = _run(tmp_path, capsys, *common, "task.tasks=[hotpotqa]", "compress=context")
+    assert agnostic.parent.parent.name == "longbench-compress=context-tasks=hotpotqa-check_row_counts=False"
     (split,) = read_records(agnostic / "predictions.jsonl")
     assert not split["query_aware"] and split["prompt_tokens"] == records[0]["prompt_tokens"]
+    assert (split["compress"], records[0]["compress"]) == ("context", "prompt")
+    assert json.loads((agnostic / "run.json").read_text())["labels"]["query"] == "agnostic"
 
     assert main(["score", str(run)]) == 0
     scores = json.loads((run / "scores.json").read_text())

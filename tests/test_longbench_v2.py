@@ -132,7 +132,7 @@ def test_max_prompt_length_is_the_tasks_or_else_the_models(tmp_path):
 
 def test_chain_of_thought_asks_for_the_answer_with_the_reasoning_and_without_the_document(tmp_path):
     model = tiny_loaded()
-    task = v2_task(small_data(tmp_path), prompt="cot", query_agnostic=True)
+    task = v2_task(small_data(tmp_path), prompt="cot", compress="context")
     (sample, *_) = task.samples(model)
     row = question(0)
     assert sample.task == "longbench_v2_cot" and sample.max_new_tokens == 1024
@@ -167,7 +167,7 @@ def test_bad_options_are_refused():
     with pytest.raises(EvalkvError, match="unknown prompt 'cott'; known: 0shot, cot, no_context"):
         build_task("longbench_v2", {"prompt": "cott"})
     with pytest.raises(EvalkvError, match="no document to compress"):
-        build_task("longbench_v2", {"prompt": "no_context", "query_agnostic": True})
+        build_task("longbench_v2", {"prompt": "no_context", "compress": "context"})
     with pytest.raises(EvalkvError, match="max_prompt_length must be >= 1"):
         build_task("longbench_v2", {"max_prompt_length": 0})
 

@@ -48,7 +48,7 @@ def test_longbench_v2_run_and_score(tmp_path, capsys, monkeypatch):
     assert scores["metric"] == {"longbench_v2": "longbench_v2_accuracy"} and scores["n"] == {"longbench_v2": 4}
     assert set(scores["breakdown"]["longbench_v2"]) == {"by_difficulty", "by_length", "by_domain", "compensated"}
 
-    cot = _run(tmp_path, capsys, *common, "task.prompt=cot", "task.query_agnostic=true", "task.n_samples=2")
+    cot = _run(tmp_path, capsys, *common, "task.prompt=cot", "compress=context", "task.n_samples=2")
     records = read_records(cot / "predictions.jsonl")
     assert [r["task"] for r in records] == ["longbench_v2_cot"] * 2 and not records[0]["query_aware"]
     assert all(r["new_tokens"] <= 12 and r["answer_step"]["method"] == "full" for r in records)

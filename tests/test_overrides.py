@@ -46,7 +46,8 @@ CASES = {
     ],
     "train-policy": [
         (["task.lenghts=[256]", "-o", "x.safetensors"],
-         "task 'passkey' has no option 'lenghts' (did you mean 'lengths'?); its options: chat_template, depths, "),
+         "task 'passkey' has no option 'lenghts' (did you mean 'lengths'?); its options: chat_template, compress, "
+         "depths, "),
         (["task.lengths=abc", "-o", "x.safetensors"], LENGTHS_TYPE),
         (["model=random-tiny-lama", "-o", "x.safetensors"],
          "unknown model 'random-tiny-lama' (did you mean 'random-tiny-llama'"),

@@ -17,6 +17,7 @@ from evalkv.errors import EvalkvError
 from evalkv.models.config import ModelConfig
 from evalkv.records import read_records, record_line
 from evalkv.run.parallel import ShardedRun, gpu_for, merge_shards, shard_path
+from evalkv.tasks import Sample
 
 RUN = ["model=random-tiny-llama", "model.device=cpu", "progress=false", "method=h2o", "budget=48",
        "task.lengths=[256,512]", "task.depths=[0,50,100]"]
@@ -111,7 +112,7 @@ def test_merge_keeps_first_occurrence_and_task_order(tmp_path):
 
 
 def test_each_pending_sample_goes_to_exactly_one_rank():
-    samples = [type("Sample", (), {"id": str(i)})() for i in range(7)]
+    samples = [Sample(str(i), "passkey", [i], ["1"], 1) for i in range(7)]
     done = {"1", "4"}
     shares = [[s.id for s in ShardedRun(rank=r, world_size=3).assign(samples, done)] for r in range(3)]
     assert shares == [["0", "5"], ["2", "6"], ["3"]]

@@ -136,8 +136,8 @@ def test_the_plugins_misspelt_or_mistyped_option_is_refused_with_its_options(plu
 
 def test_the_plugin_tasks_misspelt_option_is_refused_with_its_options(plugin, capsys):
     err = _refused(capsys, "pred", *TINY[:2], f"task={TASK}", "task.lenghts=[256]")
-    assert f"task '{TASK}' has no option 'lenghts' (did you mean 'lengths'?); its options: chat_template, depths, " \
-           "lengths, max_new_tokens, n_samples, samples_per_cell, seed" in err
+    assert f"task '{TASK}' has no option 'lenghts' (did you mean 'lengths'?); its options: chat_template, compress, " \
+           "depths, lengths, max_new_tokens, n_samples, samples_per_cell, seed" in err
 
 
 def test_a_fresh_process_finds_the_plugin_and_refuses_its_misspelt_option_with_only_the_message(site, tmp_path):

@@ -321,13 +321,13 @@ def test_report_heatmaps_render_in_headless_chromium(sweep_page, tmp_path):
 
 def test_report_configuration_of_a_longbench_run_names_its_data_and_caps(tmp_path, capsys):
     cfg = _config("snapkv", "longbench", budget=128, task__data_dir="/data/longbench", task__tasks=["hotpotqa"],
-                  task__samples_per_task=20, task__query_agnostic=True)
+                  task__samples_per_task=20, task__compress="context")
     _write_run(tmp_path / "lb", cfg, [], scores={"task_scores": {"hotpotqa": 30.0}, "n": {"hotpotqa": 20}})
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "report.html")]) == 0
     page = PageParts()
     page.feed((tmp_path / "report.html").read_text())
     config = dict(zip(*page.tables["config"]))
-    assert config["task options"] == "tasks=hotpotqa, query_agnostic=True, data_dir=/data/longbench"
+    assert config["task options"] == "compress=context, tasks=hotpotqa, data_dir=/data/longbench"
     assert (config["sample cap"], config["lengths"], config["window"]) == ("- (20 per task)", "-", "32")
 
 

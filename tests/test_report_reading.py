@@ -39,7 +39,9 @@ def test_a_folder_of_todays_runs_reads_as_it_did(capsys, view, fmt, expected):
     ["method=obcache", "method.recent_ratio=0.1", "method.heavy_ratio=0.1"],  # no budget in its label
     ["method=sink_recent_uniform", "budget=1024"],
     ["method=adakv", "budget=256", "method.window_size=16"],
-    ["method=snapkv", "budget=64", "task=longbench", "task.tasks=[all_e]", "task.query_agnostic=true"],
+    ["method=snapkv", "budget=64", "task=longbench", "task.tasks=[all_e]", "compress=context"],
+    ["method=snapkv", "budget=64", "task=ruler", "task.tasks=[niah_multiquery]", "compress=context",
+     "task.split_queries=true"],
     ["method=h2o", "budget=32", "task=ruler", "task.tasks=[niah_single_1,vt]", "task.lengths=[4096,8192]"],
     ["method=tova", "budget=32", "task=minilongbench", "task.tasks=[hotpotqa,trec]"],
     ["method=snapkv", "budget=32", "task=needle"],

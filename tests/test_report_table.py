@@ -37,8 +37,7 @@ def test_longbench_e_and_ruler_tasks_get_their_own_categories(tmp_path, capsys):
 
 def test_query_agnostic_runs_get_their_own_rows(tmp_path, capsys):
     make_run(tmp_path / "aware", *longbench("snapkv", ["hotpotqa"], {"hotpotqa": 40.0}))
-    make_run(tmp_path / "agnostic", *longbench("snapkv", ["hotpotqa"], {"hotpotqa": 25.0},
-                                               "task.query_agnostic=true"))
+    make_run(tmp_path / "agnostic", *longbench("snapkv", ["hotpotqa"], {"hotpotqa": 25.0}, "compress=context"))
     rows = _csv(capsys, str(tmp_path))
     assert rows[0][:4] == ["model", "method", "budget", "query"]
     assert [row[3:5] for row in rows[1:]] == [["aware", "40.0"], ["agnostic", "25.0"]]

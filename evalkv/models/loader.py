@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ END_OF_TURN_TOKENS = (
     "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>", "<end_of_turn>",
     "<|end|>", "<|eos|>",
 )
+
+# Marks where a rendered prompt's context ends (private-use characters no prompt holds): see encode_rendered.
+SPLIT_MARKER = "\ue000evalkv-split\ue000"
 
 SOURCES = ("hub", "gguf", "embedded", "random")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
@@ -64,23 +68,37 @@ class LoadedModel:
         """Token ids of `text`, wrapped as one user turn with the model's chat template when `chat`."""
         return self._tokenize(self.chat_text(text) if chat else text, chat)["input_ids"]
 
-    def encode_split(self, text: str, split: int, chat: bool = False) -> tuple[list[int], list[int]]:
-        """`encode_prompt(text, chat)` cut in two: the tokens of `text[:split]` (with the chat template's opening) and
-        the rest (with its closing). One tokenization of the whole prompt, so the two parts concatenate to exactly
-        `encode_prompt`'s ids; a token that straddles the split goes to the second part."""
-        rendered, position = text, split
-        if chat:
-            marker = "\ue000evalkv-split\ue000"
-            marked = self.chat_text(text[:split] + marker + text[split:])
-            position, rendered = marked.find(marker), marked.replace(marker, "", 1)
-            if position < 0 or rendered != self.chat_text(text):
-                raise EvalkvError(
-                    f"the chat template of model {self.name} rewrites the prompt, so its context and question cannot "
-                    "be fed separately; set the task's chat_template=false or query_agnostic=false"
-                )
+    def encode_parts(self, text: str, context_end: int, chat: bool = False,
+                     split: bool = True) -> tuple[list[int], list[int] | None]:
+        """`encode_prompt(text, chat)`; with `split`, cut in two where `text[:context_end]` ends (the chat template's
+        opening goes with the first part, its closing with the second). See `encode_rendered`."""
+        def render(marker: str) -> str:
+            marked = text[:context_end] + marker + text[context_end:]
+            return self.chat_text(marked) if chat else marked
+
+        return self.encode_rendered(render, special_tokens=not chat, split=split)
+
+    def encode_rendered(self, render: Callable[[str], str], special_tokens: bool,
+                        split: bool = True) -> tuple[list[int], list[int] | None]:
+        """The token ids of the prompt `render("")`: `(ids, None)`, or with `split`, `(context ids, question ids)` cut
+        where `render(SPLIT_MARKER)` puts the marker. The rendered prompt is tokenized once (`special_tokens`: the
+        tokenizer adds its own, such as a BOS), so the two parts concatenate to exactly the whole prompt's ids; a
+        token that straddles the cut goes to the second part. A renderer that changes the text around the marker (a
+        chat template that strips or rewrites the user's text) cannot be split."""
+        rendered = render("")
+        if not split:
+            return self.tokenizer(rendered, add_special_tokens=special_tokens)["input_ids"], None
+        marked = render(SPLIT_MARKER)
+        position = marked.find(SPLIT_MARKER)
+        if position < 0 or marked.replace(SPLIT_MARKER, "", 1) != rendered:
+            raise EvalkvError(
+                f"the chat template of model {self.name} rewrites the prompt, so its context and question cannot be "
+                "fed separately; use compress=prompt, or set the task's chat_template=false"
+            )
         if not getattr(self.tokenizer, "is_fast", False):
-            raise EvalkvError(f"model {self.name}: splitting a prompt needs a fast tokenizer (character offsets)")
-        encoded = self._tokenize(rendered, chat, return_offsets_mapping=True)
+            raise EvalkvError(f"model {self.name}: compress=context splits each prompt by character offsets, which "
+                              "needs a fast tokenizer; use compress=prompt")
+        encoded = self.tokenizer(rendered, add_special_tokens=special_tokens, return_offsets_mapping=True)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
         cut = next((index for index, (_, end) in enumerate(offsets) if end > position), len(ids))
         return ids[:cut], ids[cut:]

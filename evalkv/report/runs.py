@@ -20,7 +20,7 @@ import yaml
 
 from evalkv.errors import EvalkvError
 from evalkv.metrics import score_records
-from evalkv.records import CONFIG, NO_BUDGET, PREDICTIONS, RUN_INFO, SCORES, read_json, read_records
+from evalkv.records import CONFIG, NO_BUDGET, PREDICTIONS, RUN_INFO, SCORES, compress_of, read_json, read_records
 from evalkv.report.kvpress import KVPRESS_FULL, is_kvpress_run, read_kvpress_run
 from evalkv.tasks.longbench.task import expand_tasks
 
@@ -37,7 +37,7 @@ class RunScores:
     budget: str  # "128", "r0.5", or "-" for the full cache
     task_scores: dict[str, float]
     scores: dict  # the whole scores.json content
-    query_aware: bool = True  # False when the task compressed the context without the question (query_agnostic)
+    query_aware: bool = True  # False when the run compressed the context without the question (compress=context)
     expected_tasks: list[str] = field(default_factory=list)  # the tasks its config asks for
     context_lengths: list[int] = field(default_factory=list)  # the context lengths it asks for (passkey, RULER)
     task: str = ""  # the task and its options, as run.json names it (`passkey-lengths=4096`)
@@ -141,7 +141,7 @@ def derived_labels(config: dict, info: dict) -> dict:
         "method": name,
         "method_variant": label.removeprefix(prefix).removeprefix("-"),
         "budget": shown,
-        "query": "agnostic" if task.get("query_agnostic") else "aware",
+        "query": "agnostic" if compress_of(config) == "context" else "aware",
         "expected_tasks": [str(name) for name in tasks or [task.get("name")]],
         "context_lengths": [int(length) for length in lengths] if lengths else None,
     }

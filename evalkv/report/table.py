@@ -1,7 +1,7 @@
 """`evalkv table`: every run under some paths in one table, rows model / method / budget, columns tasks + averages.
 
 Rows are (model, method, budget), plus `query` (aware / agnostic) when some run compressed the context without the
-question (LongBench's `task.query_agnostic`). In the scores view, columns are the tasks grouped by benchmark category,
+question (`compress=context`). In the scores view, columns are the tasks grouped by benchmark category,
 each category followed by its average, then `average` over every task (report/columns.py). A run that has no score
 for a task it was asked for (or that another row has) leaves the cell empty (shown as `-`), never 0, and every
 average over a missing cell is missing too.

@@ -11,6 +11,11 @@ step is compared with the HBM-bandwidth bound, the model's weight bytes divided 
 through `Engine.generate_batch` in batches of `batch_size` samples, as `evalkv pred` runs them, with no stop tokens,
 so each generates exactly its task's max new tokens; the wall time covers prefill, compression and decode of every
 sample (model load excluded, the device synchronised before each clock read).
+
+`--questions N` times several questions about one context: a random context of each length with N random questions,
+answered from one compression of the context (`Engine.generate_batch` with the N requests, which shares it) and by
+compressing the context again for each question (one `generate_batch` per question), with the same engine and
+method; both decode one question at a time, so the ratio of the two wall times is what sharing the compression saves.
 """
 
 from __future__ import annotations
@@ -322,6 +327,114 @@ def format_workload_rows(report: dict) -> str:
             f"{row['generated_tokens']}", batch, f"{row['wall_s']:.2f}", f"{row['samples_per_s']:.3f}",
             f"{row['generated_tokens_per_s']:.1f}", _peak(row),
         ])
+    return markdown_table(header, cells)
+
+
+@dataclass
+class QuestionsRow:
+    method: str
+    context_length: int
+    questions: int  # questions about the one context
+    question_tokens: int  # tokens of each question (fed after the context was compressed)
+    new_tokens: int  # generated per question (EOS ignored)
+    decode_graphs: str  # the engine's decode_graphs mode
+    shared_wall_s: float  # median over repeats: the context compressed once, then every question answered
+    shared_wall_s_all: list[float]
+    recompressed_wall_s: float  # median over repeats: every question with its own compression of the context
+    recompressed_wall_s_all: list[float]
+    speedup: float  # recompressed_wall_s / shared_wall_s
+    shared_prefill_s: float  # the questions' prefill times summed (last repeat): one compression + N questions
+    recompressed_prefill_s: float  # the same, compressing for each question: N compressions + N questions
+    contexts_reused: int  # questions answered from the shared compression (N - 1)
+    same_tokens: bool  # both ways generated the same tokens for every question
+    kept_tokens: float  # entries per layer and KV head before decoding: the compressed context plus the question
+    peak_memory_gb: float | None  # torch.cuda.max_memory_allocated over the timed repeats (GPU only)
+
+
+_WAYS = ("shared", "recompressed")
+
+
+def _answer(engine: Engine, requests: list[Request], way: str) -> list:
+    """Every question's generation: `shared` in one generate_batch (the context compressed once), `recompressed`
+    one generate_batch per question (compressed for each); decoding one question at a time either way."""
+    if way == "shared":
+        return engine.generate_batch(requests, 1)
+    return [engine.generate_batch([request], 1)[0] for request in requests]
+
+
+def bench_questions_method(model: LoadedModel, method_name: str, options: dict, lengths: list[int], questions: int,
+                           question_tokens: int, new_tokens: int, repeats: int, warmup: int, seed: int = 0,
+                           mlp_chunk: int | None = None, decode_graphs: str = "auto") -> list[QuestionsRow]:
+    """Per length: one random context and `questions` random questions, answered from one compression of the
+    context and with a compression per question (the same engine; both decode one question at a time)."""
+    method = build_method(method_name, options)
+    engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk,
+                    decode_graphs=decode_graphs)
+    vocab, device = model.model.config.vocab_size, model.device
+    rows = []
+    for length in lengths:
+        generator = torch.Generator().manual_seed(seed + length)
+        context = torch.randint(0, vocab, (length,), generator=generator)
+        requests = [Request(context, new_tokens, suffix_ids=torch.randint(0, vocab, (question_tokens,),
+                                                                          generator=generator))
+                    for _ in range(questions)]
+        for _ in range(warmup):
+            for way in _WAYS:
+                _answer(engine, requests, way)
+        _reset_peak_memory(device)
+        walls: dict[str, list[float]] = {way: [] for way in _WAYS}
+        generations: dict[str, list] = {}
+        for _ in range(repeats):
+            for way in _WAYS:  # alternated, so drifting clocks or load touch both alike
+                synchronize(device)
+                began = time.perf_counter()
+                generations[way] = _answer(engine, requests, way)
+                synchronize(device)
+                walls[way].append(time.perf_counter() - began)
+        shared, recompressed = statistics.median(walls["shared"]), statistics.median(walls["recompressed"])
+        rows.append(QuestionsRow(
+            method=method_name, context_length=length, questions=questions, question_tokens=question_tokens,
+            new_tokens=new_tokens, decode_graphs=decode_graphs,
+            shared_wall_s=round(shared, 4), shared_wall_s_all=[round(x, 4) for x in walls["shared"]],
+            recompressed_wall_s=round(recompressed, 4),
+            recompressed_wall_s_all=[round(x, 4) for x in walls["recompressed"]],
+            speedup=round(recompressed / shared, 3) if shared > 0 else 0.0,
+            shared_prefill_s=round(sum(g.prefill_s for g in generations["shared"]), 4),
+            recompressed_prefill_s=round(sum(g.prefill_s for g in generations["recompressed"]), 4),
+            contexts_reused=sum(g.context_reused for g in generations["shared"]),
+            same_tokens=[g.token_ids for g in generations["shared"]]
+            == [g.token_ids for g in generations["recompressed"]],
+            kept_tokens=round(generations["shared"][0].kept_tokens, 2), peak_memory_gb=_peak_memory_gb(device),
+        ))
+        print(json.dumps(asdict(rows[-1])), file=sys.stderr, flush=True)
+    return rows
+
+
+def run_questions_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list[int], questions: int,
+                        question_tokens: int, new_tokens: int, repeats: int, warmup: int, seed: int = 0,
+                        mlp_chunk: int | None = None, decode_graphs: Sequence[str] = ("auto",)) -> dict:
+    rows = []
+    for mode in decode_graphs:
+        for name, options in methods:
+            rows.extend(bench_questions_method(model, name, options, lengths, questions, question_tokens, new_tokens,
+                                               repeats, warmup, seed, mlp_chunk, mode))
+    return {
+        **_environment(model),
+        "note": f"random context and {questions} random questions of {question_tokens} tokens; shared = the context "
+                "compressed once for every question, recompressed = compressed again for each; both decode one "
+                "question at a time, fixed generation length (EOS ignored); medians over repeats",
+        "questions": questions, "question_tokens": question_tokens, "repeats": repeats, "warmup": warmup,
+        "mlp_chunk": mlp_chunk, "decode_graphs": list(decode_graphs), "rows": [asdict(row) for row in rows],
+    }
+
+
+def format_questions_rows(report: dict) -> str:
+    header = ["method", "length", "questions", "shared_s", "recompressed_s", "speedup", "prefill_shared_s",
+              "prefill_recompressed_s", "reused", "same_tokens", "peak_GB"]
+    cells = [[row["method"], f"{row['context_length']}", f"{row['questions']}", f"{row['shared_wall_s']:.3f}",
+              f"{row['recompressed_wall_s']:.3f}", f"{row['speedup']:.2f}x", f"{row['shared_prefill_s']:.3f}",
+              f"{row['recompressed_prefill_s']:.3f}", f"{row['contexts_reused']}",
+              "yes" if row["same_tokens"] else "no", _peak(row)] for row in report["rows"]]
     return markdown_table(header, cells)
 
 

@@ -4,10 +4,11 @@
 
 starts four processes (torchrun, or `accelerate launch`, sets RANK, WORLD_SIZE, LOCAL_RANK). Each loads the whole
 model on its own GPU (`cuda:LOCAL_RANK`; the CPU where there is none), takes every fourth sample of those not yet
-done, and appends its records to its own shard `predictions.rank<r>.jsonl`. When every rank has finished, rank 0
-merges the shards into `predictions.jsonl` in the task's sample order (one atomic write) and removes them, so the
-run's files are those of a one-process run. A killed run leaves its shards behind; the next run, parallel or not,
-merges them first, so nothing finished is redone and nothing is duplicated.
+done (questions about one context stay together), and appends its records to its own shard
+`predictions.rank<r>.jsonl`. When every rank has finished, rank 0 merges the shards into `predictions.jsonl` in the
+task's sample order (one atomic write) and removes them, so the run's files are those of a one-process run. A killed
+run leaves its shards behind; the next run, parallel or not, merges them first, so nothing finished is redone and
+nothing is duplicated.
 
 The processes coordinate through a gloo process group: barriers and one small gather of totals, no tensor crosses
 devices, so the same code runs on a GPU host and in CPU-only tests.
@@ -198,17 +199,21 @@ class ShardedRun:
         return {str(record.get("id")) for record in read_records(predictions)} if predictions.exists() else set()
 
     def assign(self, samples: Iterable[Sample], done: set[str]) -> Iterator[Sample]:
-        """This rank's samples: the i-th of those not in `done` goes to rank i % world_size. One process gets every
-        sample (its loop skips the finished ones). Remembers the task's order of ids for the merge."""
-        pending = 0
+        """This rank's samples: of those not in `done`, the i-th run of samples about one context (one sample, unless
+        consecutive samples share their context under compress=context) goes to rank i % world_size, so a context is
+        compressed once. One process gets every sample (its loop skips the finished ones). Remembers the task's
+        order of ids for the merge."""
+        run, previous = -1, None
         for sample in samples:
             self.order.append(sample.id)
             if not self.parallel:
                 yield sample
             elif sample.id not in done:
-                if pending % self.world_size == self.rank:
+                if previous is None or not previous.shares_context(sample):
+                    run += 1
+                previous = sample
+                if run % self.world_size == self.rank:
                     yield sample
-                pending += 1
 
     def output(self, run_dir: Path) -> Path:
         """Where this rank appends its records: `predictions.jsonl`, or its shard when there are several ranks."""

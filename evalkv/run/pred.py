@@ -31,6 +31,7 @@ from evalkv.records import (
     PREDICTIONS,
     RUN_INFO,
     RecordWriter,
+    compress_of,
     read_json,
     read_records,
     write_json_atomic,
@@ -111,11 +112,19 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix.rstrip("."): value}
 
 
+def _with_compress(config: dict) -> dict:
+    """A stored config as today's: one written before `compress` existed gets the value it ran with."""
+    if "compress" in config:
+        return config
+    task = {key: value for key, value in config.get("task", {}).items() if key != "query_agnostic"}
+    return {**config, "compress": compress_of(config), "task": {**task, "compress": compress_of(config)}}
+
+
 def check_resumable(run_dir: Path, composed: dict, task: Task, method: Method) -> None:
     stored_path = run_dir / CONFIG
     if not stored_path.exists():
         return
-    stored = _flatten(OmegaConf.to_container(OmegaConf.load(stored_path), resolve=True))
+    stored = _flatten(_with_compress(OmegaConf.to_container(OmegaConf.load(stored_path), resolve=True)))
     current = _flatten(composed)
     resumable = _RESUMABLE_KEYS | {f"task.{option}" for option in task.free_options}
     if not method.requires_budget():  # e.g. full: a sweep's budget= does not apply to it
@@ -167,6 +176,8 @@ def make_record(sample: Sample, model: LoadedModel, method: Method, generation: 
         "decode_batch": generation.decode_batch,
         "decode_graph": generation.decode_graph,
         "decode_compiled": generation.decode_compiled,
+        "compress": "prompt" if sample.suffix_ids is None else "context",
+        "context_reused": generation.context_reused,
         "method": method.name,
         **sample.metadata,
     }
@@ -223,18 +234,29 @@ class FollowUps:
 
 
 def _batches(samples, done: set[str], size: int, progress) -> Iterator[list[Sample]]:
-    """Samples not yet done, `size` at a time (finished ones only advance the progress bar)."""
+    """Samples not yet done, `size` at a time (finished ones only advance the progress bar). A batch never splits a
+    run of samples about one context (compress=context): they go to one `generate_batch`, which compresses the
+    context once, so a batch may hold more than `size` (it still decodes at most `size` at a time)."""
     batch: list[Sample] = []
     for sample in samples:
         if sample.id in done:
             progress.update(1)
             continue
-        batch.append(sample)
-        if len(batch) == size:
+        if len(batch) >= size and not batch[-1].shares_context(sample):
             yield batch
             batch = []
+        batch.append(sample)
     if batch:
         yield batch
+
+
+def _protocol_checked(samples, task: Task) -> Iterator[Sample]:
+    """The task's samples, refused where they do not follow `compress=context` (a task that ignores it)."""
+    for sample in samples:
+        if task.splits_question and sample.suffix_ids is None:
+            raise EvalkvError(f"task {task.name} does not support compress=context: its sample {sample.id} comes "
+                              "without its question apart (Sample.suffix_ids); use compress=prompt")
+        yield sample
 
 
 def _expected_samples(task: Task) -> int | None:
@@ -274,7 +296,7 @@ def run_labels(cfg: DictConfig, method: Method, task: Task) -> dict:
         "method": method.name,
         "method_variant": method_label(method).removeprefix(method.describe()).removeprefix("-"),
         "budget": _budget_label(method),
-        "query": "agnostic" if getattr(task, "query_agnostic", False) else "aware",
+        "query": "agnostic" if task.splits_question else "aware",
         "expected_tasks": [str(name) for name in getattr(task, "task_names", None) or getattr(task, "tasks", None)
                            or [task.name]],
         "context_lengths": [int(length) for length in lengths] if lengths else None,
@@ -322,7 +344,7 @@ def _run_pred(cfg: DictConfig) -> Path:
     engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=cfg.mlp_chunk,
                     decode_graphs=cfg.decode_graphs)
     follow_ups = FollowUps(model, cfg)
-    samples = task.samples(model)
+    samples = _protocol_checked(task.samples(model), task)
     if task.n_samples is not None:
         samples = itertools.islice(samples, task.n_samples)
     total = _expected_samples(task)

@@ -94,11 +94,11 @@ def middle_truncation(model, text: str, max_length: int | None) -> tuple[str, st
     return model.decode(head + ids[-max_length // 2 :]), model.decode(head)
 
 
-def build_prompt(model, context_part: str, question_part: str, chat: bool, query_agnostic: bool,
+def build_prompt(model, context_part: str, question_part: str, chat: bool, split: bool,
                  max_length: int | None) -> Prompt:
     """Token ids of the prompt `context_part + question_part`, truncated as pred.py does, chat-wrapped when `chat`.
 
-    Query-agnostic mode feeds the same ids in two parts cut where the document ends (the instructions and the
+    With `split` (compress=context) the same ids come in two parts cut where the document ends (the instructions and the
     document first, to be compressed; then the question, the choices, the answer cue and the chat template's
     closing). When truncation cuts into the question part itself (a question longer than half the budget), the cut
     is where the kept first half ends.
@@ -109,9 +109,7 @@ def build_prompt(model, context_part: str, question_part: str, chat: bool, query
         text, head = truncation
         boundary = (len(text) - len(question_part) if text.endswith(question_part)
                     else len(os.path.commonprefix([text, head])))
-    if not query_agnostic:
-        return Prompt(model.encode_prompt(text, chat=chat), None, truncation is not None, chat)
-    prompt_ids, suffix_ids = model.encode_split(text, boundary, chat=chat)
+    prompt_ids, suffix_ids = model.encode_parts(text, boundary, chat=chat, split=split)
     return Prompt(prompt_ids, suffix_ids, truncation is not None, chat)
 
 
@@ -161,8 +159,8 @@ class LongBenchV2(Task):
     max_prompt_length: truncate prompts to this many tokens (the reference's model2maxlen: 120000 for 128K-context
         models); null uses `model.max_prompt_length` (LongBench v1's lengths in evalkv's model configs), and a model
         without one is not truncated.
-    query_agnostic: compress the instructions and the document alone, then feed the question, the choices and the
-        answer cue without eviction (as evalkv's LongBench v1 task does). Same token ids as the default mode.
+    compress: `context` compresses the instructions and the document alone, then feeds the question, the choices and
+        the answer cue (as evalkv's LongBench v1 task does); same token ids as `prompt` (the default).
     chat_template: null = the model's chat template when it has one (pred.py always sends a chat request); true
         insists on one; false never wraps.
     check_row_counts: refuse a data file without the official 503 questions.
@@ -171,7 +169,6 @@ class LongBenchV2(Task):
     data_path: Optional[str] = None
     prompt: str = "0shot"
     max_prompt_length: Optional[int] = None
-    query_agnostic: bool = False
     chat_template: Optional[bool] = None
     check_row_counts: bool = True
 
@@ -184,9 +181,9 @@ class LongBenchV2(Task):
             raise EvalkvError(f"longbench_v2: unknown prompt {self.prompt!r}; known: {', '.join(PROMPTS)}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise EvalkvError(f"longbench_v2: max_prompt_length must be >= 1 (or null), got {self.max_prompt_length}")
-        if self.query_agnostic and self.prompt == "no_context":
+        if self.splits_question and self.prompt == "no_context":
             raise EvalkvError("longbench_v2: prompt=no_context has no document to compress apart from the question; "
-                              "set query_agnostic=false")
+                              "use compress=prompt")
 
     @property
     def task_name(self) -> str:
@@ -210,7 +207,7 @@ class LongBenchV2(Task):
         max_length = self.max_prompt_length if self.max_prompt_length is not None else model.max_prompt_length
         chat = uses_chat(self.task_name, self.chat_template, model)
         for sample_id, row in zip(sample_ids(self.task_name, list(rows)), rows):
-            prompt = build_prompt(model, *split_fill(TEMPLATES[self.prompt], row), chat, self.query_agnostic,
+            prompt = build_prompt(model, *split_fill(TEMPLATES[self.prompt], row), chat, self.splits_question,
                                   max_length)
             yield Sample(
                 id=sample_id, task=self.task_name, prompt_ids=prompt.prompt_ids, suffix_ids=prompt.suffix_ids,

@@ -15,6 +15,10 @@ Both build the context the same way: the essays, repeated until they hold the lo
 tokens; then `final_context_length_buffer` (200) more tokens are taken off, the needle's tokens are inserted at
 `int(len * depth / 100)` moved back to just after a period token (depth 100: at the end), and the tokens are decoded.
 
+With compress=context the question is everything after the haystack: the `kv` form's ` </book>.\n Based on the
+content of the book, Question: ...\nAnswer:`, the `original` form's question message (and, either way, the chat
+template's closing).
+
 Scores (evalkv/metrics/needle.py): needle recall, the share of the answer's words in the response (KVCache-Factory
 `visualize.py`, the heatmap score), and for the kv form also ROUGE-1 F x 10 against the needle (its stored score).
 
@@ -52,10 +56,13 @@ GRIDS = {
 MAX_NEW_TOKENS = {"original": 300, "kv": 30}
 
 
+# KVCache-Factory's prompt for local models (verbatim).
+KV_PROMPT = ("<|im_start|> This is a very long story book: <book> {context} </book>.\n Based on the content of the "
+             "book, Question: {question}\nAnswer:")
+
+
 def kv_prompt(context: str, question: str) -> str:
-    """KVCache-Factory's prompt for local models (verbatim)."""
-    return (f"<|im_start|> This is a very long story book: <book> {context} </book>.\n Based on the content of the "
-            f"book, Question: {question}\nAnswer:")
+    return KV_PROMPT.format(context=context, question=question)
 
 
 def original_messages(context: str, question: str) -> list[dict[str, str]]:
@@ -154,11 +161,11 @@ class Needle(Task):
                 ids = insert_needle(context_ids, needle_ids, depth, length, self.final_context_length_buffer,
                                     periods)
                 context = tokenizer.decode(ids, skip_special_tokens=True)
-                prompt_ids = self._prompt_ids(model, context, question, chat)
+                prompt_ids, suffix_ids = self._prompt_ids(model, context, question, chat)
                 yield Sample(
-                    id=f"len{length}_depth{depth:g}", task="needle", prompt_ids=prompt_ids, answers=[self.answer],
-                    max_new_tokens=self.max_new_tokens or MAX_NEW_TOKENS[self.form], length=len(prompt_ids),
-                    stop_token_ids=stop,
+                    id=f"len{length}_depth{depth:g}", task="needle", prompt_ids=prompt_ids, suffix_ids=suffix_ids,
+                    answers=[self.answer], max_new_tokens=self.max_new_tokens or MAX_NEW_TOKENS[self.form],
+                    length=len(prompt_ids) + len(suffix_ids or []), stop_token_ids=stop,
                     metadata={"context_length": length, "depth": depth, "form": self.form, "needle": self.needle},
                 )
 
@@ -170,18 +177,27 @@ class Needle(Task):
             text += essays
         return tokenizer.encode(text, add_special_tokens=False)
 
-    def _prompt_ids(self, model, context: str, question: str, chat: bool) -> list[int]:
+    def _prompt_ids(self, model, context: str, question: str, chat: bool) -> tuple[list[int], list[int] | None]:
+        """The prompt's token ids, or with compress=context the context's and the question's (cut after `context`)."""
+        split = self.splits_question
         if self.form == "kv":
-            return model.encode_prompt(kv_prompt(context, question), chat=chat)
+            opening = KV_PROMPT.partition("{context}")[0]
+            return model.encode_parts(kv_prompt(context, question), len(opening) + len(context), chat=chat, split=split)
         messages = original_messages(context, question)
+        joined = "\n\n".join(message["content"] for message in messages)
+        context_end = len(messages[0]["content"]) + len("\n\n") + len(context)
         if not chat:
-            return model.encode_prompt("\n\n".join(message["content"] for message in messages))
+            return model.encode_parts(joined, context_end, split=split)
         if not getattr(model.tokenizer, "chat_template", None):
             raise EvalkvError(f"model {model.name} has no chat template; set task.chat_template=false")
         from jinja2 import TemplateError
 
+        def render(marker: str) -> str:
+            return model.tokenizer.apply_chat_template(original_messages(context + marker, question), tokenize=False,
+                                                       add_generation_prompt=True)
+
         try:
-            text = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            render("")
         except TemplateError:  # no system turn or no two user turns in a row: one user message
-            return model.encode_prompt("\n\n".join(message["content"] for message in messages), chat=True)
-        return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return model.encode_parts(joined, context_end, chat=True, split=split)
+        return model.encode_rendered(render, special_tokens=False, split=split)

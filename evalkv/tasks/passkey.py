@@ -40,7 +40,8 @@ class Passkey(Task):
     Based on Landmark Attention's passkey test (Mohtashami & Jaggi, arXiv 2305.16300) with the depth-controlled
     variant the KV-cache papers use: `n_prefix = int(n_garbage * depth / 100)`; each prompt holds the most filler
     characters whose tokenized prompt fits `length` tokens. Keys are `randint(1, 50000)` from a generator seeded by
-    (seed, length, depth, index). Metric: the first integer in the output equals the key.
+    (seed, length, depth, index). Metric: the first integer in the output equals the key. With compress=context the
+    question is the last line, "\nWhat is the pass key? The pass key is" (with the chat template's closing).
 
     lengths: prompt lengths in tokens (chat wrapper included when `chat_template` is on).
     depths: key depths in percent.
@@ -69,14 +70,17 @@ class Passkey(Task):
             for depth in self.depths:
                 for index in range(self.samples_per_cell):
                     key = random.Random(f"passkey-{self.seed}-{length}-{depth:g}-{index}").randint(1, 50000)
-                    ids = self._fit(model, length, depth, key)
+                    text = passkey_prompt(self._fit(model, length, depth, key), depth, key)
+                    prompt_ids, suffix_ids = model.encode_parts(text, text.rindex("\n" + FINAL_QUESTION),
+                                                                chat=self.chat_template, split=self.splits_question)
                     yield Sample(
                         id=f"len{length}_depth{depth:g}_{index}",
                         task="passkey",
-                        prompt_ids=ids,
+                        prompt_ids=prompt_ids,
+                        suffix_ids=suffix_ids,
                         answers=[str(key)],
                         max_new_tokens=self.max_new_tokens,
-                        length=len(ids),
+                        length=len(prompt_ids) + len(suffix_ids or []),
                         metadata={"context_length": length, "depth": depth},
                     )
 
@@ -86,8 +90,8 @@ class Passkey(Task):
     def _encode(self, model, n_garbage: int, depth: float, key: int) -> list[int]:
         return model.encode_prompt(passkey_prompt(n_garbage, depth, key), chat=self.chat_template)
 
-    def _fit(self, model, length: int, depth: float, key: int) -> list[int]:
-        """Token ids of the prompt with the most filler that still fits `length` tokens (binary search)."""
+    def _fit(self, model, length: int, depth: float, key: int) -> int:
+        """The most filler characters whose prompt still fits `length` tokens (binary search)."""
         if len(self._encode(model, 0, depth, key)) > length:
             raise EvalkvError(f"passkey: length {length} is too short for the prompt's fixed text")
         low, high = 0, max(64, length)
@@ -99,4 +103,4 @@ class Passkey(Task):
                 low = middle
             else:
                 high = middle
-        return self._encode(model, low, depth, key)
+        return low

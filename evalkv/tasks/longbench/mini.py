@@ -25,7 +25,7 @@ class MiniLongBench(Task):
     LongBench task name, so `evalkv score` applies LongBench's metrics.
     Deviations: the prompts follow OpenCompass's LongBench templates, which are close to LongBench's but not
     byte-identical (e.g. "as concisely" for narrativeqa); the files have no `length`, so records have none;
-    context and question are not stored apart, so there is no query-agnostic mode.
+    context and question are not stored apart, so only compress=prompt runs (compress=context is refused).
 
     data_dir: the folder of MiniLongBench_{task}.json files (required).
     tasks: which of the 21 tasks, in run order (default all).
@@ -47,6 +47,11 @@ class MiniLongBench(Task):
             raise EvalkvError(f"minilongbench: tasks must be LongBench tasks ({', '.join(TASKS)}); got {unknown or []}")
         if self.samples_per_task is not None and self.samples_per_task < 1:
             raise EvalkvError(f"minilongbench: samples_per_task must be >= 1 (or null), got {self.samples_per_task}")
+        if self.splits_question:
+            raise EvalkvError(
+                "minilongbench cannot run compress=context: its prompts come rendered whole (OpenCompass's templates, "
+                "which differ from LongBench's on narrativeqa, qasper and repobench-p), so where the context ends is "
+                "not known; use compress=prompt, or task=longbench with LongBench's files for compress=context")
 
     def _entries(self, task: str):
         return read_minilongbench(minilongbench_file(self.data_dir, task))[: self.samples_per_task]
@@ -56,7 +61,7 @@ class MiniLongBench(Task):
             minilongbench_file(self.data_dir, task)
         for task in self.tasks:
             for entry in self._entries(task):
-                prompt = build_prompt(model, task, entry.prompt, "", self.chat_template, query_agnostic=False)
+                prompt = build_prompt(model, task, entry.prompt, "", self.chat_template, split=False)
                 yield longbench_sample(model, task, f"{task}/{entry.key}", prompt, entry.answers, entry.all_classes,
                                        None, {})
 

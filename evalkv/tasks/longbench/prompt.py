@@ -28,7 +28,7 @@ from evalkv.tasks.longbench.spec import MAX_NEW_TOKENS, NO_CHAT_TASKS, base_task
 @dataclass
 class Prompt:
     prompt_ids: list[int]
-    suffix_ids: list[int] | None  # query-agnostic mode: the question, fed after the context was compressed
+    suffix_ids: list[int] | None  # compress=context: the question, fed after the context was compressed
     truncated: bool
     chat: bool
 
@@ -50,14 +50,14 @@ def uses_chat(task: str, chat_template: bool | None, model) -> bool:
 
 
 def build_prompt(model, task: str, context_part: str, question_part: str, chat_template: bool | None,
-                 query_agnostic: bool) -> Prompt:
+                 split: bool) -> Prompt:
     """Token ids for one LongBench prompt `context_part + question_part` (the template filled in, cut after
     `{context}`), truncated to `model.max_prompt_length` as pred.py does (no truncation when it is unset).
 
-    Query-agnostic mode feeds the same token ids in two parts: the prompt to compress ends where the context ends,
-    the rest (the question, the answer cue and the chat template's closing) follows compression. When truncation
-    keeps the whole question the split is exactly there; when it cuts into the question (a question longer than
-    half the budget), the kept tail of the prompt is the question part.
+    With `split` (compress=context) the same token ids come in two parts: the prompt to compress ends where the
+    context ends, the rest (the question, the answer cue and the chat template's closing) follows compression. When
+    truncation keeps the whole question the split is exactly there; when it cuts into the question (a question
+    longer than half the budget), the kept tail of the prompt is the question part.
     """
     text, boundary = context_part + question_part, len(context_part)
     halves = middle_truncation(model, text, model.max_prompt_length)
@@ -66,9 +66,7 @@ def build_prompt(model, task: str, context_part: str, question_part: str, chat_t
         text = head + tail
         boundary = len(text) - len(question_part) if tail.endswith(question_part) else len(head)
     chat = uses_chat(task, chat_template, model)
-    if not query_agnostic:
-        return Prompt(model.encode_prompt(text, chat=chat), None, halves is not None, chat)
-    prompt_ids, suffix_ids = model.encode_split(text, boundary, chat=chat)
+    prompt_ids, suffix_ids = model.encode_parts(text, boundary, chat=chat, split=split)
     return Prompt(prompt_ids, suffix_ids, halves is not None, chat)
 
 

@@ -77,20 +77,21 @@ class LongBench(Task):
 
     Based on LongBench (Bai et al., arXiv 2308.14508), THUDM/LongBench `LongBench/pred.py` and `eval.py`
     (specs/benchmarks.md §A); the defaults follow what the KV-cache papers run (§D): the 16 English tasks, the whole
-    prompt compressed. Prompts: evalkv/tasks/longbench/prompt.py (deviations listed there). Records carry the task
-    name (`hotpotqa`; LongBench-E rows `hotpotqa_e`), the row's `length` and `language`, and whether the prompt was
-    query-aware, chat-wrapped and truncated.
+    prompt compressed (compress=prompt). Prompts: evalkv/tasks/longbench/prompt.py (deviations listed there).
+    Records carry the task name (`hotpotqa`; LongBench-E rows `hotpotqa_e`), the row's `length` and `language`, and
+    whether the prompt was query-aware, chat-wrapped and truncated.
 
     data_dir: a folder with the official `{task}.jsonl` / `{task}_e.jsonl` files (data.zip unpacked; a `data/`
         subfolder is found too). `evalkv data longbench --dest DIR` fetches them.
     tasks: task names in run order; `{task}_e` for LongBench-E; groups `all` (21), `en` (16 English, the default),
         `zh` (5 Chinese), `all_e` (13 LongBench-E).
-    query_agnostic: compress the context alone, then feed the question (and the answer cue and chat closing)
-        without eviction, as kvpress does. Default: the whole prompt is compressed, as the KV-cache papers do.
-        The split keeps the default mode's token ids: the whole prompt is truncated first (as the reference), then
-        cut where `{context}` ends in it (the template's opening and the chat template's opening go with the
-        context, the rest with the question; a token straddling the cut goes with the question). When truncation
-        cuts into the question itself (a question longer than half the budget), the kept tail is the question part.
+    compress: `context` compresses the context alone, then feeds the question (and the answer cue and chat closing)
+        without eviction, as kvpress does (records say `query_aware: false`); `prompt` (default) compresses the
+        whole prompt, as the KV-cache papers do. The split keeps the whole prompt's token ids: the whole prompt is
+        truncated first (as the reference), then cut where `{context}` ends in it (the template's opening and the
+        chat template's opening go with the context, the rest with the question; a token straddling the cut goes
+        with the question). When truncation cuts into the question itself (a question longer than half the
+        budget), the kept tail is the question part. (Runs before `compress` existed set `query_agnostic: true`.)
     chat_template: null = the reference's rule (the model's chat template on every task but trec, triviaqa,
         samsum, lsht, lcc, repobench-p, when the tokenizer has one); true = the same rule, and a model without a
         template is an error; false = never.
@@ -102,7 +103,6 @@ class LongBench(Task):
 
     data_dir: Optional[str] = None
     tasks: list[str] = field(default_factory=lambda: list(ENGLISH_TASKS))
-    query_agnostic: bool = False
     chat_template: Optional[bool] = None
     samples_per_task: Optional[int] = None
     check_row_counts: bool = True
@@ -132,7 +132,7 @@ class LongBench(Task):
             for sample_id, row in zip(sample_ids(name, rows), rows):
                 context_part, question_part = split_template(name, row)
                 prompt = build_prompt(model, name, context_part, question_part, self.chat_template,
-                                      self.query_agnostic)
+                                      self.splits_question)
                 yield longbench_sample(model, name, sample_id, prompt, row["answers"], row.get("all_classes"),
                                        row.get("length"), {"language": row.get("language")})
 

@@ -29,7 +29,9 @@ from evalkv.tasks.ruler.constants import (
 )
 from evalkv.tasks.ruler.sentences import punkt_identity
 
-_ROW_FIELDS = {"index", "input", "answer_prefix", "outputs", "length"}
+MULTIQUERY = "niah_multiquery"
+# Row fields that make the sample rather than being copied into its record.
+_ROW_FIELDS = {"index", "input", "answer_prefix", "outputs", "length", "question", "single_queries"}
 # The fields of RULER's rows that its prediction and scoring read (the rest is bookkeeping).
 REFERENCE_FIELDS = ("input", "outputs", "length", "answer_prefix")
 
@@ -70,6 +72,13 @@ class Ruler(Task):
     squad_path / hotpotqa_path: SQuAD v2 dev / HotpotQA dev distractor JSON files, for qa_1 / qa_2.
     cwe_words_path: RULER's json/english_words.json, used by cwe when it needs more words than wonderwords has.
     cache_dir: where generated data go (default: evalkv's cache, `ruler/`).
+    split_queries: niah_multiquery asks one query at a time: each sample becomes one sample per query (ids
+        `{task}-{length}-{index}-q{j}`), sharing the context, each with its query's answers; RULER's template and
+        answer prefix with that one key as `{query}` (plural wording, as the task's). string_match_all over each
+        query alone, averaged over every query of every sample, weighs each query as RULER's per-sample mean does
+        (each sample has the same number of queries), so the task score stays comparable.
+    compress=context: the question is the template's end after the haystack (with the chat wrapper's closing) and
+        the answer prefix; each generator's row says where it begins (`question`).
     """
 
     tasks: list[str] = field(default_factory=lambda: list(SYNTHETIC_TASKS))
@@ -82,6 +91,7 @@ class Ruler(Task):
     hotpotqa_path: Optional[str] = None
     cwe_words_path: Optional[str] = None
     cache_dir: Optional[str] = None
+    split_queries: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,14 +105,27 @@ class Ruler(Task):
             raise EvalkvError(f"ruler: lengths must be token counts >= 256, got {list(self.lengths)}")
         if self.num_samples < 1:
             raise EvalkvError(f"ruler: num_samples must be >= 1, got {self.num_samples}")
+        if self.split_queries and MULTIQUERY not in self.tasks:
+            raise EvalkvError(f"ruler: split_queries splits {MULTIQUERY}'s queries, and task.tasks does not include "
+                              f"it ({', '.join(self.tasks)}); add it or leave split_queries out")
+
+    def queries(self, name: str) -> int:
+        """Samples per generated row: niah_multiquery's queries with split_queries, else 1."""
+        return RULER_TASKS[name].args["num_needle_q"] if self.split_queries and name == MULTIQUERY else 1
 
     def size(self) -> int:
-        return len(self.tasks) * len(self.lengths) * self.num_samples
+        return len(self.lengths) * self.num_samples * sum(self.queries(name) for name in self.tasks)
 
     def samples(self, model) -> Iterator[Sample]:
         for name, length, rows in self.generated(model.tokenizer, model.name):
             for row in rows:
-                yield self._sample(name, length, row, model.tokenizer)
+                if self.queries(name) == 1:
+                    yield self._sample(name, length, row, model)
+                    continue
+                for number, query in enumerate(row["single_queries"]):
+                    single = {**row, **query, "input": row["input"][: len(row["input"]) - len(row["question"])]
+                              + query["question"], "queries": [row["queries"][number]]}
+                    yield self._sample(name, length, single, model, f"-q{number}")
 
     def generated(self, tokenizer, model_name: str | None = None) -> Iterator[tuple[str, int, list[dict]]]:
         """(task, length, rows) for every length and task in run order: RULER's jsonl rows (`input`, `outputs`,
@@ -123,11 +146,22 @@ class Ruler(Task):
                 yield name, length, cached_rows(folder, name, length, fields, self.num_samples,
                                                 functools.partial(self._generate, name, setting, data))
 
-    def _sample(self, name: str, length: int, row: dict, tokenizer) -> Sample:
-        ids = tokenizer(row["input"] + row["answer_prefix"], add_special_tokens=not self.chat_template)["input_ids"]
+    def _sample(self, name: str, length: int, row: dict, model, query: str = "") -> Sample:
+        """RULER's `input + answer_prefix`, tokenized as RULER does (special tokens only without a chat wrapper);
+        with compress=context cut where the row's question begins."""
+        text, question = row["input"] + row["answer_prefix"], row.get("question")
+        if not question or not row["input"].endswith(question):
+            raise EvalkvError(f"ruler {name} at {length}: a generated row has no question at its end; delete "
+                              f"evalkv's RULER cache (task.cache_dir, default ~/.cache/evalkv/ruler) and run again")
+        context_end = len(row["input"]) - len(question)
+        prompt_ids, suffix_ids = model.encode_rendered(lambda marker: text[:context_end] + marker + text[context_end:],
+                                                       special_tokens=not self.chat_template,
+                                                       split=self.splits_question)
         extra = {key: value for key, value in row.items() if key not in _ROW_FIELDS}
-        return Sample(id=f"{name}-{length}-{row['index']}", task=name, prompt_ids=ids, answers=list(row["outputs"]),
-                      max_new_tokens=RULER_TASKS[name].tokens_to_generate, length=len(ids),
+        return Sample(id=f"{name}-{length}-{row['index']}{query}", task=name, prompt_ids=prompt_ids,
+                      suffix_ids=suffix_ids, answers=list(row["outputs"]),
+                      max_new_tokens=RULER_TASKS[name].tokens_to_generate,
+                      length=len(prompt_ids) + len(suffix_ids or []),
                       metadata={"context_length": length, "ruler_length": row["length"], **extra})
 
     def _generate(self, name: str, setting: Setting, data: dict[str, Any]) -> list[dict]:

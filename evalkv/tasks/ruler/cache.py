@@ -17,7 +17,7 @@ from evalkv.errors import EvalkvError
 from evalkv.records import read_records, write_json_atomic, write_text_atomic
 
 # Bump when any generator's output changes for the same inputs: old files then stop matching.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: rows carry `question` (and niah_multiquery's single queries)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

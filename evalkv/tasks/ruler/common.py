@@ -55,12 +55,15 @@ class Setting:
 
 @dataclass
 class Generated:
-    """One sample: RULER's `input` (the wrapped task text), `answer_prefix` and `outputs`, plus metadata."""
+    """One sample: RULER's `input` (the wrapped task text), `answer_prefix` and `outputs`, plus metadata, and the
+    question: the end of `input` after the context (compress=context feeds it, with the answer prefix, after the
+    context was compressed)."""
 
     input: str
     answer_prefix: str
     outputs: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    question: str = ""
 
     @property
     def prompt(self) -> str:
@@ -68,10 +71,18 @@ class Generated:
         return self.input + self.answer_prefix
 
 
-def render(setting: Setting, template: str, answer_prefix: str, **fields) -> tuple[str, str]:
-    """(wrapped task text, answer prefix), both filled with `fields` (RULER formats the whole
-    `model_template.format(task_template=...) + answer_prefix` string at once: the same text)."""
-    return setting.frame.wrap(template.format(**fields)), answer_prefix.format(**fields)
+def render(setting: Setting, template: str, answer_prefix: str, **fields) -> tuple[str, str, str]:
+    """(wrapped task text, answer prefix, question), filled with `fields` (RULER formats the whole
+    `model_template.format(task_template=...) + answer_prefix` string at once: the same text). The question is the
+    wrapped text's end after `{context}` (`ask`)."""
+    question, prefix = ask(setting, template, answer_prefix, **fields)
+    return setting.frame.wrap(template.format(**fields)), prefix, question
+
+
+def ask(setting: Setting, template: str, answer_prefix: str, **fields) -> tuple[str, str]:
+    """(question, answer prefix): the template after `{context}` with the chat wrapper's closing, and the answer
+    prefix, filled with `fields` (RULER's task templates end with their question, after the haystack)."""
+    return template.partition("{context}")[2].format(**fields) + setting.frame.suffix, answer_prefix.format(**fields)
 
 
 def measured(setting: Setting, sample: Generated) -> tuple[Generated, int]:
@@ -98,9 +109,10 @@ def sized_rows(setting: Setting, task: str, build: Callable[[int], Generated], s
 
 
 def as_row(index: int, sample: Generated, length: int, haystack_size: int) -> dict:
-    """RULER's output row (`index`, `input`, `outputs`, `length`, `answer_prefix`) plus evalkv's metadata."""
+    """RULER's output row (`index`, `input`, `outputs`, `length`, `answer_prefix`) plus evalkv's `question` and
+    metadata."""
     return {"index": index, "input": sample.input, "answer_prefix": sample.answer_prefix, "outputs": sample.outputs,
-            "length": length, "haystack_size": haystack_size, **sample.metadata}
+            "length": length, "question": sample.question, "haystack_size": haystack_size, **sample.metadata}
 
 
 def largest_fitting(total_tokens: Callable[[int], int], budget: int, lower: int, upper: int, fallback: int) -> int:

@@ -51,11 +51,11 @@ class CommonWords:
         context, answer = self.example(num_words, *((6, 1) if short else (self.freq_cw, self.freq_ucw)))
         entry = TEMPLATES["common_words_extraction"]
         solved = ["".join(render(self.setting, entry["template"], entry["answer_prefix"], num_cw=self.num_cw,
-                                 context=shot_context, query="")) + " " + numbered(shot_answer)
+                                 context=shot_context, query="")[:2]) + " " + numbered(shot_answer)
                   for shot_context, shot_answer in shots]
-        text, prefix = render(self.setting, entry["template"], entry["answer_prefix"], num_cw=self.num_cw,
-                              context=context, query="")
-        return Generated("\n".join(solved) + "\n" + text, prefix, answer)
+        text, prefix, question = render(self.setting, entry["template"], entry["answer_prefix"], num_cw=self.num_cw,
+                                        context=context, query="")
+        return Generated("\n".join(solved) + "\n" + text, prefix, answer, question=question)
 
 
 def generate(setting: Setting, task: str, extra_words: list[str] | None = None) -> list[dict]:

@@ -49,9 +49,9 @@ class FrequentWords:
         words = [word for word, count in zip(vocab, counts) for _ in range(count)]
         random.Random(self.setting.seed).shuffle(words)
         entry = TEMPLATES["freq_words_extraction"]
-        text, prefix = render(self.setting, entry["template"], entry["answer_prefix"], context=" ".join(words),
-                              query="")
-        return Generated(text, prefix, vocab[1:4], {"num_words": num_words})
+        text, prefix, question = render(self.setting, entry["template"], entry["answer_prefix"],
+                                        context=" ".join(words), query="")
+        return Generated(text, prefix, vocab[1:4], {"num_words": num_words}, question)
 
     def tokens(self, sample: Generated) -> int:
         return self.setting.count(sample.prompt)

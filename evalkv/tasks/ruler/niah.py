@@ -24,7 +24,7 @@ import uuid
 
 import numpy as np
 
-from evalkv.tasks.ruler.common import Generated, Setting, render, search_size, sized_rows
+from evalkv.tasks.ruler.common import Generated, Setting, ask, render, search_size, sized_rows
 from evalkv.tasks.ruler.constants import TEMPLATES
 from evalkv.tasks.ruler.sentences import split_sentences
 from evalkv.tasks.ruler.words import niah_words
@@ -81,10 +81,20 @@ class NeedleHaystack:
         type_needle_v = self.value_type
         if self.num_q * self.num_v == 1:
             template, answer_prefix, type_needle_v = singular(template), singular(answer_prefix), type_needle_v[:-1]
-        text, prefix = render(self.setting, template, answer_prefix, type_needle_v=type_needle_v, context=context,
-                              query=query)
+        text, prefix, question = render(self.setting, template, answer_prefix, type_needle_v=type_needle_v,
+                                        context=context, query=query)
         depths = sorted(round(100 * context.index(needle) / len(context), 1) for needle in needles)
-        return Generated(text, prefix, answers, {"queries": queries, "needle_depths": depths})
+        metadata = {"queries": queries, "needle_depths": depths}
+        if self.num_q > 1:
+            metadata["single_queries"] = [self.single_query(template, answer_prefix, keys[i], values[i])
+                                          for i in indices]
+        return Generated(text, prefix, answers, metadata, question)
+
+    def single_query(self, template: str, answer_prefix: str, key: str, values: list[str]) -> dict:
+        """One of several queries asked alone about the same context (task.split_queries): RULER's question and
+        answer prefix with that key as `{query}`, worded as the task's (plural) template, and that key's values."""
+        question, prefix = ask(self.setting, template, answer_prefix, type_needle_v=self.value_type, query=key)
+        return {"question": question, "answer_prefix": prefix, "outputs": list(values)}
 
     def _essay(self, num_haystack: int, needles: list[str]) -> str:
         haystack = self.essay_words

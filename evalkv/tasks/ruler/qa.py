@@ -85,9 +85,9 @@ class QuestionAnswering:
         random.Random(self.setting.seed).shuffle(documents)
         context = "\n\n".join(DOCUMENT_PROMPT.format(i=i + 1, document=d) for i, d in enumerate(documents))
         entry = TEMPLATES["qa"]
-        text, prefix = render(self.setting, entry["template"], entry["answer_prefix"], context=context,
-                              query=question["query"])
-        return Generated(text, prefix, list(question["outputs"]), {"question_index": index})
+        text, prefix, asked = render(self.setting, entry["template"], entry["answer_prefix"], context=context,
+                                     query=question["query"])
+        return Generated(text, prefix, list(question["outputs"]), {"question_index": index}, asked)
 
 
 def generate(setting: Setting, task: str, questions: list[dict], docs: list[str]) -> list[dict]:

@@ -70,9 +70,9 @@ class VariableTracking:
         context = "\n".join(lines).replace(". \n", ".\n")
         setting = self.example_setting if is_icl else self.setting
         entry = TEMPLATES["variable_tracking"]
-        text, prefix = render(setting, entry["template"], entry["answer_prefix"], context=context, query=value,
-                              num_v=self.num_hops + 1)
-        return Generated(text, prefix, variables[0], {"value": value})
+        text, prefix, question = render(setting, entry["template"], entry["answer_prefix"], context=context,
+                                        query=value, num_v=self.num_hops + 1)
+        return Generated(text, prefix, variables[0], {"value": value}, question)
 
     def randomized_example(self, example: str) -> str:
         """variable_tracking.py `randomize_icl`: fresh names (same lengths) and a fresh value, by text replacement."""
