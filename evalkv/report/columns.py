@@ -36,9 +36,10 @@ def _task_rank(task: str) -> int:
     return list(RULER_TASKS).index(task) if task in RULER_TASKS else TASKS.index(base_task(task))
 
 
-def with_categories(frame: pd.DataFrame) -> pd.DataFrame:
+def with_categories(frame: pd.DataFrame, not_averaged: set[str] = frozenset()) -> pd.DataFrame:
     """Task columns grouped by category, each category followed by its average (missing when one of its tasks is
-    missing in that row), then the tasks outside any benchmark alphabetically, then `average` over every task."""
+    missing in that row), then the tasks outside any benchmark alphabetically, then `average` over every task but
+    those `not_averaged` (perplexities: lower is better; missing when no task is left)."""
     tasks = list(frame.columns)
     grouped: dict[str, list[str]] = {}
     for task in tasks:
@@ -50,5 +51,6 @@ def with_categories(frame: pd.DataFrame) -> pd.DataFrame:
         columns.update({task: frame[task] for task in members})
         columns[name] = frame[members].mean(axis=1, skipna=False).round(2)
     columns.update({task: frame[task] for task in sorted(t for t in tasks if category(t) is None)})
-    columns["average"] = frame[tasks].mean(axis=1, skipna=False).round(2)
+    averaged = [task for task in tasks if task not in not_averaged]
+    columns["average"] = frame[averaged].mean(axis=1, skipna=False).round(2) if averaged else float("nan")
     return pd.DataFrame(columns, index=frame.index)

@@ -2,16 +2,17 @@
 
 Rows are (model, method, budget), plus `query` (aware / agnostic) when some run compressed the context without the
 question (LongBench's `task.query_agnostic`). In the scores view, columns are the tasks grouped by benchmark category,
-each category followed by its average, then `average` over every task (report/columns.py). A run that has no score
+each category followed by its average, then `average` over every task but perplexities (scores.json's
+`lower_is_better`; report/columns.py). A run that has no score
 for a task it was asked for (or that another row has) leaves the cell empty (shown as `-`), never 0, and every
 average over a missing cell is missing too.
 
 Other views of the same runs: `timing` (mean prompt tokens, new tokens, kept tokens, prefill and decode seconds per
 sample), `runs` (samples, the `evalkv pred` invocations that wrote them, interrupted ones, processes, their recorded
 wall time in total and per sample: report/runs.py `run_cells`), any breakdown a metric writes (e.g.
-`by_context_length`, `by_depth`, LongBench-E's `by_length`): columns
-`task/key`, and the benchmark views `ruler` (per context length, the mean over RULER's tasks, and their average as
-RULER reports it) and `longbench_e` (per length bucket 0-4k / 4-8k / 8k+, the mean over LongBench-E's tasks).
+`by_context_length`, `by_depth`, LongBench-E's `by_length`, perplexity's `nll_by_position` and `ppl_by_position`):
+columns `task/key`, and the benchmark views `ruler` (per context length, the mean over RULER's tasks, and their
+average as RULER reports it) and `longbench_e` (per length bucket 0-4k / 4-8k / 8k+, the mean over LongBench-E's tasks).
 `deltas=True` shows every row but the full cache's as its difference from the full-cache row of the same model.
 """
 
@@ -32,7 +33,8 @@ from evalkv.tasks.ruler.constants import RULER_TASKS
 FORMATS = ("md", "csv", "latex", "json")
 # the `runs` view's counts, shown without decimals
 COUNT_COLUMNS = ("samples", "invocations", "interrupted", "processes")
-VIEWS = "scores, timing, runs, ruler, longbench_e, or a breakdown such as by_depth, by_context_length, by_length"
+VIEWS = ("scores, timing, runs, ruler, longbench_e, or a breakdown such as by_depth, by_context_length, by_length, "
+         "nll_by_position")
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def build_table(runs: list[RunScores], view: str = "scores") -> pd.DataFrame:
         raise EvalkvError(f"no run has a {view!r} view (views: {VIEWS})")
     frame = _frame(cells, view)
     if view == "scores":
-        return with_categories(frame)
+        return with_categories(frame, {task for run in runs for task in run.scores.get("lower_is_better", [])})
     if view == "runs":
         return frame.reindex(list(RUN_COLUMNS), axis=1)
     return frame.reindex(sorted(frame.columns, key=_column_order), axis=1)

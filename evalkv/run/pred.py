@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import platform
 import signal
 import sys
@@ -20,6 +21,7 @@ import evalkv
 from evalkv.config import build_run
 from evalkv.errors import EvalkvError
 from evalkv.kv.engine import Engine, Request
+from evalkv.kv.scoring import TokenScores
 from evalkv.methods.base import Method
 from evalkv.metrics import score_records
 from evalkv.models.config import ModelConfig
@@ -158,6 +160,50 @@ def make_record(sample: Sample, model: LoadedModel, method: Method, generation) 
         "method": method.name,
         **sample.metadata,
     }
+
+
+def text_record(sample: Sample, method: Method, scores: TokenScores) -> dict:
+    """The record of a scored text (perplexity): every scored token's NLL (5 decimals) in position order, from
+    position `first_scored`; `evalkv score` aggregates them (evalkv/metrics/perplexity.py)."""
+    nll = [round(value, 5) for value in scores.nll()]
+    return {
+        "id": sample.id,
+        "task": sample.task,
+        "pred": "",
+        "answers": sample.answers,
+        "all_classes": None,
+        "length": sample.length,
+        "prompt_tokens": len(sample.prompt_ids),
+        "new_tokens": 0,
+        "kept_tokens": round(scores.kept_tokens, 3),
+        "kv_bytes": scores.kv_bytes,
+        "prefill_s": round(scores.prefill_s, 4),
+        "decode_s": round(scores.decode_s, 4),
+        "method": method.name,
+        "chunk_size": sample.scoring.chunk(method),
+        "scored_tokens": len(nll),
+        "first_scored": scores.start,
+        "ppl": round(math.exp(sum(nll) / len(nll)), 4),
+        **sample.metadata,
+        "nll": nll,
+    }
+
+
+def _predict(engine: Engine, batch: list[Sample], model: LoadedModel, method: Method, batch_size: int,
+             progress) -> list[dict]:
+    """One record per sample of `batch`, in order: texts to score (perplexity) one by one through
+    evalkv/kv/scoring.py, the other samples generated together."""
+    generating = [sample for sample in batch if sample.scoring is None]
+    generations = iter(engine.generate_batch([_request(sample, model) for sample in generating], batch_size,
+                                             on_finished=lambda _: progress.update(1)) if generating else [])
+    records = []
+    for sample in batch:
+        if sample.scoring is None:
+            records.append(make_record(sample, model, method, next(generations)))
+            continue
+        records.append(text_record(sample, method, sample.scoring.score(engine, sample.prompt_ids)))
+        progress.update(1)
+    return records
 
 
 def _request(sample: Sample, model: LoadedModel) -> Request:
@@ -319,14 +365,13 @@ def _run_pred(cfg: DictConfig) -> Path:
                 # Records are written in sample order once a batch is done; a killed run loses at most one batch.
                 for batch in itertools.chain([first] if first else [], batches):
                     # the bar advances as each sample's generation ends; its record is written with its batch
-                    generations = engine.generate_batch([_request(sample, model) for sample in batch],
-                                                        cfg.batch_size, on_finished=lambda _: progress.update(1))
-                    for sample, generation in zip(batch, generations):
-                        writer.write(make_record(sample, model, method, generation))
+                    for sample, record in zip(batch, _predict(engine, batch, model, method, cfg.batch_size,
+                                                              progress)):
+                        writer.write(record)
                         done.add(sample.id)
                         invocation["new_samples"] += 1
-                        totals["prefill_s"] += generation.prefill_s
-                        totals["decode_s"] += generation.decode_s
+                        totals["prefill_s"] += record["prefill_s"]
+                        totals["decode_s"] += record["decode_s"]
             totals = sharded.finish(run_dir, {**totals, "new_samples": invocation["new_samples"]})
         except (KeyboardInterrupt, Terminated) as stop:
             number = signal_of(stop)

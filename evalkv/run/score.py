@@ -70,7 +70,8 @@ def format_scores(scores: dict) -> str:
     rows = [("task", "metric", "n", "score")]
     for task, value in scores["task_scores"].items():
         rows.append((task, scores["metric"][task], str(scores["n"][task]), f"{value:.2f}"))
-    rows.append(("average", "", str(sum(scores["n"].values())), f"{scores['average']:.2f}"))
+    average = scores.get("average")
+    rows.append(("average", "", str(sum(scores["n"].values())), "-" if average is None else f"{average:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in
                        enumerate(zip(row, widths))) for row in rows]

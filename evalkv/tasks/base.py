@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from evalkv.errors import EvalkvError
+from evalkv.kv.scoring import Protocol
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Sample:
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-turn tokens
     min_new_tokens: int = 0  # stop tokens cannot be generated before this many tokens (HF generate's min_length)
     metadata: dict[str, Any] = field(default_factory=dict)  # written into the record (context_length, depth, ...)
+    scoring: Protocol | None = None  # set: the prompt's tokens are scored (perplexity) instead of generating after it
 
 
 @dataclass
