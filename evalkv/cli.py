@@ -153,19 +153,42 @@ def cmd_pred(args: list[str]) -> int:
     return 2 if failures else 0
 
 
+def _add_resampling_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the bootstrap intervals and paired tests (evalkv/metrics/uncertainty.py)."""
+    from evalkv.metrics.uncertainty import Resampling
+
+    defaults = Resampling()
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the intervals' and paired tests' "
+                        f"resamples (default {defaults.seed}; the same seed gives the same numbers)")
+    parser.add_argument("--resamples", type=int, default=defaults.resamples, help="bootstrap resamples and random "
+                        f"sign flips per interval or test (default {defaults.resamples}, at least 100)")
+
+
+def _resampling(options: argparse.Namespace):
+    from evalkv.metrics.uncertainty import Resampling
+
+    return Resampling(options.seed, options.resamples)
+
+
 def cmd_score(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="evalkv score", description="Score run directories or predictions .jsonl files (records need task, "
         "pred, answers; all_classes and length where the metric uses them) and write scores.json next to them.")
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--quiet", action="store_true", help="do not print the per-task tables")
+    parser.add_argument("--intervals", action="store_true", help="add each score's 95%% bootstrap interval over "
+                        "samples and the minimum detectable difference (mdd) of its sample count")
+    _add_resampling_options(parser)
     options = parser.parse_args(args)
-    from evalkv.run.score import format_scores, score_paths
+    from evalkv.run.score import format_scores, interval_note, score_paths
 
+    resampling = _resampling(options) if options.intervals else None
     outcome = score_paths(options.paths)
     for target, scores in outcome.scored:
         if not options.quiet:
-            print(f"{target}\n{format_scores(scores)}\n")
+            print(f"{target}\n{format_scores(scores, resampling)}\n")
+    if resampling and outcome.scored and not options.quiet:
+        print(interval_note(resampling))
     for run in outcome.empty:
         print(f"evalkv score: note: {run}: no records yet (the run stopped before its first sample); nothing to "
               "score", file=sys.stderr)
@@ -194,10 +217,24 @@ def cmd_table(args: list[str]) -> int:
                         "ppl_by_position")
     parser.add_argument("--delta", action="store_true", help="show every row but the full cache's as its "
                         "difference from the full-cache row of the same model")
+    parser.add_argument("--intervals", action="store_true", help="scores view: each cell with its 95%% bootstrap "
+                        "interval over samples (averages stratified by task); with --delta, each difference with "
+                        "the interval of the paired difference on the samples both rows have and * where the "
+                        "sign-flip test gives p < 0.05 (csv and json: COLUMN_low, COLUMN_high, COLUMN_p, "
+                        "COLUMN_mdd columns)")
+    _add_resampling_options(parser)
     parser.add_argument("-o", "--output", help="write the table to this file instead of stdout")
     options = parser.parse_args(args)
     warnings: list[str] = []
-    text = table(options.paths, options.format, options.view, options.delta, warnings)
+    if options.intervals:
+        from evalkv.report.intervals import interval_table
+
+        if options.view != "scores":
+            raise EvalkvError(f"--intervals applies to the scores view (its tasks, categories and average), not to "
+                              f"--view {options.view}; leave out --view or --intervals")
+        text = interval_table(options.paths, options.format, options.delta, warnings, _resampling(options))
+    else:
+        text = table(options.paths, options.format, options.view, options.delta, warnings)
     for warning in warnings:
         print(f"evalkv table: note: {warning}", file=sys.stderr)
     if options.output:
@@ -226,11 +263,14 @@ def cmd_plot(args: list[str]) -> int:
     curves = kinds.add_parser(
         "curves", help="score versus budget per method, one panel per task and one for the average",
         description="Score versus budget (log2 axis) for every method of the runs under the paths, one panel per "
-        "task plus the average, the full cache as a dashed line; every line is named at its right end.")
+        "task plus the average, the full cache as a dashed line; every line is named at its right end and drawn in "
+        "a shaded band of its scores' 95%% bootstrap intervals over samples (the average's stratified by task).")
     curves.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders of runs")
     curves.add_argument("-o", "--output", default="curves.png", help="PNG or PDF file (default curves.png)")
     curves.add_argument("--tasks", help="comma-separated columns to plot (default: every task and the average)")
     curves.add_argument("--title")
+    curves.add_argument("--no-bands", action="store_true", help="leave out the 95%% bootstrap bands around the lines")
+    _add_resampling_options(curves)
     needle = kinds.add_parser(
         "needle", help="the needle-in-a-haystack heatmap (depth x context length) of runs",
         description="The needle-in-a-haystack heatmap (rows depth percent, columns context length, cells mean "
@@ -284,7 +324,16 @@ def cmd_plot(args: list[str]) -> int:
         runs = load_runs(options.paths, skipped)
         for warning in skipped:
             print(f"evalkv plot: note: {warning}", file=sys.stderr)
-        print(plot_curves(build_table(runs), options.output, tasks, options.title))
+        frame = build_table(runs)
+        bands = None
+        if not options.no_bands:
+            from evalkv.report.intervals import interval_bounds
+
+            bounds = interval_bounds(runs, frame, _resampling(options))
+            bands = (bounds.low, bounds.high)
+            for note in bounds.notes:
+                print(f"evalkv plot: note: {note}", file=sys.stderr)
+        print(plot_curves(frame, options.output, tasks, options.title, bands))
     else:
         from evalkv.report.pattern import plot_pattern
         from evalkv.run.pattern import eviction_pattern, pattern_config
@@ -297,15 +346,18 @@ def cmd_plot(args: list[str]) -> int:
 def cmd_report(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="evalkv report", description="Write one self-contained static HTML page (no external files) with the "
-        "tables (scores by category, differences from the full cache, RULER / LongBench-E views, cost per sample) "
-        "and plots (score versus budget, needle heatmaps) of every run under the paths, and the list of runs.")
+        "tables (scores by category with 95%% bootstrap intervals, differences from the full cache with paired "
+        "intervals, sign-flip p-values and minimum detectable differences, RULER / LongBench-E views, cost per "
+        "sample) and plots (score versus budget with bands, needle heatmaps) of every run under the paths, and the "
+        "list of runs.")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders of runs")
     parser.add_argument("-o", "--output", default="report.html", help="the HTML file (default report.html)")
     parser.add_argument("--title", help="the page's title (default: evalkv report: PATHS)")
+    _add_resampling_options(parser)
     options = parser.parse_args(args)
     from evalkv.report.page import build_report
 
-    print(build_report(options.paths, options.output, options.title))
+    print(build_report(options.paths, options.output, options.title, _resampling(options)))
     return 0
 
 

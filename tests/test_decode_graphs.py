@@ -11,6 +11,7 @@ from method_cases import CASES, method_name
 from evalkv.errors import EvalkvError
 from evalkv.kv.engine import Engine, Request
 from evalkv.kv.graphs import StaticDecoder
+from evalkv.kv.slots import SlotDecoder
 from evalkv.methods import build_method
 
 NEW_TOKENS = 6
@@ -46,14 +47,18 @@ def test_static_buffers_generate_what_ordinary_decoding_generates(architecture, 
 
 
 def test_only_caches_that_grow_by_appending_use_static_buffers(tokenizer):
-    """snapkv appends while decoding, so it can use fixed-size buffers; h2o evicts at every step, so it cannot."""
+    """snapkv appends while decoding: fixed-size buffers with room for the new tokens; h2o evicts at every step through
+    `evict_slot`: a fixed-capacity slot cache; lru evicts at every step without a slot form: ordinary decoding."""
     prompts = _prompts(tokenizer)
     model = tiny_model("tiny-qwen2")
     appending = Engine(model, build_method("snapkv", {"budget": 64}), decode_graphs="eager")
-    evicting = Engine(model, build_method("h2o", {"budget": 64}), decode_graphs="eager")
+    slots = Engine(model, build_method("h2o", {"budget": 64}), decode_graphs="eager")
+    evicting = Engine(model, build_method("lru", {"budget": 64}), decode_graphs="eager")
     assert appending._static is None
     appending.generate_batch([Request(ids, NEW_TOKENS) for ids in prompts])
-    assert appending._static is not None
+    assert type(appending._static[1]) is StaticDecoder
+    slots.generate_batch([Request(ids, NEW_TOKENS) for ids in prompts])
+    assert type(slots._static[1]) is SlotDecoder
     evicting.generate_batch([Request(ids, NEW_TOKENS) for ids in prompts])
     assert evicting._static is None
 
@@ -214,9 +219,23 @@ def test_a_compiled_decoder_is_reused_for_batches_of_the_same_shape(tokenizer, t
     assert [g.token_ids for g in first + second] == [g.token_ids for g in expected]
 
 
-def test_methods_that_evict_while_decoding_are_not_compiled(tokenizer, traced_compile):
-    """h2o evicts at every step: under "compile" it decodes as it always does, and its records say so."""
-    generations = Engine(tiny_model(), build_method("h2o", {"budget": 64}), decode_graphs="compile").generate_batch(
+@pytest.mark.parametrize("method", ["h2o", "tova", "streaming_llm"])
+def test_slot_caches_compile_to_one_graph_and_generate_the_ordinary_tokens(method, tokenizer, traced_compile):
+    """Methods that evict at every step through `evict_slot`: under "compile" their fixed-capacity step (the model's
+    forward and the eviction) traces as one graph with no break, and generates what ordinary decoding generates."""
+    requests = [Request(ids, 12) for ids in _prompts(tokenizer)]
+    options = {"budget": 64}
+    ordinary = Engine(tiny_model(), build_method(method, options), decode_graphs="off").generate_batch(requests)
+    compiled = Engine(tiny_model(), build_method(method, options), decode_graphs="compile").generate_batch(requests)
+    assert [g.token_ids for g in compiled] == [g.token_ids for g in ordinary]
+    assert all(g.decode_compiled and g.decode_static for g in compiled)
+    assert traced_compile["stats"]["unique_graphs"] == 1 and not traced_compile["graph_break"]
+
+
+def test_methods_without_a_slot_form_are_not_compiled(tokenizer, traced_compile):
+    """lru evicts at every step with no `evict_slot`: under "compile" it decodes as it always does, and its records
+    say so."""
+    generations = Engine(tiny_model(), build_method("lru", {"budget": 64}), decode_graphs="compile").generate_batch(
         [Request(ids, NEW_TOKENS) for ids in _prompts(tokenizer)])
     assert not any(g.decode_compiled for g in generations)
     assert not traced_compile["stats"]["unique_graphs"]
@@ -234,11 +253,12 @@ def test_inductor_compiled_steps_generate_what_ordinary_decoding_generates(token
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("method", ["snapkv", "full"])
+@pytest.mark.parametrize("method", ["snapkv", "full", "h2o", "tova", "streaming_llm"])
 def test_cuda_graph_replays_generate_what_eager_steps_generate(method, tokenizer):
-    """On CUDA in fp32: replayed graphs give the ordinary tokens, batched and alone, across reused graphs."""
+    """On CUDA in fp32: replayed graphs give the ordinary tokens, batched and alone, across reused graphs (appending
+    caches and fixed-capacity slot caches)."""
     model = tiny_model("tiny-llama").to("cuda")
-    options = {"budget": 64} if method == "snapkv" else {}
+    options = {} if method == "full" else {"budget": 64}
     graphed = Engine(model, build_method(method, options), decode_graphs="auto")
     ordinary = Engine(model, build_method(method, options), decode_graphs="off")
     prompts = _prompts(tokenizer)

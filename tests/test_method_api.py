@@ -15,6 +15,7 @@ from evalkv.errors import EvalkvError
 from evalkv.kv.engine import Engine, Request
 from evalkv.kv.graphs import decodes_without_hooks
 from evalkv.kv.select import top_k_positions
+from evalkv.kv.slots import implements_slots
 from evalkv.methods import METHODS, build_method, method_names
 from evalkv.methods.base import AttentionView, Method
 from evalkv.methods.registry import REGISTRY
@@ -76,7 +77,8 @@ def _figures(generation) -> tuple:
 
 def test_every_registered_method_gives_the_same_results_on_every_decode_path(third_party, tokenizer):
     """Eager, batched and fixed-size-buffer decoding: identical tokens, kept sets and bytes; the buffers serve
-    exactly the methods without step hooks whose caches stay dense and stateless."""
+    exactly the methods without step hooks, or that evict through `evict_slot`, whose caches stay dense and
+    stateless."""
     model = tiny_model("tiny-llama")
     prompts = [prompt_ids(tokenizer, repeats) for repeats in (12, 12, 13)]
     for name in method_names():
@@ -88,7 +90,7 @@ def test_every_registered_method_gives_the_same_results_on_every_decode_path(thi
         assert _figures(buffered) == _figures(alone), name
         assert _kept(buffered.session) == _kept(alone.session), name
         session = alone.session
-        expected_static = (decodes_without_hooks(method) and not session.has_state()
+        expected_static = ((decodes_without_hooks(method) or implements_slots(method)) and not session.has_state()
                            and not any(layer.is_ragged for layer in session.cache.layers))
         assert buffered.decode_static == expected_static, name
         assert method.acts_while_decoding == (not decodes_without_hooks(method)), name

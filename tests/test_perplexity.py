@@ -185,8 +185,8 @@ def test_local_dataset_folder_through_datasets(tmp_path):
 @pytest.mark.parametrize("options, message", [
     ({"dataset": "text"}, "dataset=text reads task.text_path"),
     ({"dataset": "wiki"}, "unknown dataset 'wiki'; known: wikitext, pg19, text"),
-    ({"protocol": "stream", "chunk_size": 8}, "chunk_size applies to protocol=chunked"),
-    ({"protocol": "windows"}, "unknown protocol 'windows'; known: stream, chunked"),
+    ({"protocol": "stream", "chunk_size": 8}, "chunk_size applies to the chunked protocol"),
+    ({"protocol": "windows"}, "unknown perplexity protocol 'windows'; known: stream, chunked"),
     ({"num_eval_tokens": 0}, "must be >= 1"),
 ])
 def test_task_refuses_bad_options(options, message):

@@ -43,11 +43,11 @@ def _stop_on_second_batch(monkeypatch, stop) -> None:
     """Engine.generate_batch runs the first batch, then `stop()` happens during the second."""
     original, calls = Engine.generate_batch, []
 
-    def generate_batch(self, requests, max_batch=None):
+    def generate_batch(self, requests, max_batch=None, **kwargs):
         calls.append(len(requests))
         if len(calls) == 2:
             stop()
-        return original(self, requests, max_batch)
+        return original(self, requests, max_batch, **kwargs)
 
     monkeypatch.setattr(Engine, "generate_batch", generate_batch)
 
@@ -169,3 +169,15 @@ def test_ctrl_c_in_a_real_process_is_one_line_not_a_traceback(tmp_path):
     assert err.strip().splitlines()[-1] == (f"evalkv pred: interrupted after {held} of 11 samples; run the same "
                                             f"command again to resume ({_run_dir(tmp_path)})")
     assert info["status"] == "interrupted" and info["samples"] == held and out == ""
+
+
+def test_a_run_made_before_new_options_existed_resumes(tmp_path, capsys):
+    """A run folder of an earlier evalkv (its config.yaml lacks options added since, at their defaults) is the same
+    run: the same command finds it complete instead of refusing it as a different config."""
+    import shutil
+
+    legacy = Path(__file__).parent / "data" / "legacy" / "runs" / "passkey-lengths=256"
+    shutil.copytree(legacy, tmp_path / "passkey-lengths=256")
+    assert main(["pred", "model=random-tiny-llama", "progress=false", f"output_dir={tmp_path}", "method=snapkv",
+                 "budget=64", "method.window_size=8", "task.lengths=[256]", "task.n_samples=2"]) == 0
+    assert "already complete: reusing 2 records" in capsys.readouterr().err

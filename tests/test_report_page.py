@@ -6,10 +6,13 @@ from __future__ import annotations
 import base64
 import copy
 import functools
+import html
 import io
 import json
+import math
 import re
 import shutil
+import statistics
 import subprocess
 from html.parser import HTMLParser
 
@@ -156,7 +159,7 @@ def _write_run(folder, cfg: DictConfig, records: list[dict], status: str = "fini
     """config.yaml, run.json (with the labels and one timed invocation) and predictions.jsonl as evalkv pred writes
     them, or scores.json alone when `scores` is given."""
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
     method = build_method(cfg.method.name, options(cfg.method))
     task = build_task(cfg.task.name, options(cfg.task))
     invocation = {"wall_s": 0.5 * len(records), "new_samples": len(records)} if status == "finished" else {}
@@ -326,3 +329,21 @@ def test_report_configuration_of_a_longbench_run_names_its_data_and_caps(tmp_pat
     config = dict(zip(*page.tables["config"]))
     assert config["task options"] == "tasks=hotpotqa, query_agnostic=True, data_dir=/data/longbench"
     assert (config["sample cap"], config["lengths"], config["window"]) == ("- (20 per task)", "-", "32")
+
+
+def test_report_gives_intervals_and_paired_tests_against_the_full_cache(sweep_page):
+    page, output, _ = sweep_page
+    assert page.tables["scores"][2][:5] == ["random-tiny-llama", "snapkv", "128", "-", "33.33 [0.00, 66.67]"]
+    # passkey: 6 samples; snapkv 128 misses 4 that the full cache finds, so 2 of the 2^4 sign patterns of its
+    # non-zero differences are as extreme (p = 0.125, no *); the average pairs needle's 4 and passkey's 6 samples
+    assert [row[1:] for row in page.tables["p-values"]] == [
+        ["method", "budget", "needle", "passkey", "average"], ["snapkv", "128", "-", "0.125", "-"],
+        ["snapkv", "512", "1", "0.5", "0.25"], ["snapkv", "2048", "-", "1", "-"],
+        ["snapkv-window_size=8-pooling=avg", "128", "-", "0.5", "-"], ["streaming_llm", "512", "-", "0.5", "-"]]
+    assert page.tables["deltas"][2][4].startswith("-66.67 [") and "*" not in page.tables["deltas"][2][4]
+    differences = [0, -1, -1, 0, -1, -1]
+    mdd = 2.8016 * 100 * statistics.stdev(differences) / math.sqrt(6)
+    assert float(page.tables["mdd"][1][4]) == pytest.approx(mdd, abs=0.01)
+    assert ("random-tiny-llama / streaming_llm / 512: passkey compared with the full cache on the 3 samples both "
+            "have (3 and 6 scored)") in html.unescape(output.read_text())
+    assert "<h2>Uncertainty</h2>" in output.read_text()

@@ -28,8 +28,9 @@ from torch import Tensor
 
 from evalkv.errors import EvalkvError
 from evalkv.kv import adapter
-from evalkv.kv.graphs import StaticDecoder, can_decode_static, may_compile
+from evalkv.kv.graphs import StaticDecoder, can_decode_static, dense_on, may_compile
 from evalkv.kv.session import Session
+from evalkv.kv.slots import SlotDecoder, implements_slots
 from evalkv.kv.view import Phase
 
 # auto: CUDA graphs for decode steps on CUDA devices where the method allows; off: never; eager: the graphs' fixed-size
@@ -347,20 +348,34 @@ class Engine:
             return False
         if self._captures() and steps < _GRAPH_MIN_STEPS:
             return False
-        return can_decode_static(session, self.device)
+        return can_decode_static(session, self.device) or self._slots_allowed(rows, session)
+
+    def _slots_allowed(self, rows: list[_Row], session: Session) -> bool:
+        """Whether the batch decodes through `SlotDecoder`: a method that evicts through `evict_slot`, dense and
+        stateless layers, and every row's capacity the same (rows of one batch share `decode_group_key`)."""
+        return implements_slots(session.method) and dense_on(session, self.device)
 
     def _decode_static(self, rows: list[_Row], session: Session, steps: int, keep_entries: bool) -> None:
         """`_decode` over fixed-size buffers: every row stays in the batch until the last one stops (a finished row's
         steps are wasted, which costs little: a decode step's time is the weights' reading)."""
-        steps = -(-steps // _GRAPH_STEP_QUANTUM) * _GRAPH_STEP_QUANTUM
         layers = session.cache.layers
-        key = StaticDecoder.shape_key(layers, steps)
+        slots = not can_decode_static(session, self.device)
+        if slots:
+            capacity = session.method.capacity(session.sample.prompt_length)
+            key = SlotDecoder.shape_key(layers, capacity)
+        else:
+            steps = -(-steps // _GRAPH_STEP_QUANTUM) * _GRAPH_STEP_QUANTUM
+            key = StaticDecoder.shape_key(layers, steps)
         if self._static is not None and self._static[0] == key:
             decoder = self._static[1]
         else:
             self._static = None  # the previous buffers and graph go before the new ones are allocated
-            decoder = StaticDecoder(self.model, self.geometry, layers, steps, graph=self._captures(),
-                                    compiled=self._compiles(session, key))
+            if slots:
+                decoder = SlotDecoder(self.model, self.geometry, layers, session.method, capacity,
+                                      graph=self._captures(), compiled=self._compiles(session, key))
+            else:
+                decoder = StaticDecoder(self.model, self.geometry, layers, steps, graph=self._captures(),
+                                        compiled=self._compiles(session, key))
         decoder.load(layers, release=True)
         active = list(range(len(rows)))
         adapter.synchronize(self.device)

@@ -76,6 +76,12 @@ def can_decode_static(session, device: torch.device) -> bool:
                for layer in session.cache.layers)
 
 
+def dense_on(session, device: torch.device) -> bool:
+    """Whether `session` decodes from dense layers on `device` with no per-sample method state."""
+    return session.decodes_from_entries() and all(layer.keys is not None and layer.keys.device == device
+                                                  for layer in session.cache.layers)
+
+
 class StaticDecoder:
     """A batch's cache in buffers with room for `steps` more tokens per row; `step` runs one decode step.
 
@@ -85,7 +91,8 @@ class StaticDecoder:
     """
 
     def __init__(self, model, geometry: ModelGeometry, layers: list[LayerCache], steps: int, graph: bool,
-                 compiled: bool = False):
+                 compiled: bool = False, sizes: list[int] | None = None):
+        """sizes: entries per head each layer's buffer holds (default: its entries + `steps`)."""
         first = layers[0].keys
         self.model = model
         self.geometry = geometry
@@ -94,13 +101,14 @@ class StaticDecoder:
         self.batch = first.shape[0]
         self.bases = [layer.length for layer in layers]
         self.steps = steps
-        self.keys = [first.new_zeros(self.batch, layer.num_heads, base + steps, first.shape[-1])
-                     for layer, base in zip(layers, self.bases)]
+        sizes = sizes or [base + steps for base in self.bases]
+        self.keys = [first.new_zeros(self.batch, layer.num_heads, size, first.shape[-1])
+                     for layer, size in zip(layers, sizes)]
         self.values = [torch.zeros_like(keys) for keys in self.keys]
         # Each slot's true position (-1: unwritten), so that the entries held can be read back (`unload`).
         self.entry_positions = [torch.full(keys.shape[:3], -1, dtype=torch.long, device=self.device)
                                 for keys in self.keys]
-        self.slots = [torch.arange(base + steps, device=self.device) for base in self.bases]
+        self.slots = [torch.arange(size, device=self.device) for size in sizes]
         self.base_tensors = [torch.tensor(base, device=self.device) for base in self.bases]
         self.step_index = torch.zeros((), dtype=torch.long, device=self.device)
         self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)

@@ -54,3 +54,13 @@ def keep_sink_and_recent(length: int, sink: int, recent: int, device: torch.devi
     head = torch.arange(sink, device=device)
     tail = torch.arange(length - recent, length, device=device)
     return torch.cat([head, tail])[None, None, :]
+
+
+def slot_to_evict(scores: Tensor, positions: Tensor, candidates: Tensor) -> Tensor:
+    """The slot a full cache frees (`evalkv.kv.slots`): among `candidates`, the lowest score, ties to the latest
+    position, i.e. the entry `top_k_positions` would rank last (score desc, position asc). `[..., S]` -> `[..., 1]`.
+
+    scores: fp32; positions: the true positions (slot order is arbitrary); candidates: bool."""
+    lowest = torch.where(candidates, scores, float("inf")).amin(dim=-1, keepdim=True)
+    tied = candidates & (scores == lowest)
+    return torch.where(tied, positions, -1).argmax(dim=-1, keepdim=True)

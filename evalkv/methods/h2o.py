@@ -9,7 +9,8 @@ from torch import Tensor
 
 from evalkv.errors import EvalkvError
 from evalkv.kv.attention import attention_column_sums, reduce_query_heads
-from evalkv.kv.select import keep_best_and_tail
+from evalkv.kv.select import keep_best_and_tail, slot_to_evict
+from evalkv.kv.slots import SlotView
 from evalkv.methods.base import AttentionView, Method, require_choice
 from evalkv.methods.registry import register
 
@@ -68,3 +69,17 @@ class H2O(Method):
         return keep_best_and_tail(received[..., : length - recent], capacity - recent, length)
 
     after_step = compress_prompt  # the same accumulation and cut after every decode step
+
+    def evict_slot(self, view: SlotView) -> Tensor:
+        """A fixed-capacity cache's step: add this step's attention to each entry's score, then free the lowest
+        scored entry outside the recent window."""
+        received = view.probs
+        scores = view.state[SCORE]
+        if scores.shape[1] != received.shape[1]:
+            received = reduce_query_heads(received, scores.shape[1], self.gqa_reduce)
+        scores += received
+        capacity = view.capacity
+        recent = min(capacity // 2 if self.recent_size is None else self.recent_size, capacity)
+        positions = view.positions[:, : scores.shape[1]]
+        candidates = (positions >= 0) & (positions <= view.newest[:, :, None] - recent)
+        return slot_to_evict(scores, positions, candidates)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from evalkv.kv.select import keep_sink_and_recent
+from evalkv.kv.select import keep_sink_and_recent, slot_to_evict
+from evalkv.kv.slots import SlotView
 from evalkv.methods.base import AttentionView, Method
 from evalkv.methods.registry import register
 
@@ -28,3 +29,7 @@ class SlidingWindow(Method):
         return keep_sink_and_recent(view.length, 0, capacity, view.keys.device)
 
     after_step = compress_prompt
+
+    def evict_slot(self, view: SlotView) -> Tensor:
+        """The oldest entry (a fixed-capacity cache's step)."""
+        return slot_to_evict(view.positions.float(), view.positions, view.occupied)[:, :1]

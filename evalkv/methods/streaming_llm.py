@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from evalkv.errors import EvalkvError
-from evalkv.kv.select import keep_sink_and_recent
+from evalkv.kv.select import keep_sink_and_recent, slot_to_evict
+from evalkv.kv.slots import SlotView
 from evalkv.methods.base import AttentionView, Method
 from evalkv.methods.registry import register
 
@@ -47,3 +48,8 @@ class StreamingLLM(Method):
         return keep_sink_and_recent(view.length, self.n_sink, capacity - self.n_sink, view.keys.device)
 
     after_step = compress_prompt
+
+    def evict_slot(self, view: SlotView) -> Tensor:
+        """The oldest entry after the sinks (docs/methods.md#the-method-api: a fixed-capacity cache's step)."""
+        candidates = view.occupied & (view.positions >= self.n_sink)
+        return slot_to_evict(view.positions.float(), view.positions, candidates)[:, :1]

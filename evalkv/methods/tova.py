@@ -8,6 +8,8 @@ from typing import Optional
 from torch import Tensor
 
 from evalkv.kv.attention import attention_column_sums
+from evalkv.kv.select import slot_to_evict
+from evalkv.kv.slots import SlotView
 from evalkv.methods.base import AttentionView
 from evalkv.methods.registry import register
 from evalkv.methods.scorer import Scorer
@@ -38,3 +40,13 @@ class TOVA(Scorer):
             view.query[:, :, -1:], view.query_positions[:, -1:], view.keys, view.positions, view.scaling
         )
         return last_row.mean(dim=1, keepdim=True)[..., :candidates]
+
+    def evict_slot(self, view: SlotView) -> Tensor:
+        """The entry the newest query attends to least, averaged over every query head (a fixed-capacity cache's
+        step; `decode_interval=1` and no layer or head regime only)."""
+        return slot_to_evict(view.probs.mean(dim=1), view.positions[:, 0], view.occupied[:, 0])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.decode_interval, self.layer_budgets, self.head_budgets) != (1, "uniform", "uniform"):
+            self.evict_slot = None  # the general scorer path: eager steps

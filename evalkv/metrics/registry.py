@@ -4,7 +4,9 @@ A record's `task` field (the benchmark's own task name) picks its metric. Task s
 x 100 rounded to 2 decimals (the LongBench and RULER scripts' scale), or the metric's own `aggregate` where the
 reference computes it in another order (perplexity: from the records); the average is the unweighted mean of the
 task scores, perplexities (listed under `lower_is_better`) left out. Benchmark-level summaries (RULER's per-length
-averages, LongBench's categories) go under `groups`.
+averages, LongBench's categories) go under `groups`. `sample_scores` keeps each task's per-sample scores in record
+order with their sample ids, so intervals and paired tests (metrics/uncertainty.py) can be recomputed from
+scores.json alone.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ SampleScore = Callable[[dict], float]  # a record -> score in [0, 1]
 Breakdown = Callable[[list[dict], list[float]], dict]  # records, their scores -> extra views (per length, ...)
 Aggregate = Callable[[list[float]], float]  # per-sample scores -> the task score (0-100)
 GroupSummary = Callable[[dict[str, float], dict[str, dict]], "dict | None"]  # task scores, breakdowns
+SCORE_DECIMALS = 6  # per-sample scores as scores.json keeps them
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def score_records(records: list[dict]) -> dict:
     for number, record in enumerate(records, start=1):
         check_record(record, number)
         by_task[record["task"]].append(record)
-    task_scores, counts, metrics, breakdowns = {}, {}, {}, {}
+    task_scores, counts, metrics, breakdowns, samples = {}, {}, {}, {}, {}
     for task in sorted(by_task):
         metric = metric_for(task)
         rows = by_task[task]
@@ -90,6 +93,7 @@ def score_records(records: list[dict]) -> dict:
         task_scores[task] = (metric.aggregate_records(rows) if metric.aggregate_records
                              else (metric.aggregate or percent)(scores))
         counts[task] = len(rows)
+        samples[task] = {"ids": sample_ids(rows), "scores": compact(scores)}
         metrics[task] = metric.metric
         if metric.breakdown is not None:
             breakdowns[task] = metric.breakdown(rows, scores)
@@ -99,13 +103,26 @@ def score_records(records: list[dict]) -> dict:
     average = round(sum(averaged) / len(averaged), 2) if averaged else None
     timing = {task: values for task, rows in sorted(by_task.items()) if (values := _mean_fields(rows))}
     result = {"task_scores": task_scores, "n": counts, "average": average, "metric": metrics, "breakdown": breakdowns,
-              "timing": timing}
+              "timing": timing, "sample_scores": samples}
     if lower:
         result["lower_is_better"] = lower
     groups = {name: view for name, summary in GROUPS.items() if (view := summary(task_scores, breakdowns))}
     if groups:
         result["groups"] = groups
     return result
+
+
+def sample_ids(records: list[dict]) -> list[str]:
+    """Each record's id; records without one are named by their position among the task's records (`#0`, `#1`,
+    ...), so predictions files from other harnesses pair by order."""
+    return [str(record["id"]) if record.get("id") is not None else f"#{position}"
+            for position, record in enumerate(records)]
+
+
+def compact(scores: list[float]) -> list[float | int]:
+    """Per-sample scores as scores.json keeps them: SCORE_DECIMALS decimals, whole numbers as integers."""
+    rounded = [round(float(score), SCORE_DECIMALS) for score in scores]
+    return [int(value) if value.is_integer() else value for value in rounded]
 
 
 TIMING_FIELDS = ("prompt_tokens", "new_tokens", "kept_tokens", "prefill_s", "decode_s")

@@ -3,7 +3,8 @@
 The data is `evalkv table`'s scores view. Budgets run along a log2 axis (tokens kept per head per layer), or a linear
 one when every run set a `compression_ratio`; the full cache is a dashed horizontal line. Every line is named at its
 right end in its own colour (no legend to look up), and a method keeps its colour in every panel. A missing score is
-a gap in its line, never a 0.
+a gap in its line, never a 0. Given `bands` (the scores' 95% interval ends, report/intervals.py), each line is drawn in
+a shaded band of its colour and the full cache's line in a shaded strip.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def label_positions(values: list[float], low: float, high: float) -> list[float]
 
 
 def plot_curves(frame: pd.DataFrame, output: str | Path, tasks: list[str] | None = None,
-                title: str | None = None) -> Path:
-    """Draw the table's score-versus-budget curves into a PNG or PDF file."""
+                title: str | None = None, bands: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> Path:
+    """Draw the table's score-versus-budget curves into a PNG or PDF file; `bands`: the lower and upper ends of each
+    score's interval (frames shaped as `frame`, NaN where there is none)."""
     plt = pyplot()
     names = list(frame.index.names)
     budgeted = [key for key in frame.index if dict(zip(names, key))["budget"] != NO_BUDGET]
@@ -81,6 +83,8 @@ def plot_curves(frame: pd.DataFrame, output: str | Path, tasks: list[str] | None
     width = min(len(panels), PANEL_COLUMNS)
     figure, axes = plt.subplots(rows, width, figsize=(4.6 * width, 3.4 * rows), squeeze=False)
     for axis, (model, column) in zip(axes.flat, panels):
+        if bands is not None:
+            _draw_bands(axis, *(b.xs(model, level="model", drop_level=False)[column] for b in bands), names, colours)
         _draw_panel(axis, frame.xs(model, level="model", drop_level=False)[column], names, colours, log_axis)
         axis.set_title(f"{model}: {column}" if len(models) > 1 else column, fontsize=11)
         axis.set_xlabel(x_label, fontsize=9)
@@ -128,3 +132,14 @@ def _draw_panel(axis, column: pd.Series, names: list[str], colours: dict, log_ax
     for y, (_, name) in zip(label_positions([v for v, _ in ends], low, high), ends):
         axis.annotate(name, xy=(1.02, y), xycoords=("axes fraction", "data"), color=colours[name],
                       fontsize=9, va="center", annotation_clip=False)
+
+
+def _draw_bands(axis, low: pd.Series, high: pd.Series, names: list[str], colours: dict) -> None:
+    """Each line's interval as a shaded band (gaps where a point has none), the full cache's as a horizontal strip."""
+    lows, full_lows = series_points(low, names)
+    highs, full_highs = series_points(high, names)
+    for name, points in lows.items():
+        axis.fill_between([x for x, _ in points], [y for _, y in points], [y for _, y in highs[name]],
+                          color=colours[name], alpha=0.15, linewidth=0)
+    for name, value in full_lows.items():
+        axis.axhspan(value, full_highs[name], color=colours[name], alpha=0.08, linewidth=0)

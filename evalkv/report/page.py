@@ -1,13 +1,14 @@
 """`evalkv report`: one self-contained static HTML page with the tables and plots of a results folder.
 
-The page holds `evalkv table`'s views with the same numbers as the Markdown table: scores by category with the
-samples behind each cell, differences from the full cache, RULER's per-length and LongBench-E's per-bucket views,
-passkey's and needle's scores by depth and by context length (with the needle heatmaps), cost per sample with units;
-the score-versus-budget curves; what the reader should know (unfinished runs, models without a full-cache run); the
-list of runs with their status, samples and wall time; and each run's configuration as its own `config.yaml` and
-`run.json` record it. Rows follow the tables' order everywhere (the full cache first, budgets and compression ratios
-in numeric order). Images are inline PNGs; no script, stylesheet or image is fetched, so the file can be mailed or
-attached as it is.
+The page holds `evalkv table`'s views with the same numbers as the Markdown table: scores by category with their
+95% intervals and the samples behind each cell, differences from the full cache with the paired tests' intervals,
+p-values and minimum detectable differences (report/intervals.py), RULER's per-length and LongBench-E's per-bucket
+views, passkey's and needle's scores by depth and by context length (with the needle heatmaps), cost per sample with
+units; the score-versus-budget curves with their bands; what the reader should know (unfinished runs, models without
+a full-cache run, cells without intervals); the list of runs with their status, samples and wall time; and each
+run's configuration as its own `config.yaml` and `run.json` record it. Rows follow the tables' order everywhere (the
+full cache first, budgets and compression ratios in numeric order). Images are inline PNGs; no script, stylesheet or
+image is fetched, so the file can be mailed or attached as it is.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from omegaconf import OmegaConf
 
 import evalkv
 from evalkv.errors import EvalkvError
+from evalkv.metrics.uncertainty import Resampling
 from evalkv.records import CONFIG, PREDICTIONS, read_records, write_text_atomic
 from evalkv.report.columns import category
 from evalkv.report.curves import plot_curves
 from evalkv.report.figure import sharper
 from evalkv.report.heatmap import plot_needle
+from evalkv.report.intervals import Bounds, interval_bounds, interval_cells, paired_bounds
 from evalkv.report.runs import FULL, NO_BUDGET, RunScores, load_runs, run_cells
-from evalkv.report.table import against_full, build_table, formatted, notes
+from evalkv.report.table import against_full, build_table, formatted, notes, row_of
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1600px; padding: 0 1.5em; color: #222; }
@@ -92,18 +95,11 @@ def _figure(path: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _row(run: RunScores, names: list[str]) -> tuple:
-    """The table row a run's scores fill (`report/table.py` rows)."""
-    labels = {"model": run.model, "method": run.method, "budget": run.budget,
-              "query": "aware" if run.query_aware else "agnostic"}
-    return tuple(labels[name] for name in names)
-
-
 def in_table_order(runs: list[RunScores], scores: pd.DataFrame) -> list[RunScores]:
     """The runs in the order of the rows they fill (the full cache first, budgets numerically), then by path."""
     position = {key: number for number, key in enumerate(scores.index)}
     names = list(scores.index.names)
-    return sorted(runs, key=lambda run: (position.get(_row(run, names), len(position)), str(run.path)))
+    return sorted(runs, key=lambda run: (position.get(row_of(run, names), len(position)), str(run.path)))
 
 
 def sample_counts(runs: list[RunScores], scores: pd.DataFrame) -> pd.DataFrame:
@@ -111,7 +107,7 @@ def sample_counts(runs: list[RunScores], scores: pd.DataFrame) -> pd.DataFrame:
     names = list(scores.index.names)
     counts: dict[tuple, dict[str, float]] = {}
     for run in runs:
-        counts.setdefault(_row(run, names), {}).update(run.scores.get("n", {}))
+        counts.setdefault(row_of(run, names), {}).update(run.scores.get("n", {}))
     tasks = [column for column in scores.columns if any(column in row for row in counts.values())]
     frame = pd.DataFrame([counts.get(key, {}) for key in scores.index], index=scores.index, dtype=float)
     return frame.reindex(tasks, axis=1)
@@ -124,20 +120,53 @@ def _count_cells(frame: pd.DataFrame) -> pd.DataFrame:
     return cells.reset_index()
 
 
-def _score_sections(runs: list[RunScores], scores: pd.DataFrame) -> tuple[str, str, list[str]]:
-    """Scores with their sample counts; the differences from the full cache; the models lacking a full-cache run."""
-    section = (f"<h2>Scores</h2><p>On each benchmark's own scale (0-100); the samples behind each cell follow.</p>"
-               f"{_frame_table(scores, 'scores')}")
+def _score_sections(runs: list[RunScores], scores: pd.DataFrame, bounds: Bounds,
+                    resampling: Resampling) -> tuple[str, str, list[str], list[str]]:
+    """Scores with their intervals and sample counts; the differences from the full cache with the paired tests;
+    the models lacking a full-cache run; the notes on the intervals."""
+    names = set(scores.index.names)
+    section = (f"<h2>Scores</h2><p>On each benchmark's own scale (0-100), each with its 95% interval [low, high] "
+               f"(see Uncertainty below); the samples behind each cell follow.</p>"
+               f"{_html_table(interval_cells(scores, bounds).reset_index(), 'scores', names)}")
     counts = sample_counts(runs, scores)
     if not counts.columns.empty:
         section += (f"<h3>Samples per score (n)</h3>"
                     f"{_html_table(_count_cells(counts), 'samples', set(counts.index.names))}")
     methods = set(scores.index.get_level_values("method"))
     if not (FULL in methods and methods - {FULL}):
-        return section, "", []
+        return section, "", [], bounds.notes
     deltas, lacking = against_full(scores)
-    return section, ("<h2>Difference from the full cache</h2><p>Every row but the full cache's minus the full-cache "
-                     f"row of the same model.</p>{_frame_table(deltas, 'deltas', deltas=True)}"), lacking
+    paired = paired_bounds(runs, deltas, resampling)
+    compared = [method != FULL for method in deltas.index.get_level_values("method")]
+    tests = (f"<h3>Paired test p-values</h3><p>Two-sided sign-flip test of each difference on the samples both rows "
+             f"have: the share of random sign patterns of the per-sample differences whose mean is at least as far "
+             f"from 0 as the observed one.</p>"
+             f"{_html_table(_number_cells(paired.p[compared], '.3g'), 'p-values', names)}"
+             f"<h3>Minimum detectable difference</h3><p>The difference each comparison detects at alpha 0.05 with "
+             f"power 0.8 at its sample count and observed spread: 2.80 x sd_diff / sqrt(n) (averages: stratified by "
+             f"task); - where every paired difference is the same.</p>"
+             f"{_html_table(_number_cells(paired.mdd[compared], '.2f'), 'mdd', names)}")
+    section_deltas = ("<h2>Difference from the full cache</h2><p>Every row but the full cache's minus the full-cache "
+                      "row of the same model, with the 95% interval of the paired difference on the samples both rows "
+                      "have (matched by sample id); * marks a difference whose paired test gives p < 0.05 (each "
+                      f"cell tested on its own, no correction for the table's many cells).</p>"
+                      f"{_html_table(interval_cells(deltas, paired, deltas=True).reset_index(), 'deltas', names)}"
+                      f"{tests}")
+    return section, section_deltas, lacking, list(dict.fromkeys([*bounds.notes, *paired.notes]))
+
+
+def _number_cells(frame: pd.DataFrame, spec: str) -> pd.DataFrame:
+    return frame.map(lambda value: "-" if pd.isna(value) else f"{value:{spec}}").reset_index()
+
+
+def _uncertainty(resampling: Resampling) -> str:
+    return ("<h2>Uncertainty</h2><p>Intervals are 95% percentile bootstrap intervals over samples "
+            f"({resampling.resamples} resamples, seed {resampling.seed}): a category's and the average's resample "
+            "every task within itself and average the resampled task scores as the table does. Differences from the "
+            "full cache pair the samples both rows have by sample id; their interval is the same bootstrap over the "
+            "per-sample differences, their p-value a two-sided sign-flip permutation test (exact when the samples are "
+            "few). The bands around the curves are the scores' intervals. Samples are treated as independent draws of "
+            "their task.</p>")
 
 
 def _view(runs: list[RunScores], view: str) -> pd.DataFrame | None:
@@ -214,11 +243,12 @@ def _cost_section(runs: list[RunScores]) -> list[str]:
             f"time.</p>{_frame_table(cost_per_task(frame), 'timing')}"]
 
 
-def _curves(scores: pd.DataFrame, folder: Path) -> list[str]:
+def _curves(scores: pd.DataFrame, folder: Path, bounds: Bounds) -> list[str]:
     if all(budget == NO_BUDGET for budget in scores.index.get_level_values("budget")):
         return []
     try:
-        return [_figure(plot_curves(scores, folder / "curves.png"), "Score versus budget")]
+        return [_figure(plot_curves(scores, folder / "curves.png", bands=(bounds.low, bounds.high)),
+                        "Score versus budget (shaded: 95% intervals)")]
     except EvalkvError as error:  # e.g. absolute budgets mixed with compression ratios
         return [f'<p class="notes">No curves: {html.escape(str(error))}</p>']
 
@@ -317,20 +347,25 @@ def _configurations(runs: list[RunScores]) -> str:
             f"{_html_table(pd.DataFrame(rows), 'config', texts)}")
 
 
-def build_report(paths: list[str], output: str | Path, title: str | None = None) -> Path:
-    """Write the report page of every run under the paths to `output`."""
+def build_report(paths: list[str], output: str | Path, title: str | None = None,
+                 resampling: Resampling | None = None) -> Path:
+    """Write the report page of every run under the paths to `output`; `resampling`: the intervals' and paired
+    tests' seed and resamples."""
     target = Path(output)
     skipped: list[str] = []
     runs = load_runs(paths, skipped)
     scores = build_table(runs)
     runs = in_table_order(runs, scores)
-    scores_html, deltas_html, lacking = _score_sections(runs, scores)
+    resampling = resampling or Resampling()
+    bounds = interval_bounds(runs, scores, resampling)
+    scores_html, deltas_html, lacking, interval_notes = _score_sections(runs, scores, bounds, resampling)
     with tempfile.TemporaryDirectory() as folder, sharper(SHARPNESS):
-        curves = _curves(scores, Path(folder))
+        curves = _curves(scores, Path(folder), bounds)
         breakdowns = _breakdown_sections(runs, Path(folder))
     heading = html.escape(title or f"evalkv report: {', '.join(paths)}")
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    notes_html = "".join(f"<li>{html.escape(line)}</li>" for line in [*skipped, *notes(runs, lacking)])
+    notes_html = "".join(f"<li>{html.escape(line)}</li>" for line in [*skipped, *notes(runs, lacking),
+                                                                        *interval_notes])
     page = "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{heading}</title>",
         f"<style>{STYLE}</style></head><body>", f"<h1>{heading}</h1>",
@@ -340,6 +375,7 @@ def build_report(paths: list[str], output: str | Path, title: str | None = None)
         scores_html,
         "<h2>Plots</h2>" + "".join(curves) if curves else "",
         deltas_html,
+        _uncertainty(resampling),
         *_benchmark_sections(runs),
         *breakdowns,
         *_cost_section(runs),

@@ -2,10 +2,9 @@
 
 Rows are (model, method, budget), plus `query` (aware / agnostic) when some run compressed the context without the
 question (LongBench's `task.query_agnostic`). In the scores view, columns are the tasks grouped by benchmark category,
-each category followed by its average, then `average` over every task but perplexities (scores.json's
-`lower_is_better`; report/columns.py). A run that has no score
-for a task it was asked for (or that another row has) leaves the cell empty (shown as `-`), never 0, and every
-average over a missing cell is missing too.
+each category followed by its average, then `average` over every task but perplexities (report/columns.py). A run
+that has no score for a task it was asked for (or that another row has) leaves the cell empty (shown as `-`), never
+0, and every average over a missing cell is missing too.
 
 Other views of the same runs: `timing` (mean prompt tokens, new tokens, kept tokens, prefill and decode seconds per
 sample), `runs` (samples, the `evalkv pred` invocations that wrote them, interrupted ones, processes, their recorded
@@ -66,6 +65,11 @@ def _row_key(run: RunScores, view: str) -> tuple[str, ...]:
     return (*key, run.task) if view == "runs" else key
 
 
+def row_of(run: RunScores, names: list[str]) -> tuple:
+    """The row of a table with these index names that a run's scores fill."""
+    return tuple(dict(zip(("model", "method", "budget", "query"), _row_key(run, "scores")))[name] for name in names)
+
+
 def _row_order(keys) -> list[tuple]:
     return sorted(keys, key=lambda key: (key[0], key[1] != FULL, key[1], key[3] != "aware", _budget_order(key[2]),
                                          *key[4:]))
@@ -110,7 +114,7 @@ def build_table(runs: list[RunScores], view: str = "scores") -> pd.DataFrame:
         raise EvalkvError(f"no run has a {view!r} view (views: {VIEWS})")
     frame = _frame(cells, view)
     if view == "scores":
-        return with_categories(frame, {task for run in runs for task in run.scores.get("lower_is_better", [])})
+        return with_categories(frame)
     if view == "runs":
         return frame.reindex(list(RUN_COLUMNS), axis=1)
     return frame.reindex(sorted(frame.columns, key=_column_order), axis=1)
@@ -163,26 +167,36 @@ def _column_order(column: str) -> tuple:
         return (task, 1, 0.0, key)
 
 
-def against_full(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Every row but the full cache's minus the full-cache row of the same model (and the same query mode when
-    there is one); the full rows keep their values. Rows of a model without a full-cache row become missing; their
-    models are returned so the caller can say so."""
-    methods = frame.index.get_level_values("method")
-    models = frame.index.get_level_values("model")
-    queries = frame.index.get_level_values("query") if "query" in frame.index.names else None
-    result = frame.copy()
-    lacking: list[str] = []
-    for position in range(len(frame)):
-        if methods[position] == FULL:
-            continue
-        candidates = [i for i in range(len(frame)) if methods[i] == FULL and models[i] == models[position]]
+def full_rows(index: pd.MultiIndex) -> list[int | None]:
+    """For every row, the position of the full-cache row it is compared with: the full-cache row of the same model
+    (and the same query mode when there is one); None for the full rows themselves and for rows of a model without
+    a full-cache row."""
+    methods = index.get_level_values("method")
+    models = index.get_level_values("model")
+    queries = index.get_level_values("query") if "query" in index.names else None
+    found: list[int | None] = []
+    for position in range(len(index)):
+        candidates = [i for i in range(len(index)) if methods[i] == FULL and models[i] == models[position]]
         if queries is not None:
             candidates = [i for i in candidates if queries[i] == queries[position]] or candidates
-        if not candidates:
-            lacking.append(models[position])
+        found.append(candidates[0] if candidates and methods[position] != FULL else None)
+    return found
+
+
+def against_full(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Every row but the full cache's minus its full-cache row (`full_rows`); the full rows keep their values. Rows
+    of a model without a full-cache row become missing; their models are returned so the caller can say so."""
+    methods = frame.index.get_level_values("method")
+    result = frame.copy()
+    lacking: list[str] = []
+    for position, base in enumerate(full_rows(frame.index)):
+        if methods[position] == FULL:
+            continue
+        if base is None:
+            lacking.append(frame.index.get_level_values("model")[position])
             result.iloc[position] = float("nan")
             continue
-        result.iloc[position] = (frame.iloc[position] - frame.iloc[candidates[0]]).round(2)
+        result.iloc[position] = (frame.iloc[position] - frame.iloc[base]).round(2)
     return result, sorted(set(lacking))
 
 
@@ -197,7 +211,12 @@ def render(frame: pd.DataFrame, fmt: str, deltas: bool = False) -> str:
         return frame.reset_index().to_json(orient="records", indent=2)
     if fmt == "latex":
         return frame.to_latex(na_rep="-", float_format="%.2f")
-    cells = formatted(frame, deltas).reset_index()
+    return markdown(formatted(frame, deltas))
+
+
+def markdown(cells: pd.DataFrame) -> str:
+    """Cells already as text (rows labelled by the index) as a Markdown table."""
+    cells = cells.reset_index()
     lines = ["| " + " | ".join(map(str, cells.columns)) + " |", "|" + "|".join("---" for _ in cells.columns) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
     return "\n".join(lines) + "\n"
@@ -242,6 +261,13 @@ def table(paths: list[str], fmt: str = "md", view: str = "scores", deltas: bool 
           warnings: list[str] | None = None) -> str:
     """The rendered table of every run under the paths; `warnings` (when given) receives `notes` and the runs that
     could not be read (without it, an unreadable run is an error)."""
+    return render(table_of_runs(paths, view, deltas, warnings)[1], fmt, deltas)
+
+
+def table_of_runs(paths: list[str], view: str = "scores", deltas: bool = False,
+                  warnings: list[str] | None = None) -> tuple[list[RunScores], pd.DataFrame]:
+    """The runs under the paths and their table (with deltas, the differences from the full cache); `warnings` as
+    `table`'s."""
     runs = load_runs(paths, warnings)
     frame = build_table(runs, view)
     lacking: list[str] = []
@@ -249,4 +275,4 @@ def table(paths: list[str], fmt: str = "md", view: str = "scores", deltas: bool 
         frame, lacking = against_full(frame)
     if warnings is not None:
         warnings.extend(notes(runs, lacking))
-    return render(frame, fmt, deltas)
+    return runs, frame

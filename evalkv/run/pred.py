@@ -20,8 +20,9 @@ from tqdm import tqdm
 import evalkv
 from evalkv.config import build_run
 from evalkv.errors import EvalkvError
-from evalkv.kv.engine import Engine, Request
+from evalkv.kv.engine import Engine, Generation, Request
 from evalkv.kv.scoring import TokenScores
+from evalkv.methods import build_method
 from evalkv.methods.base import Method
 from evalkv.metrics import score_records
 from evalkv.models.config import ModelConfig
@@ -121,9 +122,15 @@ def check_resumable(run_dir: Path, composed: dict, task: Task, method: Method) -
     resumable = _RESUMABLE_KEYS | {f"task.{option}" for option in task.free_options}
     if not method.requires_budget():  # e.g. full: a sweep's budget= does not apply to it
         resumable |= {"budget", "method.budget", "compression_ratio", "method.compression_ratio"}
+    # An option added to evalkv after the run was made is absent from its stored config: at its default, it is the
+    # behaviour the run had, so the run resumes.
+    defaults = {f"{section}.{item.name}": _default(item)
+                for section, obj in (("method", method), ("task", task), ("model", ModelConfig))
+                for item in dataclasses.fields(obj)}
     differing = sorted(
         key for key in set(stored) | set(current)
         if key not in resumable and stored.get(key) != current.get(key)
+        and not (key not in stored and key in defaults and current.get(key) == defaults[key])
     )
     if differing:
         shown = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in differing[:6])
@@ -139,8 +146,12 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def make_record(sample: Sample, model: LoadedModel, method: Method, generation) -> dict:
-    return {
+def make_record(sample: Sample, model: LoadedModel, method: Method, generation: Generation,
+                answer: tuple[Sample, Generation] | None = None) -> dict:
+    """One sample's record; `answer` is its follow-up sample and that one's generation when it had one (the
+    prediction is then the follow-up's output; the cost fields stay the first prompt's, the follow-up's go under
+    `answer_step`)."""
+    record = {
         "id": sample.id,
         "task": sample.task,
         "pred": model.decode(generation.token_ids),
@@ -160,6 +171,12 @@ def make_record(sample: Sample, model: LoadedModel, method: Method, generation) 
         "method": method.name,
         **sample.metadata,
     }
+    if answer is not None:
+        follow_up, step = answer
+        record.update(follow_up.metadata, pred=model.decode(step.token_ids), answer_step={
+            "method": FOLLOW_UP_METHOD, "prompt_tokens": step.prompt_tokens, "new_tokens": len(step.token_ids),
+            "prefill_s": round(step.prefill_s, 4), "decode_s": round(step.decode_s, 4)})
+    return record
 
 
 def text_record(sample: Sample, method: Method, scores: TokenScores) -> dict:
@@ -189,21 +206,26 @@ def text_record(sample: Sample, method: Method, scores: TokenScores) -> dict:
     }
 
 
-def _predict(engine: Engine, batch: list[Sample], model: LoadedModel, method: Method, batch_size: int,
-             progress) -> list[dict]:
-    """One record per sample of `batch`, in order: texts to score (perplexity) one by one through
-    evalkv/kv/scoring.py, the other samples generated together."""
+def _predict(engine: Engine, batch: list[Sample], model: LoadedModel, method: Method, batch_size: int, progress,
+             follow_ups: FollowUps) -> list[tuple[dict, float, float]]:
+    """(record, prefill seconds, decode seconds) of each sample of `batch`, in order: texts to score (perplexity) one
+    by one through evalkv/kv/scoring.py, the other samples generated together, then their follow-ups."""
     generating = [sample for sample in batch if sample.scoring is None]
-    generations = iter(engine.generate_batch([_request(sample, model) for sample in generating], batch_size,
-                                             on_finished=lambda _: progress.update(1)) if generating else [])
-    records = []
+    generations = engine.generate_batch([_request(sample, model) for sample in generating], batch_size,
+                                        on_finished=lambda _: progress.update(1)) if generating else []
+    generated = iter(zip(generations, follow_ups.generate(generating, generations) if generating else []))
+    results = []
     for sample in batch:
         if sample.scoring is None:
-            records.append(make_record(sample, model, method, next(generations)))
+            generation, answer = next(generated)
+            steps = [generation] if answer is None else [generation, answer[1]]
+            results.append((make_record(sample, model, method, generation, answer),
+                            sum(step.prefill_s for step in steps), sum(step.decode_s for step in steps)))
             continue
-        records.append(text_record(sample, method, sample.scoring.score(engine, sample.prompt_ids)))
+        scores = sample.scoring.score(engine, sample.prompt_ids)
+        results.append((text_record(sample, method, scores), scores.prefill_s, scores.decode_s))
         progress.update(1)
-    return records
+    return results
 
 
 def _request(sample: Sample, model: LoadedModel) -> Request:
@@ -211,6 +233,39 @@ def _request(sample: Sample, model: LoadedModel) -> Request:
         sample.prompt_ids, sample.max_new_tokens, stop_token_ids=[*model.stop_token_ids, *sample.stop_token_ids],
         suffix_ids=sample.suffix_ids, min_new_tokens=sample.min_new_tokens,
     )
+
+
+FOLLOW_UP_METHOD = "full"  # follow-up prompts hold no context to compress
+
+
+class FollowUps:
+    """The second prompts that samples make from their first output (`Sample.follow_up`), generated with the full
+    cache by an engine of their own: they hold no context for the method to compress (LongBench v2's chain of
+    thought answers from the question and the reasoning alone)."""
+
+    def __init__(self, model: LoadedModel, cfg: DictConfig):
+        self.model, self.cfg = model, cfg
+        self._engine: Engine | None = None
+
+    def generate(self, batch: list[Sample], generations: list[Generation]) -> list[tuple[Sample, Generation] | None]:
+        """For each sample of the batch: (its follow-up sample, that one's generation), or None without one."""
+        wanted = {}
+        for index, (sample, generation) in enumerate(zip(batch, generations)):
+            if sample.follow_up is not None:
+                follow_up = sample.follow_up(self.model.decode(generation.token_ids))
+                if follow_up is not None:
+                    wanted[index] = follow_up
+        answers: list[tuple[Sample, Generation] | None] = [None] * len(batch)
+        if not wanted:
+            return answers
+        if self._engine is None:
+            model, cfg = self.model, self.cfg
+            self._engine = Engine(model.model, build_method(FOLLOW_UP_METHOD, {}), model.backend, model.tokenizer,
+                                  mlp_chunk=cfg.mlp_chunk, decode_graphs=cfg.decode_graphs)
+        steps = self._engine.generate_batch([_request(s, self.model) for s in wanted.values()], self.cfg.batch_size)
+        for (index, follow_up), step in zip(wanted.items(), steps):
+            answers[index] = (follow_up, step)
+        return answers
 
 
 def _batches(samples, done: set[str], size: int, progress) -> Iterator[list[Sample]]:
@@ -312,6 +367,7 @@ def _run_pred(cfg: DictConfig) -> Path:
     model = cached_model(model_cfg)
     engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=cfg.mlp_chunk,
                     decode_graphs=cfg.decode_graphs)
+    follow_ups = FollowUps(model, cfg)
     samples = task.samples(model)
     if task.n_samples is not None:
         samples = itertools.islice(samples, task.n_samples)
@@ -365,13 +421,13 @@ def _run_pred(cfg: DictConfig) -> Path:
                 # Records are written in sample order once a batch is done; a killed run loses at most one batch.
                 for batch in itertools.chain([first] if first else [], batches):
                     # the bar advances as each sample's generation ends; its record is written with its batch
-                    for sample, record in zip(batch, _predict(engine, batch, model, method, cfg.batch_size,
-                                                              progress)):
+                    for sample, (record, prefill_s, decode_s) in zip(batch, _predict(
+                            engine, batch, model, method, cfg.batch_size, progress, follow_ups)):
                         writer.write(record)
                         done.add(sample.id)
                         invocation["new_samples"] += 1
-                        totals["prefill_s"] += record["prefill_s"]
-                        totals["decode_s"] += record["decode_s"]
+                        totals["prefill_s"] += prefill_s
+                        totals["decode_s"] += decode_s
             totals = sharded.finish(run_dir, {**totals, "new_samples": invocation["new_samples"]})
         except (KeyboardInterrupt, Terminated) as stop:
             number = signal_of(stop)

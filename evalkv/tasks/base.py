@@ -4,7 +4,7 @@ that picks the metric. Tasks register by name; each one's Hydra config is genera
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -21,10 +21,14 @@ class Sample:
     max_new_tokens: int
     suffix_ids: list[int] | None = None  # fed after the prompt was compressed (query-agnostic mode)
     all_classes: list[str] | None = None
-    length: int | None = None  # the dataset's length field; synthetic tasks: prompt tokens
+    length: int | str | None = None  # the dataset's length field (LongBench v2: its bucket); synthetic: prompt tokens
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-turn tokens
     min_new_tokens: int = 0  # stop tokens cannot be generated before this many tokens (HF generate's min_length)
     metadata: dict[str, Any] = field(default_factory=dict)  # written into the record (context_length, depth, ...)
+    # A second prompt made from this one's decoded output (LongBench v2's chain of thought), or None for none. It is
+    # generated with the full cache (it holds no context to compress); its output is the record's `pred`, its
+    # metadata joins the record's.
+    follow_up: Callable[[str], Sample | None] | None = None
     scoring: Protocol | None = None  # set: the prompt's tokens are scored (perplexity) instead of generating after it
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from evalkv.errors import EvalkvError
-from evalkv.kv.scoring import CHUNKED, PROTOCOLS, STREAM, Protocol
+from evalkv.kv.scoring import STREAM, Protocol
 from evalkv.tasks.base import Sample, Task
 from evalkv.tasks.registry import register_task
 
@@ -73,11 +73,7 @@ class Perplexity(Task):
         if (self.dataset == "text") != (self.text_path is not None):
             raise EvalkvError("perplexity: dataset=text reads task.text_path=FILE, and text_path needs dataset=text "
                               f"(got dataset={self.dataset}, text_path={self.text_path})")
-        if self.protocol not in PROTOCOLS:
-            raise EvalkvError(f"perplexity: unknown protocol {self.protocol!r}; known: {', '.join(PROTOCOLS)}")
-        if self.chunk_size is not None and self.protocol != CHUNKED:
-            raise EvalkvError("perplexity: chunk_size applies to protocol=chunked")
-        Protocol(self.protocol, self.chunk_size)
+        Protocol(self.protocol, self.chunk_size)  # refuses an unknown protocol, a chunk size without chunks
         if self.books < 1 or self.bucket_size < 1 or (self.num_eval_tokens is not None and self.num_eval_tokens < 1):
             raise EvalkvError(f"perplexity: books, bucket_size and num_eval_tokens must be >= 1, got {self.books}, "
                               f"{self.bucket_size}, {self.num_eval_tokens}")

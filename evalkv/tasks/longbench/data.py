@@ -85,21 +85,26 @@ def read_rows(path: Path, name: str, check_count: bool = True) -> list[dict]:
     return rows
 
 
-def download_archive() -> Path:
-    """data.zip from the hub (cached by huggingface_hub); an error that says what to do when offline."""
+def download_hub_file(repos: tuple[str, ...], filename: str, advice: str) -> Path:
+    """`filename` of the first hub dataset repository in `repos` that serves it (cached by huggingface_hub); offline,
+    an error naming each failure, then `advice` (what to do with the file downloaded elsewhere)."""
     from huggingface_hub import hf_hub_download
 
     failures = []
-    for repo in HUB_REPOS:
+    for repo in repos:
         try:
-            return Path(hf_hub_download(repo_id=repo, filename=ARCHIVE, repo_type="dataset"))
+            return Path(hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset"))
         except Exception as error:  # offline, gated, renamed: every hub failure ends in the same advice
             failures.append(f"{repo}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
     raise EvalkvError(
-        f"could not download {ARCHIVE} from the hub ({'; '.join(failures)}). Where the hub is reachable, download "
-        f"https://huggingface.co/datasets/{HUB_REPOS[0]}/resolve/main/{ARCHIVE} and run "
-        f"`evalkv data longbench --from-archive {ARCHIVE}`"
+        f"could not download {filename} from the hub ({'; '.join(failures)}). Where the hub is reachable, download "
+        f"https://huggingface.co/datasets/{repos[0]}/resolve/main/{filename} and {advice}"
     )
+
+
+def download_archive() -> Path:
+    """data.zip from the hub; an error that says what to do when offline."""
+    return download_hub_file(HUB_REPOS, ARCHIVE, f"run `evalkv data longbench --from-archive {ARCHIVE}`")
 
 
 def _archive_members(archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
