@@ -226,3 +226,15 @@ def test_pred_score_table_and_plot_of_perplexity_runs(tmp_path, capsys):
     output = tmp_path / "nll.png"
     assert main(["plot", "position", str(tmp_path / "results"), "-o", str(output)]) == 0
     assert output.stat().st_size > 0
+
+
+def test_tables_leave_perplexity_out_of_the_average():
+    import pandas as pd
+
+    from evalkv.report.columns import averaged_tasks, with_categories
+
+    frame = with_categories(pd.DataFrame({"passkey": [60.0, 40.0], "pg19": [9.5, 12.25], "text": [800.0, 950.0]}))
+    assert list(frame.columns) == ["passkey", "pg19", "text", "average"]
+    assert list(frame["average"]) == [60.0, 40.0]
+    assert averaged_tasks(list(frame.columns))["average"] == ["passkey"]  # its interval is the passkey's
+    assert with_categories(pd.DataFrame({"text": [800.0]}))["average"].isna().all()  # no score to average
