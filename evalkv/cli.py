@@ -206,9 +206,10 @@ def cmd_table(args: list[str]) -> int:
         prog="evalkv table", description="Aggregate every run under the paths into one table: rows model / method / "
         "budget (and query aware / agnostic when some run compressed the context without the question), columns "
         "the tasks grouped by benchmark category (LongBench's categories, RULER), each category's average, then "
-        "the average over every task. Missing scores show as '-' (empty in csv, null in json), never as 0; "
-        "unfinished runs are named on stderr. kvpress evaluation folders (metrics.json + config.yaml, as kvpress's "
-        "evaluation/evaluate.py writes them) join as rows labelled kvpress:PRESS with kvpress's own scores.")
+        "the average over every task but perplexities (lower is better, so never averaged with scores). Missing "
+        "scores show as '-' (empty in csv, null in json), never as 0; unfinished runs are named on stderr. kvpress "
+        "evaluation folders (metrics.json + config.yaml, as kvpress's evaluation/evaluate.py writes them) join as rows "
+        "labelled kvpress:PRESS with kvpress's own scores.")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run directories, kvpress evaluation folders, or "
                         "folders holding them")
     parser.add_argument("--format", default="md", choices=FORMATS)
@@ -218,7 +219,8 @@ def cmd_table(args: list[str]) -> int:
                         "averaged over its tasks); leaderboard (kvpress's leaderboard columns: dataset, data_dir, "
                         "model, method, compression_ratio, score; compression-ratio and full-cache runs only); "
                         "reasoning (gsm8k, math500, aime: pass@1, maj@k, pass@k, mean new tokens, finished share); or "
-                        "one metric breakdown per task such as by_context_length, by_depth, by_length")
+                        "one metric breakdown per task such as by_context_length, by_depth, by_length, nll_by_position "
+                        "(perplexity: mean NLL per position bucket), ppl_by_position")
     parser.add_argument("--delta", action="store_true", help="show every row but the full cache's as its "
                         "difference from the full-cache row of the same model")
     parser.add_argument("--intervals", action="store_true", help="scores view: each cell with its 95%% bootstrap "
@@ -262,6 +264,7 @@ PLOT_EPILOG = """examples:
   evalkv plot needle results/needle/*/snapkv_128 -o needle.pdf
   evalkv plot pattern model=random-tiny-llama method=snapkv budget=64 task.lengths=[512] -o pattern.png
   evalkv plot pattern results/passkey/qwen2.5-coder-0.5b-instruct/snapkv_128 --sample ID --step 1 -o pattern.png
+  evalkv plot position results/perplexity* -o nll.png
 """
 
 
@@ -269,7 +272,7 @@ def cmd_plot(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="evalkv plot", epilog=PLOT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Plot runs into a PNG or PDF file (the suffix of -o picks the format).")
-    kinds = parser.add_subparsers(dest="kind", required=True, metavar="curves|needle|pattern")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="curves|needle|pattern|position")
     curves = kinds.add_parser(
         "curves", help="score versus budget or compression ratio per method, one panel per task and the average",
         description="Score versus budget (log2 axis) or compression ratio (linear, 0 to 1) for every method of the "
@@ -302,8 +305,28 @@ def cmd_plot(args: list[str]) -> int:
     pattern.add_argument("--step", type=int, default=1, help="decode step whose cache is drawn (default 1)")
     pattern.add_argument("-o", "--output", default="pattern.png", help="PNG or PDF file (default pattern.png)")
     pattern.add_argument("--title")
+    position = kinds.add_parser(
+        "position", help="perplexity runs: mean NLL (or PPL) versus position in the text, one line per method",
+        description="The mean NLL per position bucket of the perplexity runs under the paths (evalkv table --view "
+        "nll_by_position), one panel per text source, one line per method and budget, the full cache dashed.")
+    position.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders of runs")
+    position.add_argument("-o", "--output", default="nll_by_position.png", help="PNG or PDF file "
+                          "(default nll_by_position.png)")
+    position.add_argument("--ppl", action="store_true", help="plot the PPL per bucket instead of the mean NLL")
+    position.add_argument("--title")
     options = parser.parse_args(args)
-    if options.kind == "needle":
+    if options.kind == "position":
+        from evalkv.report.position import plot_positions
+        from evalkv.report.runs import load_runs
+        from evalkv.report.table import build_table
+
+        view = "ppl_by_position" if options.ppl else "nll_by_position"
+        skipped: list[str] = []
+        runs = load_runs(options.paths, skipped)
+        for warning in skipped:
+            print(f"evalkv plot: note: {warning}", file=sys.stderr)
+        print(plot_positions(build_table(runs, view), options.output, view, options.title))
+    elif options.kind == "needle":
         from evalkv.report.heatmap import plot_needle
 
         print(plot_needle(options.paths, options.output, options.title))

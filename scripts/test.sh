@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The test suite, from a fresh machine: set up .venv with the embedded model, the dev tools and the SLURM launcher
-# plugin (its config's composition is tested), install chromium where apt-get runs as root (the report page's
-# browser test; EVALKV_NO_CHROMIUM=1 skips that step), lint, run pytest.
+# The test suite, from a fresh machine: set up .venv with the embedded model, the dev tools, the SLURM launcher
+# plugin (its config's composition is tested) and lm-eval (the `evalkv` model of lm-evaluation-harness is tested; it
+# brings `datasets`, which task=perplexity reads local data folders with; about 40 s to install), install chromium
+# where apt-get runs as root (the report page's browser test; EVALKV_NO_CHROMIUM=1 skips that step), lint, run pytest.
 #   usage: bash scripts/test.sh [pytest options]
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh" model,dev,slurm
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh" model,dev,slurm,lm_eval
 [[ -n ${EVALKV_NO_CHROMIUM:-} ]] || install_chromium
 cd "$repo"
 step "ruff check"

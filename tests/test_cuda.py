@@ -45,3 +45,25 @@ def test_cuda_bf16_runs_and_shrinks(case, tokenizer):
     model = _model("tiny-llama", torch.bfloat16)
     generation = Engine(model, build_method(method_name(case), CASES[case])).generate(prompt_ids(tokenizer), 4)
     assert abs(generation.kept_tokens - 64) <= 1 and len(generation.token_ids) == 4  # AdaKV rounds head budgets
+
+
+@pytest.mark.parametrize("protocol", ["stream", "chunked"])
+def test_cuda_perplexity_matches_the_cpu(protocol, tokenizer):
+    """task=perplexity's scoring on the GPU (fp32, the CPU's weights moved over): streaming_llm at budget 16 gives
+    the CPU's per-token log-likelihoods, and the full cache transformers' own."""
+    from evalkv.kv.scoring import Protocol
+
+    ids = prompt_ids(tokenizer, repeats=3)[:96]
+    scoring = Protocol(protocol, 16 if protocol == "chunked" else None)
+    cpu_model = build_random_model("tiny-llama", torch.float32, torch.device("cpu"), seed=0)
+    cpu = scoring.score(Engine(cpu_model, build_method("streaming_llm", {"budget": 16})), ids)
+    gpu_model = cpu_model.to("cuda")
+    gpu = scoring.score(Engine(gpu_model, build_method("streaming_llm", {"budget": 16})), ids)
+    torch.testing.assert_close(gpu.logprobs, cpu.logprobs, atol=2e-4, rtol=0)
+    assert gpu.kept_tokens == 16
+    full = scoring.score(Engine(gpu_model, build_method("full", {})), ids)
+    gpu_model.set_attn_implementation("sdpa")
+    with torch.inference_mode():
+        logits = gpu_model(torch.tensor([ids], device="cuda")).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:], device="cuda")[:, None])[:, 0]
+    torch.testing.assert_close(full.logprobs, expected.cpu(), atol=2e-4, rtol=0)

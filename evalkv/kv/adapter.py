@@ -14,7 +14,7 @@ Contract pinned by tests/test_adapter.py on tiny Llama, Qwen2, Mistral, Qwen3 an
   the store as `evalkv_store=`: no global state, which torch.compile could not trace); it returns `[B, q, H, d]`;
 - explicit `position_ids` set RoPE positions (so positions stay true after eviction);
 - an attention implementation absent from the mask registry gets `attention_mask=None` (no n x n mask is built);
-- `logits_to_keep=1` computes the last position's logits only;
+- `logits_to_keep=1` computes the last position's logits only (`0`: every position's);
 - the decoder's `rotary_emb` is called once per forward, and its frequencies (`inv_freq`, `attention_scaling`) after
   that call are the ones that rotated the forward's queries and keys.
 
@@ -246,17 +246,17 @@ def _chunked_forward(mlp):
     return forward
 
 
-def forward(model, input_ids: Tensor, positions: Tensor, cache: Cache) -> Tensor:
+def forward(model, input_ids: Tensor, positions: Tensor, cache: Cache, all_logits: bool = False) -> Tensor:
     """One forward pass over `input_ids` at true `positions` (`cache` from `make_cache`: its store attends); returns
-    the last position's logits `[B, vocab]`."""
+    the last position's logits `[B, vocab]`, or with `all_logits` every position's `[B, q, vocab]` (scoring a text)."""
     # both read in `install`, not here: a compiled step must not trace `inspect` or the config
     switch = getattr(model, "_evalkv_longrope_switch", None)
     if switch is not None and not _capturing():
         _note_longrope_forward(model, positions, switch)
     name = getattr(model, "_evalkv_cache_argument", None) or cache_argument(model)
-    output = model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+    output = model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=0 if all_logits else 1,
                    evalkv_store=cache.store, **{name: cache})
-    return output.logits[:, -1, :]
+    return output.logits if all_logits else output.logits[:, -1, :]
 
 
 def _capturing() -> bool:

@@ -2,10 +2,11 @@
 
 A record's `task` field (the benchmark's own task name) picks its metric. Task scores are the mean per-sample score
 x 100 rounded to 2 decimals (the LongBench and RULER scripts' scale), or the metric's own `aggregate` where the
-reference computes it in another order; the average is the unweighted mean of the task scores. Benchmark-level
-summaries (RULER's per-length averages, LongBench's categories) go under `groups`. `sample_scores` keeps each task's
-per-sample scores in record order with their sample ids, so intervals and paired tests (metrics/uncertainty.py) can
-be recomputed from scores.json alone.
+reference computes it in another order (perplexity: from the records); the average is the unweighted mean of the
+task scores, perplexities (listed under `lower_is_better`) left out. Benchmark-level summaries (RULER's per-length
+averages, LongBench's categories) go under `groups`. `sample_scores` keeps each task's per-sample scores in record
+order with their sample ids, so intervals and paired tests (metrics/uncertainty.py) can be recomputed from
+scores.json alone.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class TaskMetric:
     score: SampleScore
     breakdown: Breakdown | None = None
     aggregate: Aggregate | None = None  # default: `percent`
+    # The task score from the records themselves, where it is not a function of per-sample scores (perplexity
+    # weighs each text by its scored tokens); replaces `aggregate`.
+    aggregate_records: Callable[[list[dict]], float] | None = None
+    lower_is_better: bool = False  # perplexity: tables leave it out of averages over tasks
 
 
 METRICS: dict[str, TaskMetric] = {}
@@ -85,16 +90,22 @@ def score_records(records: list[dict]) -> dict:
         metric = metric_for(task)
         rows = by_task[task]
         scores = [float(metric.score(record)) for record in rows]
-        task_scores[task] = (metric.aggregate or percent)(scores)
+        task_scores[task] = (metric.aggregate_records(rows) if metric.aggregate_records
+                             else (metric.aggregate or percent)(scores))
         counts[task] = len(rows)
         samples[task] = {"ids": sample_ids(rows), "scores": compact(scores)}
         metrics[task] = metric.metric
         if metric.breakdown is not None:
             breakdowns[task] = metric.breakdown(rows, scores)
-    average = round(sum(task_scores.values()) / len(task_scores), 2) if task_scores else None
+    # perplexities are not averaged with accuracies: the average is over the other tasks (None without any)
+    lower = sorted(task for task in task_scores if metric_for(task).lower_is_better)
+    averaged = [value for task, value in task_scores.items() if task not in lower]
+    average = round(sum(averaged) / len(averaged), 2) if averaged else None
     timing = {task: values for task, rows in sorted(by_task.items()) if (values := _mean_fields(rows))}
     result = {"task_scores": task_scores, "n": counts, "average": average, "metric": metrics, "breakdown": breakdowns,
               "timing": timing, "sample_scores": samples}
+    if lower:
+        result["lower_is_better"] = lower
     groups = {name: view for name, summary in GROUPS.items() if (view := summary(task_scores, breakdowns))}
     if groups:
         result["groups"] = groups

@@ -2,16 +2,16 @@
 
 Rows are (model, method, budget), plus `query` (aware / agnostic) when some run compressed the context without the
 question (`compress=context`). In the scores view, columns are the tasks grouped by benchmark category,
-each category followed by its average, then `average` over every task (report/columns.py). A run that has no score
-for a task it was asked for (or that another row has) leaves the cell empty (shown as `-`), never 0, and every
-average over a missing cell is missing too.
+each category followed by its average, then `average` over every task but perplexities (report/columns.py). A run
+that has no score for a task it was asked for (or that another row has) leaves the cell empty (shown as `-`), never
+0, and every average over a missing cell is missing too.
 
 Other views of the same runs: `timing` (mean prompt tokens, new tokens, kept tokens, prefill and decode seconds per
 sample), `runs` (samples, the `evalkv pred` invocations that wrote them, interrupted ones, processes, their recorded
 wall time in total and per sample: report/runs.py `run_cells`), any breakdown a metric writes (e.g.
-`by_context_length`, `by_depth`, LongBench-E's `by_length`): columns
-`task/key`, and the benchmark views `ruler` (per context length, the mean over RULER's tasks, and their average as
-RULER reports it) and `longbench_e` (per length bucket 0-4k / 4-8k / 8k+, the mean over LongBench-E's tasks).
+`by_context_length`, `by_depth`, LongBench-E's `by_length`, perplexity's `nll_by_position` and `ppl_by_position`):
+columns `task/key`, and the benchmark views `ruler` (per context length, the mean over RULER's tasks, and their
+average as RULER reports it) and `longbench_e` (per length bucket 0-4k / 4-8k / 8k+, the mean over LongBench-E's tasks).
 `reasoning` is the math tasks' breakdown (metrics/reasoning.py) in its own column order: per task pass@1, maj@k,
 pass@k, mean new tokens, the share of finished samples, k and the number of problems.
 `deltas=True` shows every row but the full cache's as its difference from the full-cache row of the same model.
@@ -36,7 +36,7 @@ FORMATS = ("md", "csv", "latex", "json")
 # counts, shown without decimals: the `runs` view's, and the `reasoning` view's `task/k`, `task/problems`
 COUNT_COLUMNS = ("samples", "invocations", "interrupted", "processes", "k", "problems")
 VIEWS = ("scores, timing, runs, ruler, longbench_e, leaderboard, reasoning, or a breakdown such as by_depth, "
-         "by_context_length, by_length")
+         "by_context_length, by_length, nll_by_position")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import platform
 import signal
 import sys
@@ -20,6 +21,7 @@ import evalkv
 from evalkv.config import build_run
 from evalkv.errors import EvalkvError
 from evalkv.kv.engine import Engine, Generation, Request
+from evalkv.kv.scoring import TokenScores
 from evalkv.methods import build_method
 from evalkv.methods.base import Method
 from evalkv.metrics import score_records
@@ -191,6 +193,55 @@ def make_record(sample: Sample, model: LoadedModel, method: Method, generation: 
 
 def _stop_token_ids(sample: Sample, model: LoadedModel) -> list[int]:
     return [*model.stop_token_ids, *sample.stop_token_ids]
+
+
+def text_record(sample: Sample, method: Method, scores: TokenScores) -> dict:
+    """The record of a scored text (perplexity): every scored token's NLL (5 decimals) in position order, from
+    position `first_scored`; `evalkv score` aggregates them (evalkv/metrics/perplexity.py)."""
+    nll = [round(value, 5) for value in scores.nll()]
+    return {
+        "id": sample.id,
+        "task": sample.task,
+        "pred": "",
+        "answers": sample.answers,
+        "all_classes": None,
+        "length": sample.length,
+        "prompt_tokens": len(sample.prompt_ids),
+        "new_tokens": 0,
+        "kept_tokens": round(scores.kept_tokens, 3),
+        "kv_bytes": scores.kv_bytes,
+        "prefill_s": round(scores.prefill_s, 4),
+        "decode_s": round(scores.decode_s, 4),
+        "method": method.name,
+        "chunk_size": sample.scoring.chunk(method),
+        "scored_tokens": len(nll),
+        "first_scored": scores.start,
+        "ppl": round(math.exp(sum(nll) / len(nll)), 4),
+        **sample.metadata,
+        "nll": nll,
+    }
+
+
+def _predict(engine: Engine, batch: list[Sample], model: LoadedModel, method: Method, batch_size: int, progress,
+             follow_ups: FollowUps) -> list[tuple[dict, float, float]]:
+    """(record, prefill seconds, decode seconds) of each sample of `batch`, in order: texts to score (perplexity) one
+    by one through evalkv/kv/scoring.py, the other samples generated together, then their follow-ups."""
+    generating = [sample for sample in batch if sample.scoring is None]
+    generations = engine.generate_batch([_request(sample, model) for sample in generating], batch_size,
+                                        on_finished=lambda _: progress.update(1)) if generating else []
+    generated = iter(zip(generations, follow_ups.generate(generating, generations) if generating else []))
+    results = []
+    for sample in batch:
+        if sample.scoring is None:
+            generation, answer = next(generated)
+            steps = [generation] if answer is None else [generation, answer[1]]
+            results.append((make_record(sample, model, method, generation, answer),
+                            sum(step.prefill_s for step in steps), sum(step.decode_s for step in steps)))
+            continue
+        scores = sample.scoring.score(engine, sample.prompt_ids)
+        results.append((text_record(sample, method, scores), scores.prefill_s, scores.decode_s))
+        progress.update(1)
+    return results
 
 
 def _request(sample: Sample, model: LoadedModel) -> Request:
@@ -397,16 +448,13 @@ def _run_pred(cfg: DictConfig) -> Path:
                 # Records are written in sample order once a batch is done; a killed run loses at most one batch.
                 for batch in itertools.chain([first] if first else [], batches):
                     # the bar advances as each sample's generation ends; its record is written with its batch
-                    generations = engine.generate_batch([_request(sample, model) for sample in batch],
-                                                        cfg.batch_size, on_finished=lambda _: progress.update(1))
-                    answers = follow_ups.generate(batch, generations)
-                    for sample, generation, answer in zip(batch, generations, answers):
-                        writer.write(make_record(sample, model, method, generation, answer))
+                    for sample, (record, prefill_s, decode_s) in zip(batch, _predict(
+                            engine, batch, model, method, cfg.batch_size, progress, follow_ups)):
+                        writer.write(record)
                         done.add(sample.id)
                         invocation["new_samples"] += 1
-                        for step in [generation] if answer is None else [generation, answer[1]]:
-                            totals["prefill_s"] += step.prefill_s
-                            totals["decode_s"] += step.decode_s
+                        totals["prefill_s"] += prefill_s
+                        totals["decode_s"] += decode_s
             totals = sharded.finish(run_dir, {**totals, "new_samples": invocation["new_samples"]})
         except (KeyboardInterrupt, Terminated) as stop:
             number = signal_of(stop)

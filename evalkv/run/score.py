@@ -75,7 +75,8 @@ def format_scores(scores: dict, resampling: Resampling | None = None) -> str:
     rows = [header]
     for task, value in scores["task_scores"].items():
         rows.append((task, scores["metric"][task], str(scores["n"][task]), f"{value:.2f}"))
-    rows.append(("average", "", str(sum(scores["n"].values())), f"{scores['average']:.2f}"))
+    average = scores.get("average")
+    rows.append(("average", "", str(sum(scores["n"].values())), "-" if average is None else f"{average:.2f}"))
     if resampling:
         rows[1:] = [(*row, *cells) for row, cells in zip(rows[1:], _uncertainty_cells(scores, resampling))]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

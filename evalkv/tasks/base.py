@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from evalkv.errors import EvalkvError
+from evalkv.kv.scoring import Protocol
 
 if TYPE_CHECKING:  # tasks load without torch: reports read them
     from evalkv.kv.sampling import Sampling
@@ -39,6 +40,7 @@ class Sample:
     # generated with the full cache (it holds no context to compress); its output is the record's `pred`, its
     # metadata joins the record's.
     follow_up: Callable[[str], Sample | None] | None = None
+    scoring: Protocol | None = None  # set: the prompt's tokens are scored (perplexity) instead of generating after it
 
     def shares_context(self, other: Sample) -> bool:
         """Whether both are questions about one context (compressed once when they run together)."""

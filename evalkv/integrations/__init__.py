@@ -1,0 +1,1 @@
+"""evalkv inside other evaluation harnesses: `evalkv.integrations.lm_eval` (lm-evaluation-harness's `evalkv` model)."""
