@@ -14,7 +14,8 @@ NEW_TOKENS = 6
 # Methods whose decode reads per-sample state (or whose cache is ragged, or full-length) decode one at a time.
 UNBATCHED = {"full", "sink_recent_uniform-stride", "adakv", "adakv-query_head-pyramid", "catekv", "lacache",
              "segment_two_stage", "segment_two_stage-kv_head-v2", "kmeans-centroid-decode",
-             "snapkv-decoding"}  # per-sample state (a query buffer, ...), ragged caches, or no budget
+             "snapkv-decoding", "duo_attention", "duo_attention-on_the_fly", "duo_attention-all_streaming", "kvzip",
+             "kvzip-layerwise"}  # per-sample state (a query buffer, ...), ragged caches, or no budget
 
 
 def _prompts(tokenizer) -> list[list[int]]:

@@ -3,10 +3,12 @@
 from evalkv.methods import (  # noqa: F401  (importing a method module registers it)
     adakv,
     catekv,
+    duo_attention,
     full,
     h2o,
     kmeans,
     knorm,
+    kvzip,
     lacache,
     learned_mlp,
     lru,
