@@ -27,9 +27,8 @@ def test_pattern_files_are_read_as_the_authors_write_them(tmp_path):
     assert read_pattern(tmp_path / "full_attention_heads.tsv")[0].tolist() == gates.tolist()
     (tmp_path / "config.json").unlink()
     assert read_pattern(tmp_path)[1:] == (None, None)
-    method = build_method("duo_attention", {"patterns": str(tmp_path)})
     with pytest.raises(EvalkvError, match="set method.sink_size and method.recent_size"):
-        method.sizes()
+        Engine(tiny_model(), build_method("duo_attention", {"patterns": str(tmp_path)}))
     assert build_method("duo_attention", {"patterns": str(tmp_path), "sink_size": 4, "recent_size": 8}).sizes() == (
         4, 8)
 

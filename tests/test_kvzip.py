@@ -144,3 +144,10 @@ def test_kvzip_end_to_end_keeps_the_budget_across_layers_and_heads(tokenizer):
     assert sum(len(head) for head in heads) == 4 * 64 and len({len(head) for head in heads}) > 1
     assert all(head[:4] == [0, 1, 2, 3] for head in heads)
     assert len(generation.trace) == 4  # the replay forwards are not steps of the sequence
+
+
+def test_kvzip_options_are_checked():
+    with pytest.raises(EvalkvError, match="smaller than n_sink"):
+        build_method("kvzip", {"budget": 2})
+    with pytest.raises(EvalkvError, match="chunk_size >= 1"):
+        build_method("kvzip", {"budget": 64, "chunk_size": 0})

@@ -143,6 +143,7 @@ class DuoAttention(Method):
     def prepare(self, tokenizer) -> None:
         if self.patterns != ON_THE_FLY and self._pattern is None:
             self._pattern = read_pattern(self.patterns)
+            self.sizes()  # a pattern without sizes is refused before the model runs
 
     def describe(self) -> str:
         split = f"t{self.threshold:g}" if self.threshold is not None else f"h{self.head_compression_ratio:g}"
@@ -206,9 +207,6 @@ class DuoAttention(Method):
         lengths = [head.length for head in cache.heads] if cache.is_ragged else [view.length] * cache.num_heads
         if not any(stream and length - newest > sink + recent for stream, length in zip(streaming.tolist(), lengths)):
             return None
-        if cache.batch_size != 1 or cache.num_heads != view.geometry.num_kv_heads:
-            raise EvalkvError("duo_attention keeps a different number of entries per head: it needs batch size 1 "
-                              "and a cache of KV heads")
 
         def kept(length: int, stream: bool) -> Tensor:
             if not stream or length - newest <= sink + recent:
@@ -218,4 +216,7 @@ class DuoAttention(Method):
 
         if bool(streaming.all()) and not cache.is_ragged:
             return kept(view.length, True)[None, None, :]
+        if cache.batch_size != 1 or cache.num_heads != view.geometry.num_kv_heads:
+            raise EvalkvError("duo_attention keeps a different number of entries per head: it needs batch size 1 "
+                              "and a cache of KV heads")
         return [kept(length, stream) for length, stream in zip(lengths, streaming.tolist())]

@@ -99,8 +99,8 @@ class KVzip(Method):
     """KVzip (query-agnostic: entries scored by how much the model reads them to reconstruct the prompt; prompt only).
 
     Based on "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction", Kim et al. (arXiv 2505.23416),
-    reference code snu-mllab/KVzip@4c2ed0f (`KVScore._get_score`, `ModelKVzip.self_task`) and kvpress's `KVzipPress`
-    (0.5.5); docs/methods.md#kvzip.
+    reference code snu-mllab/KVzip (`attention/score.py@4c2ed0f` `KVScore._get_score`, `model/wrapper.py@04d315b`
+    `ModelKVzip.self_task`) and kvpress's `KVzipPress` (0.5.5); docs/methods.md#kvzip.
 
     After the prompt, the engine replays it (`Method.rescore_prompt`, docs/methods.md#the-method-api): chunk by chunk
     of `chunk_size` tokens, the model reads "Repeat the previous context exactly." (later chunks: "...starting with"
@@ -130,6 +130,9 @@ class KVzip(Method):
         super().__post_init__()
         if self.n_sink < 0 or self.chunk_size < 1:
             raise EvalkvError(f"kvzip: need n_sink >= 0 and chunk_size >= 1, got {self.n_sink}, {self.chunk_size}")
+        if self.budget is not None and self.budget < self.n_sink:
+            raise EvalkvError(f"kvzip: budget {self.budget} is smaller than n_sink {self.n_sink}, the entries every "
+                              "head keeps")
         self._repeat: tuple[Tensor, Tensor, Tensor] | None = None
 
     def prepare(self, tokenizer) -> None:
