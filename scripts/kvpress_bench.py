@@ -10,6 +10,10 @@ evalkv), so it runs in kvpress's own environment; kvpress 0.5.5 requires transfo
     python3 -m pip install -q --no-index --no-deps --target /tmp/kvp .device/kvpress_whl/*.whl
     PYTHONPATH=/tmp/kvp python3 scripts/kvpress_bench.py WORKLOAD.json -o kvpress.json
 
+or, where the package registry is reachable, with the environment scripts/kvpress_env.py builds (and caches):
+
+    PYTHONPATH=$(python scripts/kvpress_env.py) python scripts/kvpress_bench.py WORKLOAD.json -o kvpress.json
+
 How a sample meets the pipeline (kvpress 0.5.5, kvpress/pipeline.py):
 - Text in, ids out: the pipeline takes text, so a pass-through tokenizer (a WordLevel vocabulary "t0".."t{V-1}",
   whitespace split, no special tokens, no chat template) turns "t12 t7 ..." back into exactly the workload's ids,
@@ -116,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     options = parser.parse_args(argv)
 
+    import kvpress_env  # this script's folder: keeps evalkv's own packages out of kvpress's transformers
+
+    kvpress_env.prepare_imports()
     import kvpress
     import transformers
     from kvpress import SnapKVPress

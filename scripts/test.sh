@@ -8,6 +8,9 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh" model,dev,slurm,lm_eval
 [[ -n ${EVALKV_NO_CHROMIUM:-} ]] || install_chromium
 cd "$repo"
+# kvpress's own environment for tests/test_kvpress_reference.py (cached; without a registry that module skips)
+step "kvpress 0.5.5's reference environment (once, about 30 s; scripts/kvpress_env.py)"
+python scripts/kvpress_env.py >/dev/null || echo "note: kvpress's environment could not be built; its comparison tests will skip" >&2
 step "ruff check"
 ruff check evalkv tests
 step "pytest, one worker per core (the first run also assembles and de-quantises the embedded model, cached afterwards)"

@@ -15,7 +15,8 @@ NEW_TOKENS = 6
 # (ragged per-head caches batch, padded to their longest head).
 UNBATCHED = {"full", "sink_recent_uniform-stride", "lacache",
              "segment_two_stage", "segment_two_stage-kv_head-v2", "kmeans-centroid-decode",
-             "snapkv-decoding", "expected_attention-decoding", "laq", "rkv"}
+             "snapkv-decoding", "expected_attention-decoding", "laq", "rkv", "duo_attention-on_the_fly",
+             "kvzip", "kvzip-layerwise"}
 
 
 def _prompts(tokenizer) -> list[list[int]]:

@@ -20,6 +20,8 @@ def _covering_options(case: str, prompt_length: int) -> dict:
     budget = prompt_length + (NEW_TOKENS if method.acts_while_decoding else 0)
     if "uniform_stride" in options:
         options.update(sink=budget, recent=0)
+    elif method_name(case) == "duo_attention":  # no budget: streaming heads keep sink + recent
+        options.update(recent_size=budget)
     elif "budget" in options:
         options["budget"] = budget
     return options

@@ -24,17 +24,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import ClassVar, Optional, Protocol, Union
 
 from torch import Tensor
 
 from evalkv.errors import EvalkvError
 from evalkv.kv.view import AttentionView, ModelGeometry, Phase, SampleState
 
-__all__ = ["AttentionView", "Keep", "Method", "ModelGeometry", "Phase", "SampleState", "require_choice"]
+__all__ = ["AttentionView", "Keep", "Method", "ModelGeometry", "Phase", "PromptReplay", "SampleState",
+           "require_choice"]
 
 Keep = Optional[Union[Tensor, list[Tensor]]]
 Hook = Callable[[AttentionView], Keep]
+
+
+class PromptReplay(Protocol):
+    """What `Method.rescore_prompt` receives (the engine's side of it: docs/methods.md#the-method-api).
+
+    `run(ids, score)` is one forward of `ids` (`[1, q]` token ids) at the positions after the prompt's, against the
+    sample's cache as the prompt left it. In every layer, after the attention, `score(view)` is called with the
+    replayed tokens' queries and the cache holding the prompt's entries followed by the q replayed ones; the replayed
+    entries are dropped afterwards, so the cache is as before. No other hook runs, nothing is traced, and the forward
+    counts in the sample's prefill time. Returns each layer's `score(view)`, in layer order.
+    """
+
+    prompt_ids: Tensor  # [1, n]
+    geometry: ModelGeometry
+
+    def run(self, ids: Tensor, score: Callable[[AttentionView], Tensor]) -> list[Tensor]: ...
 
 
 @dataclass
@@ -57,6 +74,8 @@ class Method:
     compress_prompt: ClassVar[Optional[Hook]] = None
     before_step: ClassVar[Optional[Hook]] = None
     after_step: ClassVar[Optional[Hook]] = None
+    # After the prompt's forwards: what each layer keeps (one Keep per layer), given a PromptReplay.
+    rescore_prompt: ClassVar[Optional[Callable[[PromptReplay], list[Keep]]]] = None
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.compression_ratio is not None:
