@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from method_cases import PENDING, TINY_POLICY, method_name
+from method_cases import TINY_POLICY
 
 import evalkv.methods  # noqa: F401  (registers the methods)
 from evalkv.kv import adapter
@@ -22,15 +22,6 @@ SHARED_DATA = Path(os.environ.get("EVALKV_SHARED_DATA", Path(__file__).resolve()
 
 # One thread per pytest-xdist worker (scripts/test.sh runs one worker per core); two when the suite runs alone.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
-
-
-def pytest_collection_modifyitems(items):
-    """Cases of methods whose engine support is pending (method_cases.PENDING) are expected to fail, strictly: the
-    marks come off once the support lands."""
-    for item in items:
-        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
-        if isinstance(case, str) and method_name(case) in PENDING:
-            item.add_marker(pytest.mark.xfail(strict=True, reason=PENDING[method_name(case)]))
 
 
 @pytest.fixture(scope="session")

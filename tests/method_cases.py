@@ -69,7 +69,6 @@ CASES = {
 
 
 # Methods whose engine support is not merged yet: every test of their cases is expected to fail until it is.
-PENDING = {"kvzip": "needs the engine seam Method.rescore_prompt (the engine's PromptReplay, docs/methods.md#kvzip)"}
 
 
 def method_name(case: str) -> str:

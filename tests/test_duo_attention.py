@@ -64,8 +64,9 @@ def test_retrieval_heads_keep_everything_and_streaming_heads_their_sinks_and_rec
     streaming = list(range(16)) + list(range(n - 64, n)) + generated  # config.json: sink 16, recent 64
     everything = list(range(n)) + generated
     expected = [[everything, streaming], [streaming, everything]]  # gates [[0.9, 0.1], [0.3, 0.7]], ratio 0.5
-    layers = generation.session.cache.layers
-    assert [[head.positions[0, 0].tolist() for head in layer.heads] for layer in layers] == expected
+    layers = generation.session.cache.layers  # per-head lengths, decoded laid out dense: padding at position -1
+    held = [[[p for p in layer.positions[0, h].tolist() if p >= 0] for h in range(layer.num_heads)] for layer in layers]
+    assert all(layer.padded for layer in layers) and held == expected
     assert generation.kept_tokens == (2 * n + 2 * 80) / 4
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 from kvpress_harness import Pair, differences, environment, evalkv_run, kept_after_prompt, load_saved, run_reference
-from method_cases import PENDING, method_name
 
 from evalkv.errors import EvalkvError
 from evalkv.kv.select import top_k_positions
@@ -104,10 +103,7 @@ def _reference_case(reference: dict, name: str) -> dict:
     return case
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=PENDING[method_name(name)]))
-    if method_name(name) in PENDING else name for name in PAIRS
-])
+@pytest.mark.parametrize("name", list(PAIRS))
 def test_evalkv_keeps_and_generates_what_kvpress_does(name, reference, model, prompts, tiny_folder):
     pair, expected = PAIRS[name], _reference_case(reference, name)
     tokenizer = byte_tokenizer()

@@ -6,11 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import prompt_ids, tiny_model
-from method_cases import PENDING
 from single_layer import GEOMETRY, SCALING
 
 from evalkv.errors import EvalkvError
-from evalkv.kv import engine as engine_module
 from evalkv.kv.cache import LayerCache
 from evalkv.kv.engine import Engine
 from evalkv.kv.view import AttentionView, ModelGeometry, SampleState
@@ -111,8 +109,7 @@ class _RecordingReplay:
         return [score(_replay_view(self.prompt_ids.shape[-1], ids.shape[-1], seed=len(self.calls)))]
 
 
-def test_rescore_prompt_replays_every_chunk_then_keeps_the_budget(monkeypatch):
-    monkeypatch.setattr(engine_module, "PromptReplay", object, raising=False)  # the method's side alone
+def test_rescore_prompt_replays_every_chunk_then_keeps_the_budget():
     method = build_method("kvzip", {"budget": 20, "chunk_size": 16, "n_sink": 4})
     tokenizer = byte_tokenizer()
     method.prepare(tokenizer)
@@ -126,13 +123,6 @@ def test_rescore_prompt_replays_every_chunk_then_keeps_the_budget(monkeypatch):
     assert sum(len(head) for head in heads) == 2 * 20 and all(head[:4].tolist() == [0, 1, 2, 3] for head in heads)
 
 
-def test_kvzip_refuses_to_run_without_the_engines_prompt_replay(monkeypatch, tokenizer):
-    monkeypatch.delattr(engine_module, "PromptReplay", raising=False)
-    with pytest.raises(EvalkvError, match="re-reading it through the engine"):
-        Engine(tiny_model(), build_method("kvzip", {"budget": 64}), tokenizer=tokenizer)
-
-
-@pytest.mark.xfail(strict=True, reason=PENDING["kvzip"])
 def test_kvzip_end_to_end_keeps_the_budget_across_layers_and_heads(tokenizer):
     ids = prompt_ids(tokenizer)
     generation = Engine(tiny_model(), build_method("kvzip", {"budget": 64, "chunk_size": 200}),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import prompt_ids, tiny_model
-from method_cases import BUDGET, CASES, PENDING, method_name
+from method_cases import BUDGET, CASES, method_name
 from single_layer import SingleLayer, eager_probs
 
 from evalkv.errors import EvalkvError
@@ -81,7 +81,7 @@ def test_every_registered_method_gives_the_same_results_on_every_decode_path(thi
     stateless."""
     model = tiny_model("tiny-llama")
     prompts = [prompt_ids(tokenizer, repeats) for repeats in (12, 12, 13)]
-    for name in [name for name in method_names() if name not in PENDING]:  # pending: their cases xfail elsewhere
+    for name in method_names():
         method = build_method(name, _options(name))
         eager = Engine(model, method, tokenizer=tokenizer, decode_graphs="off")
         static = Engine(model, method, tokenizer=tokenizer, decode_graphs="eager")

@@ -109,6 +109,12 @@ class LayerCache:
             return 1
         return 1 if self.keys is None else self.keys.shape[0]
 
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` entries (dense layers): drop entries appended last."""
+        self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
+        self.positions = self.positions[..., :length]
+        self.extras = {name: value[..., :length] for name, value in self.extras.items()}
+
     def clone(self) -> LayerCache:
         """An independent copy: its entries, positions, method state and heads."""
         return LayerCache(

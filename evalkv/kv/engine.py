@@ -170,6 +170,32 @@ class _SharedContexts:
                 self.sessions[key] = session.fork()
 
 
+class PromptReplay:
+    """What `Method.rescore_prompt` receives: runs the model over extra tokens against the prompt's cache.
+
+    `run(ids, score)` feeds `ids` after the prompt (true positions from the prompt's end), calls `score(view)` on each
+    layer's view after its attention (phase REPLAY: no method hook runs, nothing is traced, no counter moves) and
+    drops the fed entries again; it returns the scores, one per layer. The replayed forwards count in the sample's
+    `prefill_s`; `tokens` counts what was fed."""
+
+    def __init__(self, engine: Engine, session: Session, prompt: Tensor):
+        self.engine, self.session, self.prompt_ids = engine, session, prompt
+        self.geometry = session.geometry
+        self.tokens = 0
+
+    def run(self, ids: Tensor, score) -> list:
+        ids = ids.to(self.engine.device).reshape(1, -1)
+        start = self.prompt_ids.shape[-1]
+        self.session.replay_score = score
+        try:
+            self.engine._forward(self.session, adapter.make_cache(self.session), ids,
+                                 _positions(start, ids.shape[-1], self.engine.device), Phase.REPLAY, None)
+        finally:
+            self.session.replay_score = None
+        self.tokens += ids.shape[-1]
+        return self.session.replay_scores
+
+
 class Engine:
     """Runs one model with one method: `generate` for one prompt, `generate_batch` for several."""
 
@@ -282,6 +308,11 @@ class Engine:
             session = Session(self.method, self.geometry, prompt, backend=self.backend, trace=trace,
                               rotary=self.rotary, output_projections=self.output_projections)
             logits = self._compress(session, prompt, forwards)
+            if getattr(self.method, "rescore_prompt", None) is not None:
+                keeps = self.method.rescore_prompt(PromptReplay(self, session, prompt))
+                for layer_idx, keep in enumerate(keeps):
+                    if keep is not None:
+                        session.apply(layer_idx, keep)
             if contexts is not None and not trace:
                 contexts.keep(request, session)
         length = prompt.shape[-1]

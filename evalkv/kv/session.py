@@ -34,6 +34,8 @@ class Session:
         self.sample = SampleState(input_ids=input_ids, prompt_length=input_ids.shape[-1])
         self.query_positions: Tensor | None = None
         self.batched = False  # rows of several samples (`merge`): the method must keep no per-sample state
+        self.replay_score = None  # during a REPLAY forward: scores each layer's view (Method.rescore_prompt)
+        self.replay_scores: list = []
         # With trace=True, the positions each layer attended to in each forward: [forward][layer] -> [B, H_c, m].
         self.trace: list[list[Tensor | None]] | None = [] if trace else None
 
@@ -109,11 +111,14 @@ class Session:
     def begin_forward(self, phase: Phase, positions: Tensor, last_chunk: bool = True) -> None:
         self.sample.phase = phase
         self.sample.last_chunk = last_chunk
+        self.query_positions = positions
+        if phase is Phase.REPLAY:  # not a step of the sequence: no counters, no trace
+            self.replay_scores = [None] * self.geometry.num_layers
+            return
         if phase is Phase.DECODE:
             self.sample.decode_step += 1
         if phase is not Phase.PREFILL:
             self.sample.steps_after_prompt += 1
-        self.query_positions = positions
         if self.trace is not None:
             self.trace.append([None] * self.geometry.num_layers)
 
@@ -138,6 +143,11 @@ class Session:
             rotary=self.rotary,
             output_projection=None if self.output_projections is None else self.output_projections[layer_idx],
         )
+        if self.sample.phase is Phase.REPLAY:  # re-read tokens: scored, then dropped; no hook runs
+            view.output = self._attend(layer, query, scaling)
+            self.replay_scores[layer_idx] = self.replay_score(view)
+            layer.truncate(layer.length - query.shape[-2])
+            return view.output
         prompt = self.sample.phase is Phase.PREFILL
         before = None if prompt else self.method.before_step
         if before is not None:
@@ -160,6 +170,10 @@ class Session:
             raise RuntimeError(f"{self.method.name}: a hook kept per-sample state while samples decoded as one batch; "
                                "keep it from the prompt on (view.state), so that the sample decodes alone")
         return output
+
+    def apply(self, layer_idx: int, keep) -> None:
+        """Keep these entries of layer `layer_idx` (a method's decision outside a hook: `rescore_prompt`)."""
+        _apply(self.cache.layers[layer_idx], keep)
 
     def _attend(self, layer: LayerCache, query: Tensor, scaling: float) -> Tensor:
         if layer.padded:

@@ -16,6 +16,7 @@ class Phase(str, Enum):
     PREFILL = "prefill"  # prompt tokens: one forward, or one chunk of a chunked prefill
     SUFFIX = "suffix"  # tokens fed after the prompt was compressed (query-agnostic question): step hooks run
     DECODE = "decode"  # one generated token
+    REPLAY = "replay"  # tokens re-read after the prompt (Method.rescore_prompt): dropped after each layer's attention
 
 
 @dataclass(frozen=True)

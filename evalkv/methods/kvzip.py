@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from evalkv.errors import EvalkvError
-from evalkv.kv import engine
 from evalkv.kv.attention import attention_row_blocks, reduce_query_heads
 from evalkv.kv.select import top_k_positions
 from evalkv.methods.base import AttentionView, Keep, Method, PromptReplay
@@ -136,9 +135,6 @@ class KVzip(Method):
         self._repeat: tuple[Tensor, Tensor, Tensor] | None = None
 
     def prepare(self, tokenizer) -> None:
-        if not hasattr(engine, "PromptReplay"):
-            raise EvalkvError("kvzip scores the prompt by re-reading it through the engine (Method.rescore_prompt), "
-                              "which this evalkv's engine does not run yet; use another method")
         if tokenizer is None:
             raise EvalkvError("kvzip needs the model's tokenizer for its repeat prompt (Engine(..., tokenizer=...))")
 
