@@ -160,7 +160,7 @@ class _ZeroMaskedReference(Session):
         cache_heads = len(per_head)
         keys = keys.repeat_interleave(cache_heads // keys.shape[1], dim=1)
         values = values.repeat_interleave(cache_heads // values.shape[1], dim=1)
-        if self.forward_index > 0:  # the prompt's own attention ran before the thinning
+        if self.query_positions[0, 0] >= self.sample.prompt_length:  # the prompt's forwards ran before the thinning
             for head, (thinned_positions, channels) in enumerate(self.thinned[layer_idx]):
                 rows = torch.isin(positions, thinned_positions)
                 dropped = torch.ones(keys.shape[-1], dtype=torch.bool, device=keys.device)
@@ -194,7 +194,9 @@ def _reference_logits(model, generation):
     from evalkv.kv import adapter
 
     forwards = generation.forwards
-    session = _ZeroMaskedReference(model, forwards[0][0], generation.trace, _thinned(generation.session))
+    length = generation.session.sample.prompt_length
+    prompt = torch.cat([ids for ids, positions, _ in forwards if positions[0, -1] < length], dim=-1)
+    session = _ZeroMaskedReference(model, prompt, generation.trace, _thinned(generation.session))
     cache = adapter.make_cache(session)
     logits = []
     with torch.inference_mode():
@@ -209,14 +211,17 @@ CASES = {
     "snapkv-query_head": {"budget": 64, "window_size": 8, "granularity": "query_head", "key_channel_ratio": 0.5,
                           "key_channel_recent": 0},
     "adakv": {"budget": 64, "window_size": 8, "key_channel_ratio": RATIO},
+    "knorm-pyramid-chunked": {"budget": 64, "layer_budgets": "pyramid", "prefill_chunk": 200,
+                              "key_channel_ratio": RATIO},  # thinned after the last chunk only
     "think": {},
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_thinned_run_equals_attention_over_zero_masked_full_cache(case, tokenizer):
-    """ThinK over token eviction (and alone, with a question fed after the prompt): every forward's logits equal a
-    full-cache replay over the evicted-and-masked keys (fp32 run, fp64 reference); GQA model; and thinning mattered."""
+    """ThinK over token eviction (per KV head, per query head, per ragged head, after a chunked prefill) and alone
+    (with a question fed after the prompt): every forward's logits equal a full-cache replay over the evicted and
+    zero-masked keys (fp32 run, fp64 reference); GQA model; and the thinning mattered."""
     model = tiny_model("tiny-llama")
     name = case.split("-")[0]
     ids = prompt_ids(tokenizer)
@@ -231,7 +236,8 @@ def test_thinned_run_equals_attention_over_zero_masked_full_cache(case, tokenize
     plain = {key: value for key, value in CASES[case].items() if not key.startswith("key_channel")}
     untouched = Engine(model, build_method(name, {**plain, "key_channel_ratio": 0.0}), tokenizer=tokenizer).generate(
         ids, 8, suffix_ids=suffix, trace=True)
-    assert (untouched.forwards[1][2] - generation.forwards[1][2]).abs().max() > 1e-3
+    first = next(i for i, (_, positions, _) in enumerate(generation.forwards) if positions[0, 0] >= len(ids))
+    assert (untouched.forwards[first][2] - generation.forwards[first][2]).abs().max() > 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
