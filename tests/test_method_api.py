@@ -77,8 +77,8 @@ def _figures(generation) -> tuple:
 
 def test_every_registered_method_gives_the_same_results_on_every_decode_path(third_party, tokenizer):
     """Eager, batched and fixed-size-buffer decoding: identical tokens, kept sets and bytes; the buffers serve
-    exactly the methods without step hooks, or that evict through `evict_slot`, whose caches stay dense and
-    stateless."""
+    exactly the methods without step hooks, or that evict through `evict_slot`, whose caches stay dense, stateless
+    and full-width (a cache whose key channels were pruned, `think`, decodes eagerly)."""
     model = tiny_model("tiny-llama")
     prompts = [prompt_ids(tokenizer, repeats) for repeats in (12, 12, 13)]
     for name in method_names():
@@ -91,7 +91,7 @@ def test_every_registered_method_gives_the_same_results_on_every_decode_path(thi
         assert _kept(buffered.session) == _kept(alone.session), name
         session = alone.session
         expected_static = ((decodes_without_hooks(method) or implements_slots(method)) and not session.has_state()
-                           and not any(layer.is_ragged for layer in session.cache.layers))
+                           and not any(layer.is_ragged or layer.channels_pruned for layer in session.cache.layers))
         assert buffered.decode_static == expected_static, name
         assert method.acts_while_decoding == (not decodes_without_hooks(method)), name
         requests = [Request(ids, NEW_TOKENS) for ids in prompts]

@@ -8,6 +8,10 @@ Methods may attach per-entry state (`extras`, e.g. H2O's accumulated scores) tha
 When heads keep different numbers of entries (AdaKV, CateKV), `keep_per_head` turns the layer ragged: it then holds
 one single-head `LayerCache` per head in `heads`, so memory falls head by head (nothing is padded or masked).
 Ragged layers serve batch size 1.
+
+Once `prune_key_channels` has run (ThinK, evalkv/kv/channels.py), the first entries' keys are `pruned` (kept channels
+only) and `keys` holds the later entries' keys at full width; values and positions still cover every entry. Such a
+layer no longer evicts; `dense_keys()` gives its keys at full width with zeros in the pruned channels.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch import Tensor
 
 from evalkv.kv.attention import repeat_kv
+from evalkv.kv.channels import PrunedKeys, prune_keys
 
 
 @dataclass
@@ -29,6 +34,7 @@ class LayerCache:
     extras: dict[str, Tensor] = field(default_factory=dict)
     heads: list[LayerCache] | None = None  # ragged layers: one single-head cache per head
     padded: bool = False  # a ragged layer laid out dense for decoding: padding entries sit at position -1
+    pruned: PrunedKeys | None = None  # ThinK: the first entries' keys, kept channels only (`keys`: the later ones)
 
     @property
     def is_ragged(self) -> bool:
@@ -39,7 +45,7 @@ class LayerCache:
         """Entries per head (the longest head's count in a ragged layer)."""
         if self.heads is not None:
             return max(head.length for head in self.heads)
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return 0 if self.values is None else self.values.shape[-2]
 
     @property
     def num_heads(self) -> int:
@@ -75,12 +81,15 @@ class LayerCache:
         if self.heads is not None or self.keys is None:
             return self.nbytes if self.heads is not None else 0
         per_entry = self.keys.shape[-1] * (self.keys.element_size() + self.values.element_size())
-        return self.entries_of(row) * per_entry
+        return self.entries_of(row) * per_entry - (0 if self.pruned is None else self.pruned.freed_nbytes())
 
     def pad_heads(self, length: int | None = None) -> None:
         """Lay a ragged layer out dense for decoding: each head's entries, then padding entries (zeros at position
         -1, which attention masks) up to `length` (default: the longest head's count). Decode steps append to every
-        head at the end, as for a dense layer; the bytes held still count the entries only."""
+        head at the end, as for a dense layer; the bytes held still count the entries only. A ragged layer whose
+        keys lost channels stays ragged (it decodes head by head, alone)."""
+        if self.channels_pruned:
+            return
         if self.heads is None:
             if self.padded and length is not None and length > self.length:
                 self._extend_padding(length)
@@ -122,6 +131,7 @@ class LayerCache:
             None if self.positions is None else self.positions.clone(),
             {name: value.clone() for name, value in self.extras.items()},
             None if self.heads is None else [head.clone() for head in self.heads], self.padded,
+            None if self.pruned is None else self.pruned.clone(),
         )
 
     def stack_rows(self, parts: Sequence[LayerCache]) -> None:
@@ -136,6 +146,8 @@ class LayerCache:
         self.values = torch.cat([part.values for part in parts])
         self.positions = torch.cat([part.positions for part in parts])
         self.extras = {name: torch.cat([part.extras[name] for part in parts]) for name in parts[0].extras}
+        if parts[0].pruned is not None:
+            self.pruned = PrunedKeys.stack([part.pruned for part in parts])
 
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep only these batch rows."""
@@ -143,6 +155,8 @@ class LayerCache:
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self.extras = {name: value.index_select(0, index) for name, value in self.extras.items()}
+        if self.pruned is not None:
+            self.pruned = self.pruned.select_rows(index)
 
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
         """Add new entries at the end; positions `[B, q]` are the tokens' true positions."""
@@ -178,8 +192,38 @@ class LayerCache:
             for name, value in self.extras.items()
         }
 
+    @property
+    def channels_pruned(self) -> bool:
+        """Whether key channels were pruned here (in a ragged layer: in its heads)."""
+        if self.heads is not None:
+            return any(head.pruned is not None for head in self.heads)
+        return self.pruned is not None
+
+    def prune_key_channels(self, kept: Tensor, recent: int) -> None:
+        """Keep only channels `kept` `[B, H_c, k]` of every entry's key but the newest `recent` (ThinK), and free the
+        rest (a ragged layer: head `h` keeps `kept[:, h]` of its own entries)."""
+        if self.channels_pruned or self.padded:
+            raise RuntimeError("key channels are pruned once, on the prompt's entries")
+        if self.heads is not None:
+            for index, head in enumerate(self.heads):
+                head.prune_key_channels(kept[:, index : index + 1], recent)
+            return
+        self.pruned, self.keys = prune_keys(self.keys, kept, recent)
+
+    def dense_keys(self) -> Tensor:
+        """Every entry's key at full width, zeros in pruned channels (a copy when channels were pruned)."""
+        if self.pruned is None:
+            return self.keys
+        return torch.cat([self.pruned.dense(), self.keys], dim=-2)
+
+    def _refuse_pruned(self) -> None:
+        if self.channels_pruned:
+            raise RuntimeError("this layer's key channels were pruned (ThinK), after which nothing may be evicted; "
+                               "channel pruning composes with methods that compress the prompt only")
+
     def keep(self, indices: Tensor) -> None:
         """Keep the entries at `indices` `[B, h, k]` (h = 1 for one set shared by all heads) and free the rest."""
+        self._refuse_pruned()
         if self.heads is not None:
             self.keep_per_head([indices[0, min(h, indices.shape[1] - 1)] for h in range(self.num_heads)])
             return
@@ -233,6 +277,7 @@ class LayerCache:
 
         `len(indices)` is the KV-head count, or the query-head count (query-head granularity). Batch size 1.
         """
+        self._refuse_pruned()
         if self.heads is None:
             if self.keys.shape[0] != 1:
                 raise ValueError("per-head budgets (a ragged cache) need batch size 1")

@@ -69,10 +69,11 @@ def decodes_without_hooks(method) -> bool:
 
 
 def can_decode_static(session, device: torch.device) -> bool:
-    """Whether `session`'s decode steps only append to dense layers on `device`, with no method state to update."""
+    """Whether `session`'s decode steps only append to dense layers on `device`, with no method state to update and
+    full-width keys (a layer whose key channels were pruned decodes eagerly, `LayerCache.prune_key_channels`)."""
     if not decodes_without_hooks(session.method) or not session.decodes_from_entries():
         return False
-    return all(layer.keys is not None and not layer.extras and layer.keys.device == device
+    return all(layer.keys is not None and not layer.extras and layer.pruned is None and layer.keys.device == device
                for layer in session.cache.layers)
 
 

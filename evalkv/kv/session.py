@@ -15,6 +15,7 @@ from torch import Tensor
 
 from evalkv.kv.attention import attend
 from evalkv.kv.cache import KVCache, LayerCache
+from evalkv.kv.channels import attend_pruned
 from evalkv.kv.rope import RotaryTable
 from evalkv.kv.view import AttentionView, ModelGeometry, Phase, SampleState
 
@@ -59,10 +60,12 @@ class Session:
     def decodes_from_entries(self) -> bool:
         """Whether decode steps read nothing of this session but its layers' entries: no trace, no per-sample or
         per-layer method state, and no ragged layer unless the method runs no step hook (its ragged layers then
-        decode padded, `LayerCache.pad_heads`): what batched and CUDA-graph decoding both need."""
+        decode padded, `LayerCache.pad_heads`) and no ragged layer whose key channels were pruned (not padded):
+        what batched and CUDA-graph decoding both need."""
         ragged = any(layer.is_ragged or layer.padded for layer in self.cache.layers)
-        return (self.trace is None and not self.has_state()
-                and not (ragged and (self.method.before_step is not None or self.method.after_step is not None)))
+        stepping = self.method.before_step is not None or self.method.after_step is not None
+        thinned = any(layer.is_ragged and layer.channels_pruned for layer in self.cache.layers)  # never padded
+        return self.trace is None and not self.has_state() and not (ragged and stepping) and not thinned
 
     def pad_ragged(self) -> None:
         """Lay ragged layers out dense for decoding (a method without step hooks: nothing evicts from them again)."""
@@ -133,8 +136,10 @@ class Session:
     def attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor:
         """Run the method's hooks around the model's attention for one layer; returns `[B, H, q, d]`.
 
-        A prompt forward runs `compress_prompt` after the attention; every later forward (the suffix, decode steps)
-        runs `before_step` before it and `after_step` after it. A hook the method does not implement is None."""
+        A prompt forward runs `compress_prompt` after the attention, then, after the prompt's last forward,
+        `select_key_channels` (ThinK's channel pruning of the kept entries' keys); every later forward (the suffix,
+        decode steps) runs `before_step` before it and `after_step` after it. A hook the method does not implement
+        is None."""
         layer = self.cache.layers[layer_idx]
         view = AttentionView(
             layer_idx=layer_idx, geometry=self.geometry, sample=self.sample, query=query,
@@ -166,6 +171,8 @@ class Session:
             keep = after(view)
             if keep is not None:
                 _apply(layer, keep)
+        if prompt and self.sample.last_chunk:
+            self._prune_key_channels(layer, view)
         if self.batched and self.has_state():
             raise RuntimeError(f"{self.method.name}: a hook kept per-sample state while samples decoded as one batch; "
                                "keep it from the prompt on (view.state), so that the sample decodes alone")
@@ -175,16 +182,32 @@ class Session:
         """Keep these entries of layer `layer_idx` (a method's decision outside a hook: `rescore_prompt`)."""
         _apply(self.cache.layers[layer_idx], keep)
 
+    def _prune_key_channels(self, layer: LayerCache, view: AttentionView) -> None:
+        select = getattr(self.method, "select_key_channels", None)
+        if select is None:
+            return
+        if self.method.before_step is not None or self.method.after_step is not None:
+            raise RuntimeError(f"{self.method.name}: key channel pruning needs a method that compresses the prompt "
+                               "only; this one evicts while decoding")
+        choice = select(view)
+        if choice is not None:
+            layer.prune_key_channels(choice.kept, choice.recent)
+
     def _attend(self, layer: LayerCache, query: Tensor, scaling: float) -> Tensor:
         if layer.padded:
             return attend(query, layer.keys, layer.values, scaling, self.backend, valid=layer.positions >= 0)
         if not layer.is_ragged:
-            return attend(query, layer.keys, layer.values, scaling, self.backend)
+            return self._attend_dense(layer, query, scaling)
         groups = query.shape[1] // layer.num_heads
         return torch.cat([
-            attend(query[:, h * groups : (h + 1) * groups], head.keys, head.values, scaling, self.backend)
+            self._attend_dense(head, query[:, h * groups : (h + 1) * groups], scaling)
             for h, head in enumerate(layer.heads)
         ], dim=1)
+
+    def _attend_dense(self, layer: LayerCache, query: Tensor, scaling: float) -> Tensor:
+        if layer.pruned is not None:
+            return attend_pruned(query, layer.pruned, layer.keys, layer.values, scaling)
+        return attend(query, layer.keys, layer.values, scaling, self.backend)
 
     def _check_new_tokens_kept(self, layer_idx: int, num_new: int) -> None:
         layer = self.cache.layers[layer_idx]
@@ -204,7 +227,8 @@ def _layer_shape(layer: LayerCache) -> tuple:
         keys = layer.heads[0].keys if layer.is_ragged else layer.keys
         return ("per-head", layer.num_heads, keys.dtype, str(keys.device))
     return (tuple(layer.keys.shape[1:]), layer.keys.dtype, str(layer.keys.device),
-            tuple((name, tuple(value.shape[1:])) for name, value in sorted(layer.extras.items())))
+            tuple((name, tuple(value.shape[1:])) for name, value in sorted(layer.extras.items())),
+            None if layer.pruned is None else tuple(layer.pruned.keys.shape[1:]))
 
 
 def _copied(value):

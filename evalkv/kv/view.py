@@ -73,7 +73,8 @@ class AttentionView:
 
     @property
     def keys(self) -> Tensor:
-        return self._dense().keys
+        """`[B, H_c, m, d]`; once key channels were pruned (ThinK), a full-width copy with zeros in them."""
+        return self._dense().dense_keys()
 
     @property
     def values(self) -> Tensor:

@@ -24,6 +24,7 @@ from evalkv.methods import (  # noqa: F401  (importing a method module registers
     sliding_window,
     snapkv,
     streaming_llm,
+    think,
     tova,
 )
 from evalkv.methods.registry import METHODS, build_method, method_class, method_names, register

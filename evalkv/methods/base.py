@@ -13,6 +13,10 @@ what must travel with the kept entries in `view.cache.extras` (gathered and batc
 else about a sample in `view.state` (this layer) or `view.sample.state` (every layer); either keeps that sample out
 of a decode batch. Options are dataclass fields, fixed once built; `prepare` may load run-wide resources.
 
+A method that compresses the prompt only may also prune key channels (ThinK, docs/methods.md#think): with
+`key_channel_ratio` set, `select_key_channels(view)` runs after the prompt's last `compress_prompt` and names the
+channels each head keeps of the kept entries' keys; the engine frees the others (evalkv/kv/channels.py).
+
 A hook returns the indices of the cache entries to keep (`[batch, heads, k]`, heads = 1 for one set shared by all
 heads, the KV-head count, or the query-head count for query-head granularity), or a list with one 1-D index tensor
 per head when heads keep different numbers of entries (batch size 1), or None to keep everything. A hook that a
@@ -29,9 +33,11 @@ from typing import ClassVar, Optional, Protocol, Union
 from torch import Tensor
 
 from evalkv.errors import EvalkvError
+from evalkv.kv.channels import KeyChannels, choose_key_channels
 from evalkv.kv.view import AttentionView, ModelGeometry, Phase, SampleState
 
 __all__ = ["AttentionView", "Keep", "Method", "ModelGeometry", "Phase", "PromptReplay", "SampleState",
+           "check_key_channels",
            "require_choice"]
 
 Keep = Optional[Union[Tensor, list[Tensor]]]
@@ -62,11 +68,18 @@ class Method:
     compression_ratio: alternatively, the fraction of the prompt to evict (budget = int(n * (1 - ratio))).
     prefill_chunk: feed the prompt in chunks of this many tokens and run `compress_prompt` after each chunk, so later
         prompt tokens attend to the compressed past (None: the prompt in one forward).
+    key_channel_ratio: ThinK: the fraction of key channels each head drops from the kept prompt entries' keys once
+        the prompt is compressed (`int(head_dim * ratio)` channels; 0: none). Methods that compress the prompt only.
+    key_channel_window: ThinK's observation window: the last prompt queries that score the channels (reference: 32).
+    key_channel_recent: the newest prompt entries whose keys keep every channel (reference: 32; kvpress: 0).
     """
 
     budget: Optional[int] = None
     compression_ratio: Optional[float] = None
     prefill_chunk: Optional[int] = None
+    key_channel_ratio: float = 0.0
+    key_channel_window: int = 32
+    key_channel_recent: int = 32
 
     name: ClassVar[str] = ""
     needs_budget: ClassVar[bool] = True
@@ -89,11 +102,26 @@ class Method:
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise EvalkvError(f"{self.name}: prefill_chunk must be a positive number of tokens (or null), got "
                               f"{self.prefill_chunk!r}")
+        if not 0.0 <= self.key_channel_ratio < 1.0 or self.key_channel_window < 1 or self.key_channel_recent < 0:
+            raise EvalkvError(f"{self.name}: need key_channel_ratio in [0, 1), key_channel_window >= 1 and "
+                              f"key_channel_recent >= 0, got {self.key_channel_ratio!r}, {self.key_channel_window!r}, "
+                              f"{self.key_channel_recent!r}")
+        if self.key_channel_ratio == 0:
+            self.select_key_channels = None
         if self.requires_budget() and self.budget is None and self.compression_ratio is None:
             raise EvalkvError(
                 f"method {self.name!r} needs a budget: add budget=<tokens per head per layer> "
                 "(e.g. budget=128) or compression_ratio=<0..1>"
             )
+
+    def select_key_channels(self, view: AttentionView) -> Optional[KeyChannels]:
+        """ThinK's channel choice for the layer of `view` after the prompt's last `compress_prompt`: each head's kept
+        channels, scored by the last `key_channel_window` prompt queries over the kept entries' keys; the newest
+        `key_channel_recent` entries keep every channel. None on the instance when `key_channel_ratio` is 0."""
+        cache = view.cache
+        keys = [head.keys for head in cache.heads] if cache.is_ragged else [cache.keys]
+        kept = choose_key_channels(view.query[:, :, -self.key_channel_window :], keys, self.key_channel_ratio)
+        return None if kept is None else KeyChannels(kept, self.key_channel_recent)
 
     @property
     def acts_while_decoding(self) -> bool:
@@ -127,6 +155,21 @@ class Method:
         if self.compression_ratio is not None:
             return f"{self.name}_r{self.compression_ratio:g}"
         return self.name  # a method whose options need no budget (sink_recent_uniform's stride mode)
+
+
+def check_key_channels(method: Method) -> None:
+    """Refuse key channel pruning on a method that evicts or re-reads its keys while decoding (a step hook), once its
+    options are final (subclasses switch hooks off after `Method.__post_init__`)."""
+    if method.select_key_channels is None or not (method.acts_while_decoding or method.rescore_prompt is not None):
+        return
+    hooks = [name for name in ("before_step", "after_step", "rescore_prompt") if getattr(method, name) is not None]
+    raise EvalkvError(
+        f"{method.name}: key_channel_ratio (ThinK) prunes the channels of the prompt's keys once the prompt is "
+        f"compressed, so it needs a method that compresses the prompt only; {method.name} with these options also "
+        f"acts after it ({', '.join(hooks)}). Use a prompt-only method (e.g. snapkv, pyramidkv, adakv, knorm, "
+        "expected_attention, or think for the full cache), drop its decoding-time options (decode_interval, "
+        "cluster_every, decode_evict), or drop key_channel_ratio."
+    )
 
 
 def require_choice(method: str, option: str, value: str, choices: tuple[str, ...]) -> None:

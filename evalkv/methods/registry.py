@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from evalkv.methods.base import Method
+from evalkv.methods.base import Method, check_key_channels
 from evalkv.registry import Registry
 
 REGISTRY: Registry[Method] = Registry("method", entry_point_group="evalkv.methods")
@@ -23,4 +23,6 @@ def method_class(name: str) -> type[Method]:
 
 
 def build_method(name: str, options: dict[str, Any]) -> Method:
-    return REGISTRY.build(name, options)
+    method = REGISTRY.build(name, options)
+    check_key_channels(method)
+    return method
