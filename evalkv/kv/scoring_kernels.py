@@ -60,11 +60,12 @@ class Tiles:
     num_stages: int = 3
 
 
-def default_tiles(head_dim: int) -> Tiles:
-    """Tiles as Triton's flash-attention forward uses them for head_dim <= 128; smaller above (register pressure)."""
-    if head_dim <= 128:
+def default_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
+    """Tiles as Triton's flash-attention forward uses them for 16-bit inputs and head_dim <= 128; smaller for larger
+    heads and for fp32 (twice the bytes per tile, multiplied without tensor cores)."""
+    if head_dim <= 128 and dtype != torch.float32:
         return Tiles()
-    return Tiles(rows=64, keys=64, key_block=64, row_block=32, num_warps=4, num_stages=2)
+    return Tiles(rows=64, keys=32, key_block=64, row_block=32, num_warps=4, num_stages=2)
 
 
 def supports(query: Tensor, keys: Tensor) -> bool:
@@ -82,7 +83,8 @@ def _load_vectors(base, index, stride, length, stride_dim, head_dim, BLOCK_D: tl
                    mask=(index < length)[:, None] & (dims < head_dim)[None, :], other=0.0)
 
 
-@triton.jit
+# Lengths and tile counts change with every prompt; compiling a variant per divisibility class of each is not worth it.
+@triton.jit(do_not_specialize=["q_len", "kv_len", "num_row_tiles", "tiles_per_split"])
 def _row_statistics_kernel(
     Q, K, QPOS, KPOS, MAX_OUT, SUM_OUT, COUNT_OUT, KEY_TILES,
     sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sqp_b, sqp_m, skp_b, skp_h, skp_n,
@@ -132,7 +134,7 @@ def _row_statistics_kernel(
         tl.store(COUNT_OUT + out, count, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_len", "kv_len", "num_key_tiles"])
 def _column_sums_kernel(
     Q, K, QPOS, KPOS, LSE, OUT, FIRST_ROW_TILE,
     sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sqp_b, sqp_m, skp_b, skp_h, skp_n,
@@ -169,7 +171,7 @@ def _column_sums_kernel(
     tl.store(OUT + batch_head.to(tl.int64) * kv_len + cols, total, mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_len", "kv_len", "num_key_tiles", "num_row_tiles", "tiles_per_split"])
 def _last_reads_kernel(
     Q, K, QPOS, KPOS, LSE, VISIBLE, OUT, FIRST_ROW_TILE,
     sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sqp_b, sqp_m, skp_b, skp_h, skp_n,
@@ -229,7 +231,7 @@ def column_sums(
     """
     batch, num_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = keys.shape[1], keys.shape[2]
-    tiles = tiles or default_tiles(head_dim)
+    tiles = tiles or default_tiles(head_dim, query.dtype)
     query, keys = _interpretable(query, keys)
     out = torch.empty(batch, num_heads, kv_len, dtype=torch.float32, device=query.device)
     with _on_device(query):
@@ -255,7 +257,7 @@ def last_reads(
     fill the device)."""
     batch, num_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = keys.shape[1], keys.shape[2]
-    tiles = tiles or default_tiles(head_dim)
+    tiles = tiles or default_tiles(head_dim, query.dtype)
     query, keys = _interpretable(query, keys)
     group_heads = num_heads // heads
     key_tiles = triton.cdiv(kv_len, tiles.key_block)
