@@ -177,6 +177,8 @@ def test_generation_keeps_the_same_positions_with_and_without_the_kernels(kernel
     if not CUDA:
         monkeypatch.setattr(attention, "_scoring_kernels",
                             lambda query, keys: kernels if query.shape[-2] >= attention.KERNEL_MIN_ROWS else None)
+        # Tiles of 128: each chunk is one row tile, so the interpreter runs few programs.
+        monkeypatch.setattr(kernels, "default_tiles", lambda head_dim, dtype: kernels.Tiles(128, 128, 128, 128))
     model = build_random_model("tiny-llama", torch.float32, device, seed=0)
     options = CASES.get(case, {"budget": 64})
 

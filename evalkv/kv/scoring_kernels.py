@@ -157,18 +157,20 @@ def _column_sums_kernel(
     q_base = Q + batch.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h
     lse_base = LSE + batch_head.to(tl.int64) * q_len
     first = tl.load(FIRST_ROW_TILE + (batch * kv_heads + kv_head) * num_key_tiles + key_tile)
-    total = tl.zeros([BLOCK_N], tl.float32)
+    key_t = tl.trans(key)
+    # Summed element-wise across steps and over the rows once at the end: no cross-warp reduction per step.
+    total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for start in range(first * BLOCK_M, q_len, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < q_len
         query = _load_vectors(q_base, rows, sq_m, q_len, sq_d, head_dim, BLOCK_D)
         query_positions = tl.load(QPOS + batch.to(tl.int64) * sqp_b + rows * sqp_m, mask=row_ok, other=-1)
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-        logits = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale_log2
+        logits = tl.dot(query, key_t, input_precision=DOT_PRECISION) * scale_log2
         visible = col_ok[None, :] & (key_positions[None, :] <= query_positions[:, None])
         # A^power = 2^(power (s - lse)); masked before exp2 (no overflow), and lse = +inf gives 0
-        total += tl.sum(tl.exp2(tl.where(visible, (logits - lse[:, None]) * power, float("-inf"))), axis=0)
-    tl.store(OUT + batch_head.to(tl.int64) * kv_len + cols, total, mask=col_ok)
+        total += tl.exp2(tl.where(visible, (logits - lse[:, None]) * power, float("-inf")))
+    tl.store(OUT + batch_head.to(tl.int64) * kv_len + cols, tl.sum(total, axis=0), mask=col_ok)
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "num_key_tiles", "num_row_tiles", "tiles_per_split"])
