@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# Triton's interpreter runs tests/test_scoring_kernels.py on a machine without CUDA; it must be on before triton is
+# first imported, which importing evalkv does (transformers imports torch._dynamo, which imports triton).
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
 from method_cases import TINY_POLICY
 
 import evalkv.methods  # noqa: F401  (registers the methods)

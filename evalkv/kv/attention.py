@@ -2,10 +2,16 @@
 
 Everything here works on plain tensors in the layout transformers uses, `[batch, heads, tokens, head_dim]`, and
 never materialises an n x n attention matrix: scoring recomputes small blocks
-(docs/methods.md#shared-observation-window, #shared-cost-classes).
+(docs/methods.md#shared-observation-window, #shared-cost-classes). On CUDA, the statistics of many rows
+(`attention_column_sums`, `attention_last_reads`) come from fused Triton kernels (`evalkv/kv/scoring_kernels.py`,
+docs/performance.md#fused-scoring-kernels); the block-wise PyTorch code here is the CPU path and their reference.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +21,11 @@ BACKENDS = ("sdpa", "eager", "flash_attention_2")
 
 # Scoring blocks are computed in pieces of at most this many fp32 elements (256 MiB).
 _BLOCK_ELEMENTS = 1 << 26
+# The fused kernels serve at least this many query rows; one row (a decode step, TOVA's newest row) is a block of
+# the size of its result, computed here.
+KERNEL_MIN_ROWS = 2
+# EVALKV_TRITON=0 keeps every call on the PyTorch path (A/B timing: docs/performance.md#fused-scoring-kernels).
+KERNELS_ENV = "EVALKV_TRITON"
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -150,13 +161,17 @@ def attention_row_blocks(
 
 
 def attention_column_sums(
-    query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float
+    query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float, power: int = 1
 ) -> Tensor:
-    """Sum over query rows of the causal attention probabilities: `[B, H, m]` fp32, computed block by block.
+    """Sum over query rows of the causal attention probabilities (to the `power`): `[B, H, m]` fp32.
 
-    This is the H2O accumulated score of a forward (docs/methods.md#h2o, class F in #shared-column-sums): one
-    extra pass of attention FLOPs, `O(block x m)` memory, never the full matrix.
+    This is the H2O accumulated score of a forward (docs/methods.md#h2o, class F in #shared-column-sums), and with
+    `power` OBCache's V score: one extra pass of attention FLOPs, never the full matrix. On CUDA a fused kernel
+    (`scoring_kernels.column_sums`); else block by block, `O(block x m)` memory.
     """
+    kernels = _scoring_kernels(query, keys)
+    if kernels is not None:
+        return kernels.column_sums(query, query_positions, keys, key_positions, scaling, power)
     batch, num_heads, q_len, _ = query.shape
     length = keys.shape[-2]
     groups = num_heads // keys.shape[1]
@@ -183,8 +198,51 @@ def attention_column_sums(
                 query[:, h0:h1, r0:r1], query_positions[:, None, r0:r1], head_keys[..., :end, :],
                 head_positions[..., :end], scaling,
             )
-            sums[:, h0:h1, :end] += probs.sum(dim=-2)
+            sums[:, h0:h1, :end] += (probs if power == 1 else probs.pow(power)).sum(dim=-2)
     return sums
+
+
+def attention_last_reads(
+    query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float, heads: int
+) -> Tensor:
+    """Per key, the latest query position that *reads* it: `[B, heads, m]` int64, -1 where no row does.
+
+    A row reads a key when its attention to it, averaged over each of `heads` groups of consecutive query heads (1:
+    all heads; the KV-head count: each GQA group), exceeds the uniform level `1 / (number of keys the row sees)`,
+    counted on KV head 0's keys (LRU's access rule, docs/methods.md#lru). On CUDA a fused kernel
+    (`scoring_kernels.last_reads`); else `attention_row_blocks`.
+    """
+    kernels = _scoring_kernels(query, keys)
+    if kernels is not None:
+        return kernels.last_reads(query, query_positions, keys, key_positions, scaling, heads)
+    batch, length = keys.shape[0], keys.shape[-2]
+    latest = torch.full((batch, heads, length), -1, dtype=torch.long, device=query.device)
+    first_head_positions = key_positions[:, :1]
+    for rows, probs in attention_row_blocks(query, query_positions, keys, key_positions, scaling):
+        probs = probs.mean(dim=1, keepdim=True) if heads == 1 else reduce_query_heads(probs, heads)
+        row_positions = query_positions[:, None, rows, None]  # [B, 1, r, 1]
+        visible = (first_head_positions[:, :, None, :] <= row_positions).sum(dim=-1, keepdim=True)
+        read = probs > 1.0 / visible
+        latest = torch.maximum(latest, torch.where(read, row_positions, -1).amax(dim=-2))
+    return latest
+
+
+def _scoring_kernels(query: Tensor, keys: Tensor):
+    """`evalkv.kv.scoring_kernels` where it serves these tensors (CUDA, triton installed, at least KERNEL_MIN_ROWS
+    rows, a dtype and head size it takes, not switched off with EVALKV_TRITON=0); None: the PyTorch path."""
+    if not query.is_cuda or query.shape[-2] < KERNEL_MIN_ROWS or os.environ.get(KERNELS_ENV) == "0":
+        return None
+    kernels = _kernels_module()
+    return kernels if kernels is not None and kernels.supports(query, keys) else None
+
+
+@functools.cache
+def _kernels_module():
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from evalkv.kv import scoring_kernels
+
+    return scoring_kernels
 
 
 def reduce_query_heads(scores: Tensor, num_kv_heads: int, how: str = "mean") -> Tensor:
@@ -219,6 +277,6 @@ def pool_scores(scores: Tensor, kernel_size: int, pooling: str) -> Tensor:
 
 
 __all__ = [
-    "BACKENDS", "attend", "attention_column_sums", "attention_row_blocks", "pool_scores", "reduce_query_heads",
-    "repeat_kv", "window_attention",
+    "BACKENDS", "attend", "attention_column_sums", "attention_last_reads", "attention_row_blocks", "pool_scores",
+    "reduce_query_heads", "repeat_kv", "window_attention",
 ]

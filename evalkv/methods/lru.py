@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from evalkv.kv.attention import attention_row_blocks, reduce_query_heads
+from evalkv.kv.attention import attention_last_reads
 from evalkv.kv.select import keep_sink_and_recent, top_k_positions
 from evalkv.methods.base import AttentionView, Method, require_choice
 from evalkv.methods.registry import register
@@ -32,7 +32,8 @@ class LRU(Method):
 
     Prompt-time rule: every prompt query's row counts as an access at its position (what an LRU watching each
     attention read of the prompt would record); the rows are recomputed block by block after the prompt's lossless
-    attention (one extra attention pass, class F at prefill like H2O's accumulation; class R1 while decoding).
+    attention (`attention_last_reads`: one extra attention pass, class F at prefill like H2O's accumulation; class R1
+    while decoding).
 
     Deviations from the seed: the seed never refreshes a timestamp after insertion, so its "LRU" is a FIFO, i.e. the
     sliding window; `refresh=insert` reproduces that (the same selection as `sliding_window`). The seed evicts inside
@@ -70,16 +71,7 @@ class LRU(Method):
         previous = view.cache.extras.get(ACCESS)
         if previous is not None:
             access[..., : previous.shape[-1]] = previous
-        key_positions = view.positions[:, :1]
-        for rows, probs in attention_row_blocks(view.query, view.query_positions, view.keys, view.positions,
-                                                view.scaling):
-            if heads == 1:
-                probs = probs.mean(dim=1, keepdim=True)
-            else:
-                probs = reduce_query_heads(probs, heads)
-            row_positions = view.query_positions[:, None, rows, None]  # [B, 1, r, 1]
-            visible = (key_positions[:, :, None, :] <= row_positions).sum(dim=-1, keepdim=True)
-            read = probs > 1.0 / visible
-            access = torch.maximum(access, torch.where(read, row_positions, -1).amax(dim=-2))
+        reads = attention_last_reads(view.query, view.query_positions, view.keys, view.positions, view.scaling, heads)
+        access = torch.maximum(access, reads)
         view.cache.extras[ACCESS] = access
         return access

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from evalkv.errors import EvalkvError
-from evalkv.kv.attention import attention_row_blocks, pool_scores, reduce_query_heads
+from evalkv.kv.attention import attention_column_sums, attention_row_blocks, pool_scores, reduce_query_heads
 from evalkv.kv.cache import LayerCache
 from evalkv.kv.select import keep_best_and_tail
 from evalkv.methods.base import AttentionView, Method, Phase, require_choice
@@ -50,6 +50,9 @@ def obcache_scores(
     groups = query.shape[1] // cache.num_heads
     squared_norms = values.square().sum(dim=-1).repeat_interleave(groups, dim=1)  # [B, H, m]
     value_norms = squared_norms if p == 2 else values.abs().sum(dim=-1).repeat_interleave(groups, dim=1)
+    if score == "V":  # attention alone: column sums of A^p (a fused kernel on CUDA)
+        attended = attention_column_sums(query, query_positions, cache.keys, cache.positions, scaling, p)
+        return attended * value_norms if use_vnorm else attended
     total = torch.zeros(*query.shape[:2], cache.length, dtype=torch.float32, device=query.device)
     for rows, probs in attention_row_blocks(query, query_positions, cache.keys, cache.positions, scaling,
                                             _SCORE_BLOCK):
