@@ -314,7 +314,7 @@ def test_questions_about_one_thinned_context_each_continue_from_their_own_copy(t
 
 
 @pytest.mark.parametrize("name,options,message", [
-    ("h2o", {"budget": 64}, "h2o with these options also acts while decoding \\(after_step\\)"),
+    ("h2o", {"budget": 64}, "h2o with these options also acts after it \\(after_step\\)"),
     ("snapkv", {"budget": 64, "decode_interval": 4}, "drop its decoding-time options"),
     ("segment_two_stage", {"budget": 64}, "before_step"),
 ])
