@@ -48,6 +48,8 @@ main keys (defaults in configs/config.yaml):
   mlp_chunk=N           run each MLP over N prompt tokens at a time (low-memory long prefill; default off)
   decode_graphs=MODE    auto (default): decode steps replayed as CUDA graphs where the method allows, on CUDA;
                         compile: the same with a torch.compile'd step (methods with a budget; once per batch shape); off
+  cache.quant=kivi2     hold what the method keeps as KIVI's 2-bit codes (kivi4: 4-bit; default none), with
+                        cache.group_size=32 and cache.residual=128 exact newest entries; prompt-only methods
 
 several GPUs, one model each (data parallel; the run's files are those of a one-process run):
   torchrun --standalone --nproc-per-node 4 -m evalkv.cli pred KEY=VALUE ...

@@ -24,6 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from evalkv.errors import EvalkvError, did_you_mean, unknown_name
+from evalkv.kv.quant import QUANTIZERS, Kivi
 from evalkv.methods import build_method
 from evalkv.methods.base import Method
 from evalkv.methods.registry import REGISTRY as METHOD_REGISTRY
@@ -31,6 +32,20 @@ from evalkv.models.config import ModelConfig
 from evalkv.overrides import COMPOSITION_ERRORS, PRED, Dialect, check, explain, group_choices, parse, sweep_jobs
 from evalkv.tasks import Task, build_task
 from evalkv.tasks.registry import REGISTRY as TASK_REGISTRY
+
+
+@dataclass
+class CacheConfig:
+    """How the cache holds the entries the method keeps (docs/methods.md#kivi).
+
+    quant: none (the model's dtype), kivi2 or kivi4 (KIVI: keys per channel, values per entry, 2 or 4 bits).
+    group_size: with KIVI, the entries (keys) or channels (values) that share a scale and a zero point.
+    residual: with KIVI, the newest entries kept exact (a multiple of group_size).
+    """
+
+    quant: str = "none"
+    group_size: int = 32
+    residual: int = 128
 
 
 @dataclass
@@ -49,6 +64,7 @@ class RunConfig:
         while decoding (evalkv/kv/graphs.py); "compile" replays graphs of a torch.compile'd step for methods with a
         budget (compiled once per batch shape); "off" decodes eagerly.
     output_dir: runs go to `<output_dir>/<task>/<model>/<method label>/` unless `run_dir` names the folder.
+    cache: how the kept entries are held (CacheConfig: cache.quant=kivi2 quantises them; the label gets +kivi2).
     """
 
     model: Any = MISSING
@@ -63,6 +79,7 @@ class RunConfig:
     batch_size: int = 8
     mlp_chunk: Optional[int] = None
     decode_graphs: str = "auto"
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 def _schema(cls: type, name: str) -> type:
@@ -138,6 +155,16 @@ class Run:
     model: ModelConfig
     method: Method
     task: Task
+    quantization: Kivi | None = None  # cache.quant
+
+
+def quantization(cache: DictConfig | CacheConfig) -> Kivi | None:
+    """The KIVI settings of a run's `cache` section, or None (cache.quant=none); a bad value is an EvalkvError."""
+    if cache.quant == "none":
+        return None
+    if cache.quant not in QUANTIZERS:
+        raise unknown_name("cache.quant", cache.quant, ["none", *QUANTIZERS], "docs/methods.md#kivi")
+    return Kivi(QUANTIZERS[cache.quant], cache.group_size, cache.residual)
 
 
 def build_run(cfg: DictConfig) -> Run:
@@ -152,7 +179,11 @@ def build_run(cfg: DictConfig) -> Run:
         model, method_options, task_options = model_config(cfg), options(cfg.method), options(cfg.task)
     except COMPOSITION_ERRORS as error:
         raise explain(error, []) from None
-    return Run(model, build_method(cfg.method.name, method_options), build_task(cfg.task.name, task_options))
+    method = build_method(cfg.method.name, method_options)
+    kivi = quantization(cfg.cache)
+    if kivi is not None:
+        kivi.check(method)
+    return Run(model, method, build_task(cfg.task.name, task_options), kivi)
 
 
 def check_jobs(overrides: Sequence[str], multirun: bool) -> int:

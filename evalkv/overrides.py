@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from evalkv.errors import EvalkvError, did_you_mean, unknown_name, unknown_option
 
 GROUPS = ("model", "method", "task")
+SECTIONS = ("cache",)  # run keys with options of their own: cache.quant=, cache.group_size=
 EXAMPLES = "e.g. budget=128, method.window_size=8, task.lengths=[1024,2048]"
 COMPOSITION_ERRORS = (HydraException, OmegaConfBaseException)  # what compose raises; `explain` words them
 
@@ -186,7 +187,7 @@ def explain(error: Exception, overrides: Sequence[str]) -> EvalkvError:
         else:
             known = list(parent.keys()) if hasattr(parent, "keys") else []
         group = str(cause.full_key).split(".")[0]
-        if group not in GROUPS or "." not in str(cause.full_key):  # a top-level key
+        if group not in (*GROUPS, *SECTIONS) or "." not in str(cause.full_key):  # a top-level key
             return _unknown_run_key(str(cause.key), [key for key in known if key not in GROUPS and key != "hydra"],
                                     overrides)
         name = parent.get("name") if hasattr(parent, "get") else None

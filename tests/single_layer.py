@@ -44,11 +44,11 @@ class _RecordingSession(Session):
 class SingleLayer:
     def __init__(self, method, prompt_length: int, geometry: ModelGeometry = GEOMETRY, seed: int = 0,
                  input_ids: Tensor | None = None, query_scale: float = 3.0,
-                 output_projections: list[Tensor] | None = None):
+                 output_projections: list[Tensor] | None = None, quantization=None):
         ids = torch.zeros(1, prompt_length, dtype=torch.long) if input_ids is None else input_ids
         self.geometry = geometry
         self.session = _RecordingSession(method, geometry, ids, backend="eager", rotary=identity_rope,
-                                         output_projections=output_projections)
+                                         output_projections=output_projections, quantization=quantization)
         self.scaling = geometry.head_dim ** -0.5
         self.query_scale = query_scale
         self.generator = torch.Generator().manual_seed(seed)

@@ -1,5 +1,6 @@
 """The engine on a CUDA GPU (skipped without one): masked-reference equivalence for every method case, in fp32,
-and a bf16 run that keeps the compressed cache's shape. On the GPU machine: `python -m pytest tests/test_cuda.py`."""
+a bf16 run that keeps the compressed cache's shape, and KIVI in bf16. On the GPU machine:
+`python -m pytest tests/test_cuda.py`."""
 
 from __future__ import annotations
 
@@ -67,3 +68,24 @@ def test_cuda_perplexity_matches_the_cpu(protocol, tokenizer):
         logits = gpu_model(torch.tensor([ids], device="cuda")).logits[0].float()
     expected = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:], device="cuda")[:, None])[:, 0]
     torch.testing.assert_close(full.logprobs, expected.cpu(), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cuda_bf16_kivi_holds_codes_and_decodes_eagerly(bits, tokenizer):
+    """KIVI on the GPU in bf16 (docs/methods.md#kivi): scales and zero points in bf16, codes on the device, the bytes
+    of the formula, rows decoding as one batch, and decode_graphs=auto falling back to the eager path (bf16 batched
+    matmuls may round differently, so tokens are compared with one-at-a-time in fp32 on the CPU, tests/test_kivi.py)."""
+    from test_kivi import SNAPKV, expected_bytes
+
+    from evalkv.kv.engine import Request
+    from evalkv.kv.quant import Kivi
+
+    kivi = Kivi(bits, group_size=8, residual=16)
+    engine = Engine(_model("tiny-llama", torch.bfloat16), build_method("snapkv", SNAPKV), quantization=kivi)
+    base = prompt_ids(tokenizer)
+    generation = engine.generate(base, 4, keep_session=True)
+    layer = generation.session.cache.layers[0]
+    assert layer.key_scale.dtype == torch.bfloat16 and layer.key_codes.is_cuda
+    assert generation.kv_bytes == 2 * expected_bytes(64, kivi, element=2) and not generation.decode_graph
+    together = engine.generate_batch([Request(ids, 4) for ids in (base, base[7:], base[3:])])
+    assert [(g.decode_batch, len(g.token_ids), g.decode_graph) for g in together] == [(3, 4, False)] * 3

@@ -15,7 +15,7 @@ from evalkv.cli import main
 from evalkv.config import compose_run, options
 from evalkv.methods import build_method
 from evalkv.report.runs import derived_labels
-from evalkv.run.pred import method_label, run_labels
+from evalkv.run.pred import run_labels, run_method_label
 from evalkv.tasks import build_task
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
@@ -45,13 +45,16 @@ def test_a_folder_of_todays_runs_reads_as_it_did(capsys, view, fmt, expected):
     ["method=h2o", "budget=32", "task=ruler", "task.tasks=[niah_single_1,vt]", "task.lengths=[4096,8192]"],
     ["method=tova", "budget=32", "task=minilongbench", "task.tasks=[hotpotqa,trec]"],
     ["method=snapkv", "budget=32", "task=needle"],
+    ["method=snapkv", "budget=32", "cache.quant=kivi4", "cache.residual=64"],
+    ["method=kvcV+tova", "budget=32"],
+    ["method=kvcV+tova", "budget=32", "cache.quant=kivi2", "method.decode_evict=false"],
 ])
 def test_labels_derived_from_todays_files_equal_those_pred_writes(overrides):
     cfg = compose_run(["model=random-tiny-llama", *overrides])
     method = build_method(cfg.method.name, options(cfg.method))
     task = build_task(cfg.task.name, options(cfg.task))
     config = OmegaConf.to_container(cfg, resolve=True)
-    assert derived_labels(config, {"method": method_label(method)}) == run_labels(cfg, method, task)
+    assert derived_labels(config, {"method": run_method_label(cfg, method)}) == run_labels(cfg, method, task)
 
 
 def test_todays_labels_are_what_the_table_showed():
@@ -59,7 +62,8 @@ def test_todays_labels_are_what_the_table_showed():
     config = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
     labels = derived_labels(config, json.loads((run / "run.json").read_text()))
     assert labels == {"model": "random-tiny-llama", "method": "snapkv", "method_variant": "window_size=8",
-                      "budget": "64", "query": "aware", "expected_tasks": ["passkey"], "context_lengths": [256]}
+                      "budget": "64", "cache": "none", "query": "aware", "expected_tasks": ["passkey"],
+                      "context_lengths": [256]}
 
 
 def test_labels_in_run_json_win_over_the_config(tmp_path, capsys):

@@ -30,6 +30,7 @@ from torch import Tensor
 from evalkv.errors import EvalkvError
 from evalkv.kv import adapter
 from evalkv.kv.graphs import StaticDecoder, can_decode_static, dense_on, may_compile
+from evalkv.kv.quant import Kivi
 from evalkv.kv.sampling import Sampling, sample_token
 from evalkv.kv.session import Session
 from evalkv.kv.slots import SlotDecoder, implements_slots
@@ -72,7 +73,7 @@ class Generation:
     token_ids: list[int]  # generated tokens, a final stop token included
     prompt_tokens: int  # prompt + suffix tokens fed before decoding
     kept_tokens: float  # mean entries per layer and KV head once the prompt was processed
-    kv_bytes: int  # bytes of keys and values held at that moment
+    kv_bytes: int  # bytes of keys and values held at that moment (quantised: codes, scales, zero points, residuals)
     final_kept_tokens: float  # the same after the last decode step
     final_kv_bytes: int
     prefill_s: float  # prompt (and suffix) forwards, eviction included, up to the first token
@@ -200,12 +201,15 @@ class Engine:
     """Runs one model with one method: `generate` for one prompt, `generate_batch` for several."""
 
     def __init__(self, model, method, backend: str = "sdpa", tokenizer=None, mlp_chunk: int | None = None,
-                 decode_graphs: str = "auto"):
+                 decode_graphs: str = "auto", quantization: Kivi | None = None):
         """method: an eviction method (`evalkv.methods`: its hooks, `capacity`, `prefill_chunk`, `prepare`).
         mlp_chunk: run the MLP over at most this many prompt tokens at a time (low-memory long prefill).
         decode_graphs: "auto" replays decode steps as CUDA graphs where it can, "off" never, "compile" replays graphs of
-            a compiled step (see DECODE_GRAPHS)."""
+            a compiled step (see DECODE_GRAPHS).
+        quantization: hold what the method keeps as KIVI codes (evalkv/kv/quant.py); such samples decode eagerly."""
         check_decode_graphs(decode_graphs)
+        if quantization is not None:
+            quantization.check(method, adapter.geometry(model).head_dim)
         adapter.install(model)
         adapter.chunk_mlp(model, mlp_chunk)
         method.prepare(tokenizer)
@@ -217,6 +221,7 @@ class Engine:
         self.output_projections = adapter.output_projections(model)
         self.device = next(model.parameters()).device
         self.decode_graphs = decode_graphs
+        self.quantization = quantization
         self._static: tuple[tuple, StaticDecoder] | None = None  # the last decoder, kept for the next batch
 
     @torch.inference_mode()
@@ -306,7 +311,8 @@ class Engine:
         reused = session is not None
         if session is None:
             session = Session(self.method, self.geometry, prompt, backend=self.backend, trace=trace,
-                              rotary=self.rotary, output_projections=self.output_projections)
+                              rotary=self.rotary, output_projections=self.output_projections,
+                              quantization=self.quantization)
             logits = self._compress(session, prompt, forwards)
             if getattr(self.method, "rescore_prompt", None) is not None:
                 keeps = self.method.rescore_prompt(PromptReplay(self, session, prompt))
@@ -388,7 +394,8 @@ class Engine:
                 active = [active[index] for index in staying]
 
     def _static_allowed(self, rows: list[_Row], session: Session, steps: int) -> bool:
-        if self.decode_graphs == "off" or rows[0].forwards is not None:
+        # The fixed-size buffers hold exact entries: a quantised cache decodes on the eager path.
+        if self.decode_graphs == "off" or rows[0].forwards is not None or session.quantization is not None:
             return False
         if self.decode_graphs == "auto" and not self._captures():
             return False

@@ -16,6 +16,7 @@ from torch import Tensor
 from evalkv.kv.attention import attend
 from evalkv.kv.cache import KVCache, LayerCache
 from evalkv.kv.channels import attend_pruned
+from evalkv.kv.quant import Kivi, QuantizedLayer
 from evalkv.kv.rope import RotaryTable
 from evalkv.kv.view import AttentionView, ModelGeometry, Phase, SampleState
 
@@ -24,8 +25,10 @@ class Session:
     def __init__(
         self, method, geometry: ModelGeometry, input_ids: Tensor, backend: str = "sdpa", trace: bool = False,
         rotary: RotaryTable | None = None, output_projections: list[Tensor | None] | None = None,
+        quantization: Kivi | None = None,
     ):
         self.method = method
+        self.quantization = quantization  # KIVI: what the method keeps is quantised after each forward
         self.geometry = geometry
         self.backend = backend
         self.rotary = rotary
@@ -54,6 +57,8 @@ class Session:
         method = self.method
         if not (method.requires_budget() and self.decodes_from_entries()):
             return None
+        if self.quantization is not None and any(layer.is_ragged for layer in self.cache.layers):
+            return None  # stacking pads ragged layers dense, which quantised heads are not
         return (tuple(_layer_shape(layer) for layer in self.cache.layers),
                 method.decode_group_key(self.sample.prompt_length), self.sample.phase)
 
@@ -69,7 +74,8 @@ class Session:
 
     def pad_ragged(self) -> None:
         """Lay ragged layers out dense for decoding (a method without step hooks: nothing evicts from them again)."""
-        if self.trace is None and self.method.before_step is None and self.method.after_step is None:
+        if (self.trace is None and self.quantization is None and self.method.before_step is None
+                and self.method.after_step is None):
             for layer in self.cache.layers:
                 layer.pad_heads()
 
@@ -84,7 +90,7 @@ class Session:
         if any(session.batch_key() is None or session.batch_key() != first.batch_key() for session in sessions):
             raise ValueError("these sessions cannot decode as one batch (their batch keys differ)")
         merged = cls(first.method, first.geometry, first.sample.input_ids, backend=first.backend, rotary=first.rotary,
-                     output_projections=first.output_projections)
+                     output_projections=first.output_projections, quantization=first.quantization)
         # Decode steps read prompt_length only through decode_group_key, equal for every row by the check above.
         merged.sample = SampleState(
             input_ids=first.sample.input_ids, prompt_length=first.sample.prompt_length, phase=first.sample.phase,
@@ -92,7 +98,11 @@ class Session:
             steps_after_prompt=first.sample.steps_after_prompt,
         )
         for index, layer in enumerate(merged.cache.layers):
-            layer.stack_rows([session.cache.layers[index] for session in sessions])
+            parts = [session.cache.layers[index] for session in sessions]
+            if isinstance(parts[0], QuantizedLayer):
+                merged.cache.layers[index] = QuantizedLayer.stacked(parts)
+            else:
+                layer.stack_rows(parts)
         merged.batched = True
         return merged
 
@@ -100,7 +110,7 @@ class Session:
         """An independent copy of this session as it stands (its cache, the method's state): a compressed context
         answers several questions, each from its own copy, so no answer's tokens reach the next question."""
         forked = Session(self.method, self.geometry, self.sample.input_ids, backend=self.backend, rotary=self.rotary,
-                         output_projections=self.output_projections)
+                         output_projections=self.output_projections, quantization=self.quantization)
         forked.cache = self.cache.clone()
         forked.layer_state = [_copied(state) for state in self.layer_state]
         forked.sample = dataclasses.replace(self.sample, state=_copied(self.sample.state))
@@ -131,7 +141,8 @@ class Session:
     def append(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         layer = self.cache.layers[layer_idx]
         layer.append(keys, values, self.query_positions.to(keys.device))  # layers may sit on several GPUs
-        return (keys, values) if layer.is_ragged else (layer.keys, layer.values)
+        # The model's attention is evalkv's, which reads the layer itself: a quantised layer is not de-quantised here.
+        return (keys, values) if layer.is_ragged or isinstance(layer, QuantizedLayer) else (layer.keys, layer.values)
 
     def attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor:
         """Run the method's hooks around the model's attention for one layer; returns `[B, H, q, d]`.
@@ -173,6 +184,8 @@ class Session:
                 _apply(layer, keep)
         if prompt and self.sample.last_chunk:
             self._prune_key_channels(layer, view)
+        if self.quantization is not None and self.sample.last_chunk:  # the whole prompt's eviction decided exactly
+            self.cache.layers[layer_idx] = self.quantization.settle(layer)
         if self.batched and self.has_state():
             raise RuntimeError(f"{self.method.name}: a hook kept per-sample state while samples decoded as one batch; "
                                "keep it from the prompt on (view.state), so that the sample decodes alone")
@@ -223,6 +236,8 @@ class Session:
 def _layer_shape(layer: LayerCache) -> tuple:
     """What layers of batch rows must share: their shapes, or for per-head budgets (padded to a common length when
     the rows merge) their head count."""
+    if isinstance(layer, QuantizedLayer):
+        return layer.shape_key()
     if layer.is_ragged or layer.padded:
         keys = layer.heads[0].keys if layer.is_ragged else layer.keys
         return ("per-head", layer.num_heads, keys.dtype, str(keys.device))

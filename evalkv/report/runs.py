@@ -3,9 +3,10 @@
 A run directory holds `predictions.jsonl` or `scores.json` (or, when it stopped before its first sample, only
 `config.yaml` and `run.json`). Its scores are computed from its predictions (the source of truth) by the metrics,
 or read from `scores.json` when it has no predictions file; a run without records has no scores, which tables show
-as missing. Its labels (model, method and the options that differ from its defaults, budget, query-aware or not,
-the tasks and context lengths it was asked for) are run.json's `labels`, which `evalkv pred` writes; runs made
-before it wrote them get the same labels from config.yaml and run.json read as plain data (`derived_labels`).
+as missing. Its labels (model, method and the options that differ from its defaults, budget, the cache's
+quantisation, query-aware or not, the tasks and context lengths it was asked for) are run.json's `labels`, which
+`evalkv pred` writes; runs made before it wrote them get the same labels from config.yaml and run.json read as plain
+data (`derived_labels`).
 No method or task is built here, so a run made last month stays readable after a method's validation changes.
 A kvpress evaluation folder (metrics.json + config.yaml, report/kvpress.py) reads as a run too, labelled `kvpress:`.
 """
@@ -119,11 +120,14 @@ def _read_config(path: Path) -> dict:
 
 def derived_labels(config: dict, info: dict) -> dict:
     """The labels `evalkv pred` writes into run.json, derived for a run made before it did: from config.yaml and
-    run.json's `method` (the run's method label: `snapkv_128-window_size=8`, `streaming_llm_r0.5`, `full`), whose
-    prefix up to the budget is the method's own label and the rest its non-default options."""
+    run.json's `method` (the run's method label: `snapkv_128-window_size=8`, `streaming_llm_r0.5`, `full`,
+    `snapkv_128+kivi2`), whose prefix up to the budget is the method's own label, then its non-default options, then
+    after `+` the cache's quantisation."""
     method, task = config["method"], config["task"]
     name = str(method["name"])
-    label = str(info.get("method") or name)
+    label, cache = str(info.get("method") or name), str((config.get("cache") or {}).get("quant", "none"))
+    if cache != "none" and "+" in label:  # the last `+` (method names may hold one: kvcV+tova)
+        label, _, cache = label.rpartition("+")
     budget, ratio = method.get("budget"), method.get("compression_ratio")
     candidates = [(f"{name}_{budget}", str(budget))] if budget is not None else []
     if ratio is not None:
@@ -141,6 +145,7 @@ def derived_labels(config: dict, info: dict) -> dict:
         "method": name,
         "method_variant": label.removeprefix(prefix).removeprefix("-"),
         "budget": shown,
+        "cache": cache,
         "query": "agnostic" if compress_of(config) == "context" else "aware",
         "expected_tasks": [str(name) for name in tasks or [task.get("name")]],
         "context_lengths": [int(length) for length in lengths] if lengths else None,
@@ -172,8 +177,10 @@ def load_run(run: Path) -> RunScores:
 
 def _labelled(run: Path, labels: dict, scores: dict, info: dict, status: str, **more) -> RunScores:
     variant = labels.get("method_variant")
+    cache = labels.get("cache") or "none"  # runs made before quantised caches existed held the model's dtype
+    method = labels["method"] + (f"-{variant}" if variant else "") + (f"+{cache}" if cache != "none" else "")
     return RunScores(
-        run, str(labels["model"]), labels["method"] + (f"-{variant}" if variant else ""), str(labels["budget"]),
+        run, str(labels["model"]), method, str(labels["budget"]),
         dict(scores.get("task_scores", {})), scores, query_aware=labels.get("query") != "agnostic",
         expected_tasks=list(labels.get("expected_tasks") or []), context_lengths=list(labels.get("context_lengths")
                                                                                       or []),

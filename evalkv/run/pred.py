@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import evalkv
-from evalkv.config import build_run
+from evalkv.config import CacheConfig, build_run
 from evalkv.errors import EvalkvError
 from evalkv.kv.engine import Engine, Generation, Request
 from evalkv.kv.scoring import TokenScores
@@ -93,6 +93,20 @@ def method_label(method: Method) -> str:
     return "-".join([method.describe(), *extras])
 
 
+def cache_label(cfg: DictConfig) -> str:
+    """`kivi2`, or `kivi2-residual=32` when options differ from the defaults; empty for the model's dtype."""
+    cache = CacheConfig(**OmegaConf.to_container(cfg.cache, resolve=True))
+    if cache.quant == "none":
+        return ""
+    return "-".join([cache.quant, *(f"{k}={_compact(v)}" for k, v in _non_default(cache).items() if k != "quant")])
+
+
+def run_method_label(cfg: DictConfig, method: Method) -> str:
+    """The method's label, then `+` and the cache's when it is quantised: `snapkv_128+kivi2`."""
+    cache = cache_label(cfg)
+    return f"{method_label(method)}+{cache}" if cache else method_label(method)
+
+
 def task_label(task: Task) -> str:
     # File locations stay out of the name (config.yaml records them; a resumed run must match them).
     extras = [f"{k}={_compact(v)}" for k, v in _non_default(task).items() if not k.endswith(("_path", "_dir"))]
@@ -102,7 +116,7 @@ def task_label(task: Task) -> str:
 def run_directory(cfg: DictConfig, method: Method, task: Task) -> Path:
     if cfg.run_dir:
         return Path(cfg.run_dir)
-    return Path(cfg.output_dir) / task_label(task) / cfg.model.name / method_label(method)
+    return Path(cfg.output_dir) / task_label(task) / cfg.model.name / run_method_label(cfg, method)
 
 
 def _flatten(value, prefix: str = "") -> dict:
@@ -131,10 +145,12 @@ def check_resumable(run_dir: Path, composed: dict, task: Task, method: Method) -
     resumable = _RESUMABLE_KEYS | {f"task.{option}" for option in task.free_options}
     if not method.requires_budget():  # e.g. full: a sweep's budget= does not apply to it
         resumable |= {"budget", "method.budget", "compression_ratio", "method.compression_ratio"}
+    if current.get("cache.quant", "none") == "none":  # KIVI's options apply to a quantised cache only
+        resumable |= {"cache.group_size", "cache.residual"}
     # An option added to evalkv after the run was made is absent from its stored config: at its default, it is the
     # behaviour the run had, so the run resumes.
     defaults = {f"{section}.{item.name}": _default(item)
-                for section, obj in (("method", method), ("task", task), ("model", ModelConfig))
+                for section, obj in (("method", method), ("task", task), ("model", ModelConfig), ("cache", CacheConfig))
                 for item in dataclasses.fields(obj)}
     differing = sorted(
         key for key in set(stored) | set(current)
@@ -257,7 +273,7 @@ FOLLOW_UP_METHOD = "full"  # follow-up prompts hold no context to compress
 class FollowUps:
     """The second prompts that samples make from their first output (`Sample.follow_up`), generated with the full
     cache by an engine of their own: they hold no context for the method to compress (LongBench v2's chain of
-    thought answers from the question and the reasoning alone)."""
+    thought answers from the question and the reasoning alone), and are not quantised by `cache.quant`."""
 
     def __init__(self, model: LoadedModel, cfg: DictConfig):
         self.model, self.cfg = model, cfg
@@ -340,13 +356,15 @@ def _already_complete(run_dir: Path, task: Task, done: set[str]) -> bool:
 def run_labels(cfg: DictConfig, method: Method, task: Task) -> dict:
     """What tables and reports show of a run, written into run.json so that they read it instead of rebuilding the
     method and task: model, method and the options that differ from its defaults, budget label (`128`, `r0.5`, `-`
-    for a method without one), query-aware or agnostic, the benchmark tasks it was asked for, its context lengths."""
+    for a method without one), the cache's quantisation (`none`, `kivi2`, ...), query-aware or agnostic, the benchmark
+    tasks it was asked for, its context lengths."""
     lengths = getattr(task, "lengths", None)
     return {
         "model": str(cfg.model.name),
         "method": method.name,
         "method_variant": method_label(method).removeprefix(method.describe()).removeprefix("-"),
         "budget": _budget_label(method),
+        "cache": cache_label(cfg) or "none",
         "query": "agnostic" if task.splits_question else "aware",
         "expected_tasks": [str(name) for name in getattr(task, "task_names", None) or getattr(task, "tasks", None)
                            or [task.name]],
@@ -393,7 +411,7 @@ def _run_pred(cfg: DictConfig) -> Path:
     began = time.perf_counter()
     model = cached_model(model_cfg)
     engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=cfg.mlp_chunk,
-                    decode_graphs=cfg.decode_graphs)
+                    decode_graphs=cfg.decode_graphs, quantization=run.quantization)
     follow_ups = FollowUps(model, cfg)
     samples = _protocol_checked(task.samples(model), task)
     if task.n_samples is not None:
@@ -401,7 +419,7 @@ def _run_pred(cfg: DictConfig) -> Path:
     total = _expected_samples(task)
     progress = tqdm(
         total=None if sharded.parallel else total,  # a rank's share is known only as the samples stream by
-        desc=f"{method_label(method)} {task.name}", unit="sample", disable=not cfg.progress, file=sys.stderr,
+        desc=f"{run_method_label(cfg, method)} {task.name}", unit="sample", disable=not cfg.progress, file=sys.stderr,
         dynamic_ncols=True,
     )
     with progress:
@@ -421,7 +439,7 @@ def _run_pred(cfg: DictConfig) -> Path:
         info = {
             "evalkv": evalkv.__version__, "torch": torch.__version__, "transformers": _transformers_version(),
             "python": platform.python_version(), "device": _device_name(model.device), "model": model.description,
-            "method": method_label(method), "task": task_label(task), "labels": run_labels(cfg, method, task),
+            "method": run_method_label(cfg, method), "task": task_label(task), "labels": run_labels(cfg, method, task),
             "status": "running", "invocations": [*settled(history), invocation],
         }
         if sharded.is_main:
