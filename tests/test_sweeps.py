@@ -137,22 +137,20 @@ def test_acceptance_leaderboard_protocol_on_the_tiny_model(tmp_path, capsys):
     leaderboard.csv / .md and plot. Random weights score 0, so the test then plants the answers of one record and
     checks the leaderboard score against that run's own task scores."""
     output = tmp_path / "results"
-    # LEADERBOARD_QUERY_AGNOSTIC="": the query-agnostic option lands with the change that adds it to every task.
     env = {"EVALKV": f"{sys.executable} -m evalkv.cli", "PYTHONPATH": str(REPO), "MODEL": "random-tiny-llama",
-           "LENGTH": "1024", "TASKS": "niah_single_1,fwe", "SAMPLES": "1", "RATIOS": "0.5,0.75",
-           "LEADERBOARD_QUERY_AGNOSTIC": ""}
+           "LENGTH": "1024", "TASKS": "niah_single_1,fwe", "SAMPLES": "1", "RATIOS": "0.5,0.75"}
     done = _script("leaderboard.sh", "full,snapkv", "model.device=cpu", f"task.cache_dir={tmp_path / 'cache'}",
                    f"output_dir={output}", env=env)
     assert done.returncode == 0, done.stderr
     runs = {run.parent.name: run.parent for run in output.rglob("predictions.jsonl")}
     assert sorted(runs) == ["full", "snapkv_r0.5", "snapkv_r0.75"]
-    aware = json.loads((runs["snapkv_r0.5"] / "run.json").read_text())["labels"]["query"] == "aware"
-    snapkv = "snapkv_query_aware" if aware else "snapkv"
+    labels = json.loads((runs["snapkv_r0.5"] / "run.json").read_text())["labels"]
+    assert labels["query"] == "agnostic"  # the context compressed without the question, as the leaderboard does
     rows = list(csv.reader(io.StringIO((output / "leaderboard.csv").read_text())))
     assert rows == [["dataset", "data_dir", "model", "method", "compression_ratio", "score"],
                     ["ruler", "1024", "random-tiny-llama", "full", "0.0", "0.0"],
-                    ["ruler", "1024", "random-tiny-llama", snapkv, "0.5", "0.0"],
-                    ["ruler", "1024", "random-tiny-llama", snapkv, "0.75", "0.0"]]
+                    ["ruler", "1024", "random-tiny-llama", "snapkv", "0.5", "0.0"],
+                    ["ruler", "1024", "random-tiny-llama", "snapkv", "0.75", "0.0"]]
     assert (output / "leaderboard.md").read_text().startswith("| dataset | data_dir | model | method |")
     assert (output / "leaderboard.png").read_bytes().startswith(b"\x89PNG")
 
