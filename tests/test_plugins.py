@@ -23,8 +23,10 @@ METHOD = "value_norm_plugin"
 TASK = "short_passkey_plugin"
 TINY = ["model=random-tiny-llama", "model.device=cpu", "progress=false"]
 # The README example is a scorer: its own option, the base's and the regimes every scorer takes.
-PLUGIN_OPTIONS = ("beta, budget, compression_ratio, decode_buffer, decode_interval, decode_target, floor_alpha, "
-                  "head_budgets, layer_budgets, normalize, prefill_chunk, skip_layers, window_size")
+PLUGIN_OPTIONS = ("beta, budget, chunk_length, compression_ratio, critical, critical_epsilon, critical_first_stage, "
+                  "decode_buffer, decode_interval, decode_target, floor_alpha, head_budgets, key_channel_ratio, "
+                  "key_channel_recent, key_channel_window, layer_budgets, normalize, prefill_chunk, skip_layers, "
+                  "window_size")
 TASK_MODULE = f'''
 from dataclasses import dataclass, field
 

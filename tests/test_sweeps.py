@@ -216,7 +216,8 @@ def test_acceptance_budget_sweep_then_table_curves_and_report(tmp_path, capsys):
     for row in rows:
         if row["passkey"]:
             assert f"<td>{float(row['passkey']):.2f}</td>" in page.replace(' class=""', "")
-    assert len(re.findall(r'<img alt="Score versus budget" src="data:image/png;base64,', page)) == 1
+    figure = r'<img alt="Score versus budget \(shaded: 95% intervals\)" src="data:image/png;base64,'
+    assert len(re.findall(figure, page)) == 1
     assert "unfinished run" in page
 
 
