@@ -100,13 +100,13 @@ def eager_probs(query: Tensor, keys: Tensor, scaling: float = SCALING) -> Tensor
     return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
 
 
-def window_scores(query: Tensor, keys: Tensor, window: int) -> Tensor:
+def window_scores(query: Tensor, keys: Tensor, window: int, scaling: float = SCALING) -> Tensor:
     """fp64 attention of the last `window` queries (prompt forward, causal) summed over rows, mean over each KV
     head's query heads: `[H_kv, n]`."""
     groups = query.shape[1] // keys.shape[1]
     keys = keys.double().repeat_interleave(groups, dim=1)
     n = keys.shape[2]
-    logits = (query[:, :, -window:].double() @ keys.transpose(-1, -2)) * SCALING
+    logits = (query[:, :, -window:].double() @ keys.transpose(-1, -2)) * scaling
     causal = torch.arange(n)[None, :] <= torch.arange(n - window, n)[:, None]
     probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=-2)[0]
     return probs.reshape(keys.shape[1] // groups, groups, n).mean(dim=1)

@@ -12,7 +12,7 @@ from evalkv.methods import build_method
 
 
 def snapkv_pool_then_reduce(query: torch.Tensor, keys: torch.Tensor, window: int, kernel: int) -> torch.Tensor:
-    """kvpress SnapKVPress's scores in fp64, one row: the last `window` queries' causal attention summed over the
+    """kvpress SnapKVPress's scores in fp64, one row: the last `window` queries' causal attention averaged over the
     rows, average-pooled per query head (zeros padded and counted), averaged over each KV head's query heads:
     `[H_kv, n - window]`."""
     groups = query.shape[1] // keys.shape[1]
@@ -20,8 +20,8 @@ def snapkv_pool_then_reduce(query: torch.Tensor, keys: torch.Tensor, window: int
     n = keys.shape[1]
     logits = query[0, :, -window:].double() @ keys.transpose(-1, -2) * SCALING
     causal = torch.arange(n)[None, :] <= torch.arange(n - window, n)[:, None]
-    sums = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=-2)[:, : n - window]
-    padded = torch.nn.functional.pad(sums, (kernel // 2, kernel // 2))
+    means = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=-2)[:, : n - window]
+    padded = torch.nn.functional.pad(means, (kernel // 2, kernel // 2))
     pooled = padded.unfold(-1, kernel, 1).mean(dim=-1)
     return pooled.reshape(-1, groups, n - window).mean(dim=1)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import prompt_ids, tiny_model
-from single_layer import SingleLayer
+from single_layer import SingleLayer, window_scores
 from test_equivalence import _assert_equal_logits
 
 from evalkv.errors import EvalkvError
@@ -42,14 +42,10 @@ def head_norms(values: torch.Tensor, o_proj) -> torch.Tensor:
 
 
 def snapkv_scores(query: torch.Tensor, keys: torch.Tensor, window: int) -> torch.Tensor:
-    """SnapKV's scores (no pooling) in fp64: the last `window` queries' causal attention summed over the rows,
-    averaged over each KV head's query heads, for the entries before the window: `[H_kv, n - window]`."""
-    keys = keys[0].double().repeat_interleave(2, dim=0)
-    n = keys.shape[1]
-    logits = query[0, :, -window:].double() @ keys.transpose(-1, -2) * TINY.head_dim**-0.5
-    causal = torch.arange(n)[None, :] <= torch.arange(n - window, n)[:, None]
-    sums = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=-2)
-    return sums.reshape(2, 2, n).mean(dim=1)[:, : n - window]
+    """SnapKV's scores (no pooling) in fp64 on kvpress `SnapKVPress`'s scale, which `critical_epsilon` is added on:
+    the last `window` queries' causal attention averaged over the rows and over each KV head's query heads, for the
+    entries before the window: `[H_kv, n - window]`."""
+    return window_scores(query, keys, window, TINY.head_dim**-0.5)[:, : keys.shape[2] - window] / window
 
 
 def two_stage(scores: torch.Tensor, norms: torch.Tensor, budget: int, window: int, first_share=0.5, epsilon=1e-4):
@@ -71,19 +67,26 @@ def test_output_norms_are_the_l1_norms_of_each_value_through_its_head(o_proj):
     torch.testing.assert_close(output_value_norms(expanded, o_proj.weight.detach(), TINY.num_heads), norms)
 
 
-def test_critical_snapkv_selects_in_two_stages(o_proj):
+@pytest.mark.parametrize("epsilon", [1e-4, 0.05])
+def test_critical_snapkv_selects_in_two_stages(o_proj, epsilon):
+    """kvpress's default epsilon, and one large enough that the scores' scale decides: kvpress adds it to the window's
+    mean attention, not to its sum over the rows (SnapKV's reference: the same ranking without CriticalKV)."""
     n, budget, window = 40, 20, 4
     options = {"budget": budget, "window_size": window, "kernel_size": 1}
-    layer = SingleLayer(build_method("snapkv", {**options, "critical": True}), n, geometry=TINY, seed=3,
-                        output_projections=[o_proj.weight.detach()])
+    layer = SingleLayer(build_method("snapkv", {**options, "critical": True, "critical_epsilon": epsilon}), n,
+                        geometry=TINY, seed=3, output_projections=[o_proj.weight.detach()])
     prompt = layer.prompt()
     scores = snapkv_scores(prompt.query, prompt.appended_keys, window)
     norms = head_norms(prompt.appended_values[0, :, : n - window], o_proj).reshape(2, 2, -1).mean(dim=1)
-    expected = [two_stage(scores[h], norms[h], budget - window, window) + list(range(n - window, n)) for h in (0, 1)]
+    expected = [two_stage(scores[h], norms[h], budget - window, window, epsilon=epsilon) + list(range(n - window, n))
+                for h in (0, 1)]
     assert layer.cache.positions[0].tolist() == expected
     plain = SingleLayer(build_method("snapkv", options), n, geometry=TINY, seed=3)
     plain.prompt()
     assert plain.cache.positions[0].tolist() != expected
+    if epsilon > 1e-3:
+        on_sums = [two_stage(scores[h] * window, norms[h], budget - window, window, epsilon=epsilon) for h in (0, 1)]
+        assert [head[: budget - window] for head in expected] != on_sums
 
 
 def test_critical_adakv_splits_each_heads_adaptive_budget(o_proj):

@@ -1,8 +1,10 @@
 """evalkv beside kvpress 0.5.5, the field's reference library (docs/methods.md#kvpress): on one model and prompt,
 each method both provide keeps the same positions per layer and KV head after the prompt and generates the same
-greedy tokens, with evalkv's options set to kvpress's behaviour where an option exists. Where a method differs from
-kvpress by design with no option (PyramidKV's layer schedule, AdaKV's head allocation), evalkv's scores under
-kvpress's schedule must reproduce kvpress's kept sets exactly.
+greedy tokens, with evalkv's options set to kvpress's behaviour where an option exists: SnapKV, Knorm, StreamingLLM,
+TOVA, DuoAttention, KVzip, Expected Attention, KeyDiff, ChunkKV (a window and a budget of whole chunks, where its
+documented deviations vanish) and CriticalKV over SnapKV. Where a method differs from kvpress by design with no option
+(PyramidKV's layer schedule, AdaKV's head allocation), evalkv's scores under kvpress's schedule must reproduce
+kvpress's kept sets exactly.
 
 kvpress runs in its own environment (scripts/kvpress_env.py, built once into evalkv's cache from the package
 registry; these tests skip with pip's reason when it cannot be built) and its own process
@@ -34,10 +36,15 @@ DUO_PATTERN = str(Path(__file__).parent / "data" / "duo_pattern_tiny")  # 2 laye
 # (evalkv sums: the same ranking), average pooling with zero padding, each query head pooled before the GQA mean.
 SNAPKV_PRESS = {"window_size": 64, "kernel_size": 5}
 SNAPKV_AS_KVPRESS = {**SNAPKV_PRESS, "pooling": "avg", "gqa_order": "pool_then_reduce", "gqa_reduce": "mean"}
+# ChunkKVPress lays its chunks over the whole cache and keeps `int(chunks (1 - ratio))` of them, the window's scored
+# highest; evalkv chunks the entries before the window and keeps exactly the budget. A window and a budget of whole
+# chunks make both the same computation (540 = 54 chunks of 10, a window of 6, 27 kept).
+CHUNKKV_PRESS = {**SNAPKV_PRESS, "window_size": 60}
+CHUNKKV_SNAPKV = {**SNAPKV_AS_KVPRESS, "window_size": 60}
 PYRAMID = {"compression_ratio": 0.75, "window_size": 4, "kernel_size": 5}  # two layers: a schedule neither trivial
 
-# One entry per method both libraries provide. Methods added since (expected_attention, keydiff, chunkkv, criticalkv)
-# are wired the same way: Pair("<evalkv name>", {<options>}, {"class": "<kvpress press>", <its options>}).
+# One entry per method both libraries provide: Pair("<evalkv name>", {<options>}, {"class": "<kvpress press>", <its
+# options>}); a regime compared as a method (CriticalKV) is named after it.
 PAIRS = {
     "snapkv": Pair("snapkv", {"compression_ratio": RATIO, **SNAPKV_AS_KVPRESS},
                    {"class": "SnapKVPress", "compression_ratio": RATIO, **SNAPKV_PRESS}),
@@ -57,6 +64,15 @@ PAIRS = {
                                       "on_the_fly_scoring": True}, extra={"duo_text": TEXT}),
     "kvzip": Pair("kvzip", {"compression_ratio": RATIO, "chunk_size": 200},
                   {"class": "KVzipPress", "compression_ratio": RATIO, "chunk_size": 200}),
+    "expected_attention": Pair("expected_attention", {"compression_ratio": RATIO},
+                               {"class": "ExpectedAttentionPress", "compression_ratio": RATIO}),
+    "keydiff": Pair("keydiff", {"compression_ratio": RATIO}, {"class": "KeyDiffPress", "compression_ratio": RATIO}),
+    "chunkkv": Pair("chunkkv", {"compression_ratio": RATIO, **CHUNKKV_SNAPKV, "chunk_length": 10},
+                    {"class": "ChunkKVPress", "chunk_length": 10,
+                     "press": {"class": "SnapKVPress", "compression_ratio": RATIO, **CHUNKKV_PRESS}}),
+    "criticalkv": Pair("snapkv", {"compression_ratio": RATIO, **SNAPKV_AS_KVPRESS, "critical": True},
+                       {"class": "CriticalKVPress",
+                        "press": {"class": "SnapKVPress", "compression_ratio": RATIO, **SNAPKV_PRESS}}),
 }
 # Compared below against evalkv's scores under kvpress's own schedule.
 BY_DESIGN = {
@@ -194,7 +210,9 @@ REAL_TEXT = (
     "out. Whether an answer survives depends on which tokens were kept, so two libraries that claim to implement "
     "the same method should keep the same tokens when given the same model and the same prompt. "
 ) * 4
-REAL_PAIRS = {name: PAIRS[name] for name in ("snapkv", "knorm", "tova", "streaming_llm", "duo_attention-on_the_fly")}
+# Not criticalkv: kvpress's CriticalKVPress reads `config.head_dim`, which Qwen2's configuration does not define.
+REAL_PAIRS = {name: PAIRS[name] for name in ("snapkv", "knorm", "tova", "streaming_llm", "duo_attention-on_the_fly",
+                                             "expected_attention", "keydiff")}
 REAL_PAIRS["duo_attention-on_the_fly"] = Pair(
     "duo_attention", PAIRS["duo_attention-on_the_fly"].options, PAIRS["duo_attention-on_the_fly"].press,
     extra={"duo_text": REAL_TEXT})

@@ -19,7 +19,7 @@ class AdaKV(SnapKV):
     Feng et al. (arXiv 2407.11550), reference code FFY0/AdaKV@efe4e2e (`AdaptiveSnapKVCluster.update_kv`);
     docs/methods.md#adakv.
 
-    Scores as SnapKV (window attention summed over the window rows, the mean in the reference: same ranking, pooled).
+    Scores as SnapKV (window attention averaged over the window rows, summed in the reference: same ranking, pooled).
     Per layer, with `base = budget - window_size` prefix tokens per head on average: the `heads * base` best scores
     of all heads decide how many each head gets (`adaptive_head_budgets` in evalkv/methods/budgets.py, floor
     `floor_alpha`); each head keeps that many best prefix tokens plus the window. Heads keep different numbers of

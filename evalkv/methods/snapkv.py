@@ -24,7 +24,7 @@ class SnapKV(Scorer):
 
     After the prompt's attention in each layer, if the prompt has more than `budget` tokens: the last `window_size`
     queries attend over all prompt keys (causal inside the window, softmax in fp32 over all keys); a prefix token's
-    score is the sum of its attention over the window rows, pooled along positions; each head keeps its
+    score is the mean of its attention over the window rows, pooled along positions; each head keeps its
     `budget - window_size` best prefix tokens plus the window. Generated tokens are appended, never evicted (unless
     `decode_interval` re-applies the scorer while decoding, docs/methods.md#regimes).
 
@@ -32,7 +32,9 @@ class SnapKV(Scorer):
     pooling), which frees memory on GQA models; `granularity=query_head` selects per query head as the reference
     does (the cache then holds one copy per query head). Scores stay in fp32 (the reference casts the window's
     probabilities back to the model's dtype before summing them). Ties rank by position; kept entries are stored in
-    position order (the reference keeps top-k order; attention is order-invariant).
+    position order (the reference keeps top-k order; attention is order-invariant). The reference sums the window's
+    attention where evalkv averages it, as kvpress's `SnapKVPress` does: the same ranking, and the scale CriticalKV's
+    `critical_epsilon` is added on (docs/methods.md#criticalkv).
 
     window_size: observation window W (paper's LongBench runs: 32; KVCache-Factory: 8).
     kernel_size: pooling kernel (paper: 7; reference code default 5).
@@ -61,12 +63,12 @@ class SnapKV(Scorer):
         return self.window_size
 
     def score(self, view: AttentionView, candidates: int) -> Tensor:
-        """Pooled window-attention score of every prefix token, per selection head: `[B, h, candidates]`."""
+        """Pooled mean window attention of every prefix token, per selection head: `[B, h, candidates]`."""
         window = view.length - candidates
-        scores = attention_column_sums(
+        sums = attention_column_sums(
             view.query[:, :, -window:], view.query_positions[:, -window:], view.keys, view.positions, view.scaling
         )[..., :candidates]
-        return pooled_window_scores(scores, view.geometry.num_kv_heads, self)
+        return pooled_window_scores(sums / window, view.geometry.num_kv_heads, self)
 
 
 def check_window_settings(settings) -> None:
@@ -80,9 +82,9 @@ def check_window_settings(settings) -> None:
 
 
 def pooled_window_scores(scores: Tensor, num_kv_heads: int, settings) -> Tensor:
-    """Window attention summed over the observation rows, per query head `[B, H, c]` -> SnapKV's pooled scores per
-    selection head. settings: anything with SnapKV's `kernel_size`, `pooling`, `granularity`, `gqa_reduce` and
-    `gqa_order` (a SnapKV, LAQ)."""
+    """Window attention over the observation rows (averaged or summed), per query head `[B, H, c]` -> SnapKV's
+    pooled scores per selection head. settings: anything with SnapKV's `kernel_size`, `pooling`, `granularity`,
+    `gqa_reduce` and `gqa_order` (a SnapKV, LAQ)."""
     if settings.granularity == "query_head":
         return pool_scores(scores, settings.kernel_size, settings.pooling)
     if settings.gqa_order == "reduce_then_pool":
