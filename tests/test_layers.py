@@ -5,6 +5,8 @@ an import inside a function counts too."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "evalkv"
@@ -56,3 +58,13 @@ def test_the_check_sees_imports_inside_functions(tmp_path, monkeypatch):
     monkeypatch.setattr(f"{__name__}.PACKAGE", tmp_path / "evalkv")
     assert crossing("probe", ("evalkv.run",), builders=True) == [
         "evalkv/probe/m.py: evalkv.run.pred.run_pred", "evalkv/probe/m.py: evalkv.tasks.build_task"]
+
+
+def test_reports_and_scoring_load_without_torch():
+    """`evalkv score`, `table`, `plot` and `report` read files: importing them (and the task and metric registries
+    they read) must not import torch or transformers, which cost a report command several seconds each time."""
+    code = ("import sys, evalkv.report.table, evalkv.report.page, evalkv.report.curves, evalkv.report.leaderboard, "
+            "evalkv.report.kvpress, evalkv.metrics, evalkv.tasks; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -40,12 +40,9 @@ from torch import Tensor
 
 from evalkv.errors import EvalkvError
 from evalkv.kv import adapter
+from evalkv.kv.protocol import CHUNKED, DEFAULT_CHUNK, PROTOCOLS, STREAM, Protocol  # noqa: F401  (re-exported)
 from evalkv.kv.session import Session
 from evalkv.kv.view import Phase
-
-STREAM, CHUNKED = "stream", "chunked"
-PROTOCOLS = (STREAM, CHUNKED)
-DEFAULT_CHUNK = 512  # chunked protocol's tokens per forward when neither the caller nor the method sets one
 
 
 @dataclass
@@ -165,33 +162,6 @@ def score_tokens(engine, ids: Sequence[int] | Tensor, prompt_length: int | None 
     session, _, prefill_s = _prefill(engine, ids, prompt_length, chunk_size, collector)
     decode_s = _decode(engine, session, ids, prompt_length, collector)
     return _result(collector, session, prompt_length, prefill_s, decode_s)
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """How a text is fed to be scored: `stream` (a one-token prompt, then one decode step per token) or `chunked`
-    (the whole text as the prompt in chunks of `chunk_size`; default the method's `prefill_chunk`, else
-    DEFAULT_CHUNK). See the module docstring."""
-
-    name: str = STREAM
-    chunk_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.name not in PROTOCOLS:
-            raise EvalkvError(f"unknown perplexity protocol {self.name!r}; known: {', '.join(PROTOCOLS)}")
-        if self.chunk_size is not None and (self.name != CHUNKED or self.chunk_size < 1):
-            raise EvalkvError(f"chunk_size applies to the chunked protocol and is a positive number of tokens; got "
-                              f"{self.chunk_size} with protocol {self.name}")
-
-    def chunk(self, method) -> int | None:
-        """Tokens per prompt forward for this method (None: the stream protocol's one-token prompt)."""
-        return None if self.name == STREAM else self.chunk_size or method.prefill_chunk or DEFAULT_CHUNK
-
-    def score(self, engine, ids: Sequence[int] | Tensor) -> TokenScores:
-        """Every token of `ids` but the first."""
-        if self.name == STREAM:
-            return score_tokens(engine, ids, prompt_length=1)
-        return score_tokens(engine, ids, chunk_size=self.chunk(engine.method))
 
 
 @torch.inference_mode()

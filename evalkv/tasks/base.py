@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from evalkv.errors import EvalkvError
-from evalkv.kv.scoring import Protocol
+from evalkv.kv.protocol import Protocol
 
-if TYPE_CHECKING:  # tasks load without torch: reports read them
+if TYPE_CHECKING:
     from evalkv.kv.sampling import Sampling
 
 

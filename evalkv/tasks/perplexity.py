@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from evalkv.errors import EvalkvError
-from evalkv.kv.scoring import STREAM, Protocol
+from evalkv.kv.protocol import STREAM, Protocol
 from evalkv.tasks.base import Sample, Task
 from evalkv.tasks.registry import register_task
 
