@@ -17,6 +17,7 @@ from evalkv.errors import EvalkvError
 from evalkv.records import read_records
 from evalkv.run.invocations import git_state
 
+SIGNAL_AFTER = Path(__file__).parent / "signal_after.py"  # a pred that signals itself after its N-th record
 TINY = ["model=random-tiny-llama", "model.device=cpu", "progress=false"]
 TIMING = {"prefill_s", "decode_s", "decode_batch"}  # how a sample ran, not what it produced
 
@@ -123,23 +124,6 @@ def test_compiled_decoding_resumes_an_ordinary_run_with_the_same_records(tmp_pat
     assert [r["decode_compiled"] for r in mixed] == [False, False, True, True, True]
 
 
-# A `evalkv pred` process that SIGKILLs itself right after its 5th record reaches the disk: a real kill at a point
-# that does not depend on how fast the machine is (a poller racing the run could see it finish first).
-_KILLED_AFTER_5 = """
-import os, signal, sys
-from evalkv import records
-write, written = records.RecordWriter.write, []
-def write_then_die(self, record):
-    write(self, record)
-    written.append(record)
-    if len(written) == 5:
-        os.kill(os.getpid(), signal.SIGKILL)
-records.RecordWriter.write = write_then_die
-from evalkv.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_run_killed_with_sigkill_resumes_to_identical_records(tmp_path):
     overrides = [*TINY, "method=h2o", "budget=48", "task.lengths=[512]", "task.depths=[0,10,20,30,40,50,60,70,80,90]"]
     reference = tmp_path / "reference"
@@ -148,8 +132,8 @@ def test_run_killed_with_sigkill_resumes_to_identical_records(tmp_path):
     assert len(expected) == 10
 
     killed = tmp_path / "killed"
-    died = subprocess.run([sys.executable, "-c", _KILLED_AFTER_5, "pred", *overrides, f"output_dir={killed}"],
-                          capture_output=True, text=True)
+    died = subprocess.run([sys.executable, str(SIGNAL_AFTER), "5", "SIGKILL", "pred", *overrides,
+                           f"output_dir={killed}"], capture_output=True, text=True)
     assert died.returncode == -signal.SIGKILL, died.stderr
     predictions = _only_run_dir(killed) / "predictions.jsonl"
     assert predictions.read_text().count("\n") == 5

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -151,24 +150,17 @@ def test_version(capsys):
 
 
 def test_ctrl_c_in_a_real_process_is_one_line_not_a_traceback(tmp_path):
-    command = [sys.executable, "-m", "evalkv.cli", "pred", *TINY, "task.depths=[0,10,20,30,40,50,60,70,80,90,100]",
-               f"output_dir={tmp_path / 'results'}"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        found = list((tmp_path / "results").rglob("predictions.jsonl"))
-        if found and found[0].read_text().count("\n") >= 1:
-            break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    """SIGINT, as Ctrl-C sends it, to a real `evalkv pred` process after its first record (tests/signal_after.py)."""
+    script = Path(__file__).parent / "signal_after.py"
+    command = [sys.executable, str(script), "1", "SIGINT", "pred", *TINY,
+               "task.depths=[0,10,20,30,40,50,60,70,80,90,100]", f"output_dir={tmp_path / 'results'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     info = _info(tmp_path)
-    held = len(read_records(_run_dir(tmp_path) / "predictions.jsonl"))
-    assert 1 <= held < 11, "the run finished before it could be interrupted"
-    assert process.returncode == 130 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == (f"evalkv pred: interrupted after {held} of 11 samples; run the same "
-                                            f"command again to resume ({_run_dir(tmp_path)})")
-    assert info["status"] == "interrupted" and info["samples"] == held and out == ""
+    assert len(read_records(_run_dir(tmp_path) / "predictions.jsonl")) == 1
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("evalkv pred: interrupted after 1 of 11 samples; run the same "
+                                                    f"command again to resume ({_run_dir(tmp_path)})")
+    assert info["status"] == "interrupted" and info["samples"] == 1 and done.stdout == ""
 
 
 def test_a_run_made_before_new_options_existed_resumes(tmp_path, capsys):

@@ -1,0 +1,30 @@
+"""`python tests/signal_after.py N SIGNAL <evalkv arguments>`: run evalkv in this process, which sends itself SIGNAL
+(a name: SIGINT, SIGTERM, SIGKILL) right after its N-th record reaches the disk. A real signal to a real process, at
+a point that does not depend on how fast the machine is: a test polling the output and signalling the process could
+see the run finish first on a busy machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from evalkv import records
+from evalkv.cli import main
+
+
+def _install(count: int, signum: int) -> None:
+    write, written = records.RecordWriter.write, []
+
+    def write_then_signal(self, record):
+        write(self, record)
+        written.append(record)
+        if len(written) == count:
+            os.kill(os.getpid(), signum)
+
+    records.RecordWriter.write = write_then_signal
+
+
+if __name__ == "__main__":
+    _install(int(sys.argv[1]), getattr(signal, sys.argv[2]))
+    sys.exit(main(sys.argv[3:]))
