@@ -67,6 +67,13 @@ def architecture(request) -> str:
     return request.param
 
 
+def rotated(cases) -> list[tuple[str, str]]:
+    """(case, architecture) pairs, each case on one tiny architecture in turn: every case and every architecture runs,
+    at a third of the full grid's cost. For the decode-path matrices (batched, static buffers), whose mechanics do not
+    depend on the architecture; the masking equivalence (tests/test_equivalence.py) runs the full grid."""
+    return [(case, TINY_ARCHITECTURES[i % len(TINY_ARCHITECTURES)]) for i, case in enumerate(sorted(cases))]
+
+
 def prompt_ids(tokenizer, repeats: int = 12) -> list[int]:
     return tokenizer("The quick brown fox jumps over the lazy dog. " * repeats)["input_ids"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import prompt_ids, tiny_model
+from conftest import prompt_ids, rotated, tiny_model
 from method_cases import CASES, method_name
 
 from evalkv.kv.engine import Engine, Request
@@ -27,7 +27,7 @@ def _prompts(tokenizer) -> list[list[int]]:
     return [base, base[7:], prompt_ids(tokenizer, repeats=13)[3:]]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(("case", "architecture"), rotated(CASES))
 def test_batch_generates_what_each_sample_generates_alone(architecture, case, tokenizer):
     model = tiny_model(architecture)
     engine = Engine(model, build_method(method_name(case), dict(CASES[case])), tokenizer=tokenizer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import prompt_ids, tiny_model
+from conftest import prompt_ids, rotated, tiny_model
 from method_cases import CASES, method_name
 
 from evalkv.errors import EvalkvError
@@ -27,7 +27,7 @@ def _fields(generation) -> tuple:
             generation.final_kept_tokens, generation.final_kv_bytes, generation.decode_batch)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(("case", "architecture"), rotated(CASES))
 def test_static_buffers_generate_what_ordinary_decoding_generates(architecture, case, tokenizer):
     """Every method case: alone and batched, same tokens and same memory figures; methods that evict while
     decoding (or keep state) fall back to ordinary decoding."""
