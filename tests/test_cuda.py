@@ -31,7 +31,8 @@ def _model(architecture: str, dtype: torch.dtype):
 @pytest.mark.parametrize("architecture", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3"])
 def test_cuda_equivalence_fp32(case, architecture, tokenizer):
     model = _model(architecture, torch.float32)
-    generation = Engine(model, build_method(method_name(case), CASES[case])).generate(
+    # The tokenizer: kvzip's repeat prompt and segment_two_stage's separators need it (as on the CPU).
+    generation = Engine(model, build_method(method_name(case), CASES[case]), tokenizer=tokenizer).generate(
         prompt_ids(tokenizer), max_new_tokens=6, trace=True
     )
     reference = masked_reference_logits(

@@ -183,17 +183,34 @@ class StaticDecoder:
     def _capture(self) -> None:
         # Uncaptured runs on a side stream first: cuBLAS, the allocator and a compiled step (dynamo's compile,
         # inductor's kernels) initialise lazily, which capture forbids; a compiled step runs twice, so that a guard
-        # the first run invalidated recompiles here, and capture refuses to compile. The runs write this step's
-        # entries, which the first replay writes again identically.
+        # the first run invalidated recompiles here, and capture refuses to compile. The replay that follows the
+        # capture runs this step again (`_warm_up` keeps that exact).
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _ in range(2 if self.compiled else 1):
-                self._forward()
+            self._warm_up(2 if self.compiled else 1)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(self.graph):
             self.logits = self._forward()
+
+    def _warm_up(self, runs: int) -> None:
+        """Run the step `runs` times uncaptured, leaving the buffers such that the replay after the capture computes
+        this step exactly: capturing records the step without running it, and the first replay runs it once more.
+        An appending step's runs write the slots that the replay writes again identically; a step that evicts
+        (`SlotDecoder`) would write its entry twice and evict twice, so what `_step_state` names is restored after
+        each run (and if a run fails) and the replay finds the cache as it was before the step."""
+        saved = [tensor.clone() for tensor in self._step_state()]
+        for _ in range(runs):
+            try:
+                self._forward()
+            finally:
+                for tensor, before in zip(self._step_state(), saved):
+                    tensor.copy_(before)
+
+    def _step_state(self) -> list[Tensor]:
+        """The tensors a step changes that running the same step again would not restore: none when it appends."""
+        return []
 
     # The adapter's hooks: the model stores each layer's new key/value here, then attends through `attention`.
 

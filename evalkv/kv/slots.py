@@ -117,6 +117,12 @@ class SlotDecoder(StaticDecoder):
         self.free[layer_idx].copy_(torch.where(full, evicted, first_free))
         return output
 
+    def _step_state(self) -> list[Tensor]:
+        """A step writes its entry into the free slot, evicts another and updates the method's state: the slots'
+        positions, the next free slot and that state restore the cache as it was (the written keys and values sit
+        in a slot marked free again, where the next run of the step writes them anew)."""
+        return [*self.entry_positions, *self.free, *(value for state in self.state for value in state.values())]
+
     def held(self, fed: int, row: int = 0) -> tuple[float, int]:
         entries = [keys.shape[1] * min(base + fed, self.capacity) if base <= self.capacity else keys.shape[1] * base
                    for keys, base in zip(self.keys, self.bases)]
