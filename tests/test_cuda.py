@@ -53,7 +53,7 @@ def test_cuda_bf16_runs_and_shrinks(case, tokenizer):
 def test_cuda_perplexity_matches_the_cpu(protocol, tokenizer):
     """task=perplexity's scoring on the GPU (fp32, the CPU's weights moved over): streaming_llm at budget 16 gives
     the CPU's per-token log-likelihoods, and the full cache transformers' own."""
-    from evalkv.kv.scoring import Protocol
+    from evalkv.kv.protocol import Protocol
 
     ids = prompt_ids(tokenizer, repeats=3)[:96]
     scoring = Protocol(protocol, 16 if protocol == "chunked" else None)

@@ -13,7 +13,8 @@ from conftest import SHARED_DATA, prompt_ids, tiny_loaded, tiny_model
 
 from evalkv.errors import EvalkvError
 from evalkv.kv.engine import Engine
-from evalkv.kv.scoring import Protocol, score_continuations, score_tokens
+from evalkv.kv.protocol import Protocol
+from evalkv.kv.scoring import score_continuations, score_tokens
 from evalkv.methods import build_method
 from evalkv.metrics import score_records
 from evalkv.tasks import build_task

@@ -43,7 +43,8 @@ from tqdm import tqdm
 from evalkv.config import build_run, compose_run
 from evalkv.errors import EvalkvError
 from evalkv.kv.engine import Engine, Request
-from evalkv.kv.scoring import CHUNKED, Protocol, score_continuations, score_tokens
+from evalkv.kv.protocol import CHUNKED, Protocol
+from evalkv.kv.scoring import score_continuations, score_tokens
 from evalkv.models.loader import load_model
 from evalkv.overrides import Dialect
 

@@ -23,7 +23,7 @@ DEFAULT_CHUNK = 512  # chunked protocol's tokens per forward when neither the ca
 class Protocol:
     """How a text is fed to be scored: `stream` (a one-token prompt, then one decode step per token) or `chunked`
     (the whole text as the prompt in chunks of `chunk_size`; default the method's `prefill_chunk`, else
-    DEFAULT_CHUNK). See the module docstring."""
+    DEFAULT_CHUNK). evalkv/kv/scoring.py's docstring describes both."""
 
     name: str = STREAM
     chunk_size: int | None = None

@@ -40,7 +40,6 @@ from torch import Tensor
 
 from evalkv.errors import EvalkvError
 from evalkv.kv import adapter
-from evalkv.kv.protocol import CHUNKED, DEFAULT_CHUNK, PROTOCOLS, STREAM, Protocol  # noqa: F401  (re-exported)
 from evalkv.kv.session import Session
 from evalkv.kv.view import Phase
 

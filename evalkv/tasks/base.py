@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 from evalkv.errors import EvalkvError
 from evalkv.kv.protocol import Protocol
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # tasks load without torch: reports read them
     from evalkv.kv.sampling import Sampling
 
 
