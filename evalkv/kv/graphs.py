@@ -169,8 +169,8 @@ class StaticDecoder:
 
         Capture can fail for reasons outside evalkv (seen on an H100 under CUDA MPS with many client processes:
         cuBLASLt refused a matmul inside the capture). The failure invalidates the capture, not the data: the warm-up
-        run has already written this step's entries, so the eager step that follows computes exactly what a replay
-        would have. Records say `decode_graph: false` for such batches."""
+        left the buffers ready for this step (`_warm_up`), so the eager step that follows computes exactly what a
+        replay would have. Records say `decode_graph: false` for such batches."""
         try:
             self._capture()
         except RuntimeError as error:
