@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 from evalkv import records
 from evalkv.cli import main
+
+
+def run_signalled(count: int, signal_name: str, arguments: list[str]) -> subprocess.CompletedProcess:
+    """`evalkv ARGUMENTS` in a new process that sends itself `signal_name` after its `count`-th record."""
+    return subprocess.run([sys.executable, str(Path(__file__)), str(count), signal_name, *arguments],
+                          capture_output=True, text=True, timeout=300)
 
 
 def _install(count: int, signum: int) -> None:

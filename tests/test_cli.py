@@ -7,17 +7,16 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from signal_after import run_signalled
 
 from evalkv.cli import main
 from evalkv.errors import EvalkvError
 from evalkv.records import read_records
 from evalkv.run.invocations import git_state
 
-SIGNAL_AFTER = Path(__file__).parent / "signal_after.py"  # a pred that signals itself after its N-th record
 TINY = ["model=random-tiny-llama", "model.device=cpu", "progress=false"]
 TIMING = {"prefill_s", "decode_s", "decode_batch"}  # how a sample ran, not what it produced
 
@@ -132,8 +131,7 @@ def test_run_killed_with_sigkill_resumes_to_identical_records(tmp_path):
     assert len(expected) == 10
 
     killed = tmp_path / "killed"
-    died = subprocess.run([sys.executable, str(SIGNAL_AFTER), "5", "SIGKILL", "pred", *overrides,
-                           f"output_dir={killed}"], capture_output=True, text=True)
+    died = run_signalled(5, "SIGKILL", ["pred", *overrides, f"output_dir={killed}"])
     assert died.returncode == -signal.SIGKILL, died.stderr
     predictions = _only_run_dir(killed) / "predictions.jsonl"
     assert predictions.read_text().count("\n") == 5

@@ -15,6 +15,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from signal_after import run_signalled
 
 from evalkv.cli import main
 from evalkv.errors import EvalkvError
@@ -151,10 +152,8 @@ def test_version(capsys):
 
 def test_ctrl_c_in_a_real_process_is_one_line_not_a_traceback(tmp_path):
     """SIGINT, as Ctrl-C sends it, to a real `evalkv pred` process after its first record (tests/signal_after.py)."""
-    script = Path(__file__).parent / "signal_after.py"
-    command = [sys.executable, str(script), "1", "SIGINT", "pred", *TINY,
-               "task.depths=[0,10,20,30,40,50,60,70,80,90,100]", f"output_dir={tmp_path / 'results'}"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = run_signalled(1, "SIGINT", ["pred", *TINY, "task.depths=[0,10,20,30,40,50,60,70,80,90,100]",
+                                       f"output_dir={tmp_path / 'results'}"])
     info = _info(tmp_path)
     assert len(read_records(_run_dir(tmp_path) / "predictions.jsonl")) == 1
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
