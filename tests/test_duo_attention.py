@@ -124,11 +124,21 @@ def test_on_the_fly_heads_are_cut_before_the_first_step_after_the_prompt(tokeniz
     assert generation.token_ids[0] == full.token_ids[0]  # the first token comes from the whole prompt
 
 
-def test_duo_attention_ignores_budgets_and_names_its_split(tokenizer):
+def test_duo_attention_ignores_budgets_takes_ratios_as_head_ratios_and_names_its_split(tokenizer):
     ids = prompt_ids(tokenizer)
-    kept = [Engine(tiny_model(), build_method("duo_attention", {"patterns": DUO_PATTERN, **budget})).generate(
-        ids, 1).kept_tokens for budget in ({}, {"budget": 64}, {"compression_ratio": 0.9})]
-    assert kept[0] == kept[1] == kept[2] < len(ids)  # a sweep's budget changes nothing
+
+    def kept(options):
+        method = build_method("duo_attention", {"patterns": DUO_PATTERN, **options})
+        return Engine(tiny_model(), method).generate(ids, 1).kept_tokens
+
+    assert kept({}) == kept({"budget": 64}) < len(ids)  # a sweep's budget changes nothing
+    # kvpress's evaluation sets head_compression_ratio from compression_ratio: a ratio sweep sweeps the head split
+    assert kept({"compression_ratio": 0.75}) == kept({"head_compression_ratio": 0.75}) < kept({}) < kept(
+        {"compression_ratio": 0.25}) == kept({"head_compression_ratio": 0.25})
+    assert build_method("duo_attention", {"compression_ratio": 0.75}).head_compression_ratio == 0.75
+    assert build_method("duo_attention", {"compression_ratio": 0.75}).describe() == "duo_attention_r0.75"
+    thresholded = build_method("duo_attention", {"patterns": DUO_PATTERN, "threshold": 0.5, "compression_ratio": 0.75})
+    assert thresholded.head_compression_ratio == 0.5 and thresholded.describe() == "duo_attention_t0.5"
     with pytest.raises(EvalkvError, match="head_compression_ratio must be in"):
         build_method("duo_attention", {"head_compression_ratio": 1.5})
     assert build_method("duo_attention", {}).describe() == "duo_attention_h0.5"

@@ -115,10 +115,13 @@ class DuoAttention(Method):
 
     patterns: `on_the_fly`, or a `full_attention_heads.tsv` (or its folder) from mit-han-lab/duo-attention.
     head_compression_ratio: fraction of KV heads that stream (kvpress's `head_compression_ratio`).
+    compression_ratio: when given, the head_compression_ratio (kvpress's evaluation sets DuoAttentionPress's
+        `head_compression_ratio` from its `compression_ratio`), so a ratio sweep sweeps the head split; the run is
+        labelled by it (`duo_attention_r0.5`). Ignored with `threshold`.
     threshold: heads whose gate is under it stream (the authors' default 0.5); replaces the ratio.
     sink_size, recent_size: what streaming heads keep (default: the pattern's config.json; on the fly 128 and 256).
-    budget, compression_ratio: ignored, as for `full` (a sweep's budget fills every method's); the cache follows from
-        the head split and the two sizes.
+    budget: ignored, as for `full` (a sweep's budget fills every method's); the cache follows from the head split and
+        the two sizes.
     """
 
     patterns: str = ON_THE_FLY
@@ -131,6 +134,8 @@ class DuoAttention(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.compression_ratio is not None and self.threshold is None:
+            self.head_compression_ratio = self.compression_ratio
         if not 0.0 <= self.head_compression_ratio <= 1.0:
             raise EvalkvError(f"duo_attention: head_compression_ratio must be in [0, 1], got "
                               f"{self.head_compression_ratio}")
@@ -146,8 +151,11 @@ class DuoAttention(Method):
             self.sizes()  # a pattern without sizes is refused before the model runs
 
     def describe(self) -> str:
-        split = f"t{self.threshold:g}" if self.threshold is not None else f"h{self.head_compression_ratio:g}"
-        return f"{self.name}_{split}"
+        if self.threshold is not None:
+            return f"{self.name}_t{self.threshold:g}"
+        if self.compression_ratio is not None:  # the sweep's label, which tables read as the run's ratio
+            return f"{self.name}_r{self.compression_ratio:g}"
+        return f"{self.name}_h{self.head_compression_ratio:g}"
 
     def sizes(self) -> tuple[int, int]:
         """(sink, recent) kept by streaming heads."""
