@@ -471,6 +471,7 @@ examples:
   evalkv bench model=random-llama-3.1-8b method=full,snapkv budget=1024 snapkv.window_size=8 --lengths 8192
   evalkv bench method=snapkv budget=2048 --lengths 8192 --batch-sizes 1,16 --decode-graphs off,auto
   evalkv bench --workload longbench method=snapkv budget=1024 --batch-size 8 --write-workload workload.json
+  evalkv bench --workload reasoning method=snapkv budget=1024 --samples 64 --new-tokens 8192 --batch-size 8
   evalkv bench --questions 8 method=full,snapkv budget=1024 --lengths 32768
 """
 BENCH_MODEL = "random-llama-3.1-8b"
@@ -512,7 +513,15 @@ def _bench_settings(cfg) -> tuple[str, dict]:
 
 
 def cmd_bench(args: list[str]) -> int:
-    from evalkv.run.workload import DEFAULT_MAX_LENGTH, DEFAULT_MIN_LENGTH, WORKLOADS
+    from evalkv.run.workload import (
+        DEFAULT_MAX_LENGTH,
+        DEFAULT_MIN_LENGTH,
+        REASONING_MAX_LENGTH,
+        REASONING_MIN_LENGTH,
+        REASONING_NEW_TOKENS,
+        REASONING_SAMPLES,
+        WORKLOADS,
+    )
 
     parser = argparse.ArgumentParser(
         prog="evalkv bench", epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -523,8 +532,12 @@ def cmd_bench(args: list[str]) -> int:
         "HBM-bandwidth bound (weight bytes over the measured copy bandwidth) over its time; of_bound_kv counts the "
         "KV bytes a step reads too. With --workload longbench, time a whole LongBench-shaped workload end to end "
         "instead (lengths from LongBench's per-task length distribution, each task's max new tokens; "
-        "evalkv/run/workload.py). With --questions N, time N questions about one context answered from one "
-        "compression of it versus compressing it again for each question (compress=context's shared contexts).")
+        "evalkv/run/workload.py); with --workload reasoning, a reasoning-shaped one (short prompts, long "
+        "generations). A workload's table puts its physical floor beside the wall time: prefill FLOPs over the "
+        "measured peak matmul rate plus decode bytes (weights once a step per batch, every sample's KV) over the "
+        "copy bandwidth, at --batch-size (evalkv/run/floor.py); of_floor is floor over wall time. With "
+        "--questions N, time N questions about one context answered from one compression of it versus compressing "
+        "it again for each question (compress=context's shared contexts).")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model=, model.X=, method=A,B, budget=, "
                         "compression_ratio=, method.X=, A.X= (below)")
     parser.add_argument("--methods", help="comma-separated method names, as method=A,B")
@@ -540,7 +553,8 @@ def cmd_bench(args: list[str]) -> int:
     parser.add_argument("--decode-graphs", default="auto", help="comma-separated decode_graphs modes to compare: "
                         "auto (CUDA graphs where the method allows, on CUDA), compile (graphs of a torch.compile'd "
                         "step; the warm-up run compiles), off, eager (default auto)")
-    parser.add_argument("--new-tokens", type=int, help="tokens generated per run (EOS ignored; default 64)")
+    parser.add_argument("--new-tokens", type=int, help="tokens generated per run (EOS ignored; default 64), or per "
+                        f"sample of --workload reasoning (default {REASONING_NEW_TOKENS})")
     parser.add_argument("--repeats", type=int, help="timed runs (default 3; 1 with --workload)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("-o", "--output", help="write the JSON report here")
@@ -548,13 +562,17 @@ def cmd_bench(args: list[str]) -> int:
                         help="also print a torch.profiler table of one run of the first method and length")
     workload_args = parser.add_argument_group("workload", "time a whole workload end to end instead of the grid (the "
                                           "options after --workload need it)")
-    workload_args.add_argument("--workload", choices=WORKLOADS, help="a LongBench-shaped workload: every sample "
-                               "generates its task's max new tokens, EOS ignored")
-    workload_args.add_argument("--samples-per-task", type=int, help="samples of each of LongBench's 16 English "
-                               "tasks (default 4)")
-    workload_args.add_argument("--min-length", type=int, help=f"shortest prompt (default {DEFAULT_MIN_LENGTH})")
-    workload_args.add_argument("--max-length", type=int, help="longest prompt: longer draws are clipped, as "
-                               f"LongBench truncates (default {DEFAULT_MAX_LENGTH})")
+    workload_args.add_argument("--workload", choices=WORKLOADS, help="longbench: LongBench-shaped, every sample "
+                               "generates its task's max new tokens; reasoning: prompt lengths uniform in "
+                               "[--min-length, --max-length], each generating --new-tokens (EOS ignored in both)")
+    workload_args.add_argument("--samples-per-task", type=int, help="longbench: samples of each of LongBench's 16 "
+                               "English tasks (default 4)")
+    workload_args.add_argument("--samples", type=int, help=f"reasoning: samples (default {REASONING_SAMPLES})")
+    workload_args.add_argument("--min-length", type=int, help=f"shortest prompt (default {DEFAULT_MIN_LENGTH} for "
+                               f"longbench, {REASONING_MIN_LENGTH} for reasoning)")
+    workload_args.add_argument("--max-length", type=int, help="longest prompt: longbench's longer draws are clipped, "
+                               f"as LongBench truncates (default {DEFAULT_MAX_LENGTH} for longbench, "
+                               f"{REASONING_MAX_LENGTH} for reasoning)")
     workload_args.add_argument("--seed", type=int, help="the workload's seed (default 0)")
     workload_args.add_argument("--workload-file", metavar="PATH", help="run this workload file instead of drawing "
                                "one (written by --write-workload)")
@@ -595,14 +613,17 @@ def cmd_bench(args: list[str]) -> int:
 
 
 # The options of each mode of evalkv bench (the others are refused there); shared ones are in no list.
+_WORKLOAD_OPTIONS = ("min_length", "max_length", "seed", "workload_file", "write_workload", "batch_size")
 _MODE_OPTIONS = {
     "grid": ("lengths", "batch_sizes", "new_tokens", "profile"),
-    "workload": ("samples_per_task", "min_length", "max_length", "seed", "workload_file", "write_workload",
-                 "batch_size"),
+    "longbench": ("samples_per_task", *_WORKLOAD_OPTIONS),
+    "reasoning": ("samples", "new_tokens", *_WORKLOAD_OPTIONS),
     "questions": ("questions", "question_tokens", "lengths", "new_tokens"),
 }
-_MODE_NAMES = {"grid": "the length x batch-size grid (without --workload or --questions)", "workload": "--workload",
-               "questions": "--questions"}
+_MODE_NAMES = {"grid": "the length x batch-size grid (without --workload or --questions)",
+               "longbench": "--workload longbench", "reasoning": "--workload reasoning", "questions": "--questions"}
+# Options that draw a workload, which --workload-file replaces.
+_DRAWN_OPTIONS = ("samples_per_task", "samples", "new_tokens", "min_length", "max_length", "seed")
 
 
 def _flag(name: str) -> str:
@@ -612,24 +633,26 @@ def _flag(name: str) -> str:
 def _bench_mode(options: argparse.Namespace) -> str:
     if options.workload and options.questions is not None:
         raise EvalkvError("--workload and --questions are two modes of evalkv bench; give one")
-    return "workload" if options.workload else "questions" if options.questions is not None else "grid"
+    return options.workload or ("questions" if options.questions is not None else "grid")
 
 
 def _check_bench_arguments(options: argparse.Namespace) -> None:
     """Options of the other modes are refused rather than silently ignored."""
     mode = _bench_mode(options)
+    if mode == "longbench" and options.new_tokens is not None:
+        raise EvalkvError("--new-tokens cannot be used with --workload longbench: each sample generates its task's "
+                          "max new tokens (LongBench's dataset2maxlen); --workload reasoning takes --new-tokens")
     others = {name for names in _MODE_OPTIONS.values() for name in names} - set(_MODE_OPTIONS[mode])
     given = [name for name in sorted(others) if getattr(options, name) not in (None, False)]
     if given:
         raise EvalkvError(f"{', '.join(map(_flag, given))} cannot be used with {_MODE_NAMES[mode]}; see "
                           "evalkv bench --help")
     if options.workload_file:
-        drawn = [name for name in ("samples_per_task", "min_length", "max_length", "seed")
-                 if getattr(options, name) is not None]
+        drawn = [name for name in _DRAWN_OPTIONS if getattr(options, name) is not None]
         if drawn:
             raise EvalkvError(f"{', '.join(map(_flag, drawn))}: the workload comes from --workload-file "
                               f"{options.workload_file}; leave them out")
-    for name in ("batch_size", "samples_per_task", "repeats", "question_tokens"):
+    for name in ("batch_size", "samples_per_task", "samples", "new_tokens", "repeats", "question_tokens"):
         if getattr(options, name) is not None and getattr(options, name) < 1:
             raise EvalkvError(f"{_flag(name)} must be at least 1, got {getattr(options, name)}")
     if options.questions is not None and options.questions < 2:
@@ -683,21 +706,33 @@ def _bench_workload(options, model_name, model, methods, graph_modes) -> tuple[d
     from evalkv.run.workload import (
         DEFAULT_MAX_LENGTH,
         DEFAULT_MIN_LENGTH,
+        REASONING_MAX_LENGTH,
+        REASONING_MIN_LENGTH,
+        REASONING_NEW_TOKENS,
+        REASONING_SAMPLES,
+        build_reasoning_workload,
         build_workload,
         read_workload,
         write_workload,
     )
 
     vocab_size = model.model.config.vocab_size
+    seed = 0 if options.seed is None else options.seed
     if options.workload_file:
         workload = read_workload(Path(options.workload_file))
+        if workload.get("workload") != options.workload:
+            raise EvalkvError(f"{options.workload_file} holds a {workload.get('workload')} workload, not "
+                              f"{options.workload}; give --workload {workload.get('workload')}")
         if workload["vocab_size"] > vocab_size:
             raise EvalkvError(f"{options.workload_file}: ids up to {workload['vocab_size'] - 1}, but model "
                               f"{model_name} has {vocab_size} tokens")
+    elif options.workload == "reasoning":
+        workload = build_reasoning_workload(
+            vocab_size, options.samples or REASONING_SAMPLES, options.new_tokens or REASONING_NEW_TOKENS, seed,
+            options.min_length or REASONING_MIN_LENGTH, options.max_length or REASONING_MAX_LENGTH)
     else:
-        workload = build_workload(
-            vocab_size, options.samples_per_task or 4, 0 if options.seed is None else options.seed,
-            options.min_length or DEFAULT_MIN_LENGTH, options.max_length or DEFAULT_MAX_LENGTH)
+        workload = build_workload(vocab_size, options.samples_per_task or 4, seed,
+                                  options.min_length or DEFAULT_MIN_LENGTH, options.max_length or DEFAULT_MAX_LENGTH)
     if options.write_workload:
         # What scripts/kvpress_bench.py needs to run the same prompts on the same architecture and budget.
         workload["model"] = {

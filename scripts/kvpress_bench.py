@@ -2,10 +2,11 @@
 """kvpress's pipeline on evalkv's LongBench-shaped workload: the baseline of issue 8's end-to-end speed goal.
 
 Reads the workload that `evalkv bench --workload longbench --write-workload FILE` wrote (the prompt ids, each
-sample's max new tokens, the model's config, evalkv's SnapKV budget and window), builds the same architecture with
-random weights, runs every sample through kvpress's `kv-press-text-generation` pipeline with `SnapKVPress`, times the
-whole workload end to end and writes a JSON result. It imports only torch, transformers, tokenizers and kvpress (no
-evalkv), so it runs in kvpress's own environment; kvpress 0.5.5 requires transformers < 5.3:
+sample's max new tokens, the model's config, evalkv's SnapKV budget and window; `--workload reasoning` writes the same
+format), builds the same architecture with random weights, runs every sample through kvpress's
+`kv-press-text-generation` pipeline with `SnapKVPress`, times the whole workload end to end and writes a JSON result.
+It imports only torch, transformers, tokenizers and kvpress (no evalkv), so it runs in kvpress's own environment;
+kvpress 0.5.5 requires transformers < 5.3:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/kvp .device/kvpress_whl/*.whl
     PYTHONPATH=/tmp/kvp python3 scripts/kvpress_bench.py WORKLOAD.json -o kvpress.json

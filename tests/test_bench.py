@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_model
 
 from evalkv.cli import main
 from evalkv.models.presets import BYTE_VOCAB_SIZE
-from evalkv.run.workload import build_workload, read_workload, write_workload
+from evalkv.run.bench import weight_bytes
+from evalkv.run.workload import build_reasoning_workload, build_workload, read_workload, write_workload
 from evalkv.tasks.longbench.spec import ENGLISH_TASKS, MAX_NEW_TOKENS
 
 
@@ -106,6 +108,45 @@ def test_workload_bench_runs_a_saved_workload(tmp_path):
     assert report["workload"]["seed"] == 3 and report["rows"][0]["generated_tokens"] == report["workload"]["new_tokens"]
 
 
+def test_reasoning_workload_bench_reports_its_floor(tmp_path, capsys):
+    """Short prompts, a fixed generation length; each row carries the floor of the workload at its batch size, which
+    for the full cache counts the prompt plus one token a step of every sample's KV."""
+    report_path = tmp_path / "bench.json"
+    assert main(["bench", "model=random-tiny-llama", "model.device=cpu", "method=full,streaming_llm", "budget=16",
+                 "--workload", "reasoning", "--samples", "3", "--new-tokens", "4", "--min-length", "20",
+                 "--max-length", "40", "--batch-size", "2", "--warmup", "0", "-o", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    lengths = [len(s["prompt_ids"]) for s in build_reasoning_workload(BYTE_VOCAB_SIZE, 3, 4, 0, 20, 40)["samples"]]
+    assert report["workload"]["workload"] == "reasoning" and report["workload"]["new_tokens"] == 3 * 4
+    full, streaming = report["rows"]
+    assert full["prompt_tokens"] == sum(lengths) and full["generated_tokens"] == 12
+    # 2 layers x 2 KV heads x 16 dims x (key, value) x 4 bytes a token; 3 decode steps a sample, batches (0, 1), (2).
+    token_bytes = 2 * 2 * 16 * 2 * 4
+    kv = sum((length + step) * token_bytes for length in lengths for step in (1, 2, 3))
+    decode_weights = weight_bytes(tiny_model()) - BYTE_VOCAB_SIZE * 64 * 4  # the input embedding is looked up
+    assert full["floor"]["decode_bytes"] == (3 + 3) * decode_weights + kv
+    assert full["floor"]["all_together_decode_floor_s"] == pytest.approx(
+        (3 * decode_weights + kv) / full["floor"]["copy_bandwidth"])
+    assert streaming["floor"]["decode_bytes"] < full["floor"]["decode_bytes"]  # it holds 16 tokens, prompts 20-40
+    for row in (full, streaming):
+        floor = row["floor"]
+        assert floor["floor_s"] == pytest.approx(floor["prefill_floor_s"] + floor["decode_floor_s"])
+        assert floor["peak_flops"] > 0 and floor["copy_bandwidth"] > 0 and floor["prefill_flops"] > 0
+        # of_floor is rounded to 4 decimals, from the wall time before it was rounded to 3.
+        low, high = (floor["floor_s"] / (row["wall_s"] + delta) for delta in (5e-4, -5e-4))
+        assert low - 1e-4 <= row["of_floor"] <= high + 1e-4
+    out = capsys.readouterr().out
+    assert "| wall_s | floor_s | of_floor |" in out and "reasoning workload" in out
+
+
+def test_a_workload_file_of_the_other_workload_is_refused(tmp_path, capsys):
+    path = tmp_path / "reasoning.json"
+    write_workload(path, build_reasoning_workload(BYTE_VOCAB_SIZE, 1, 2, min_length=8, max_length=8))
+    assert main(["bench", "model=random-tiny-llama", "model.device=cpu", "--workload", "longbench",
+                 "--workload-file", str(path)]) != 0
+    assert "holds a reasoning workload, not longbench; give --workload reasoning" in capsys.readouterr().err
+
+
 def test_questions_bench_times_one_compression_against_one_per_question(tmp_path, capsys):
     """Both ways answer the same questions with the same tokens; only the shared way reuses the compressed context."""
     report_path = tmp_path / "bench.json"
@@ -136,6 +177,15 @@ def test_questions_bench_times_one_compression_against_one_per_question(tmp_path
     (["--workload", "longbench", "--workload-file", "w.json", "--samples-per-task", "2"],
      "--samples-per-task: the workload comes from --workload-file"),
     (["--workload", "longbench", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--workload", "longbench", "--new-tokens", "8"], "--new-tokens cannot be used with --workload longbench: each "
+     "sample generates its task's max new tokens"),
+    (["--workload", "longbench", "--samples", "8"], "--samples cannot be used with --workload longbench"),
+    (["--workload", "reasoning", "--samples-per-task", "2"], "--samples-per-task cannot be used with --workload "
+     "reasoning"),
+    (["--samples", "8"], "--samples cannot be used with the length x batch-size grid"),
+    (["--workload", "reasoning", "--workload-file", "w.json", "--new-tokens", "8"],
+     "--new-tokens: the workload comes from --workload-file"),
+    (["--workload", "reasoning", "--samples", "0"], "--samples must be at least 1"),
 ])
 def test_bench_refuses_options_of_the_other_mode(arguments, message, capsys):
     assert main(["bench", "--model", "random-tiny-llama", "--model-option", "device=cpu", *arguments]) != 0

@@ -1,5 +1,5 @@
-"""The LongBench-shaped workload of `evalkv bench --workload longbench`: LongBench's lengths and generation lengths,
-seeded, clipped, saved and read back."""
+"""The workloads of `evalkv bench --workload`: the LongBench-shaped one (LongBench's lengths and generation lengths)
+and the reasoning-shaped one (uniform short prompts, long generations); seeded, clipped, saved and read back."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ import pytest
 from conftest import SHARED_DATA
 
 from evalkv.errors import EvalkvError
-from evalkv.run.workload import build_workload, read_workload, sample_lengths, write_workload
+from evalkv.run.workload import (
+    build_reasoning_workload,
+    build_workload,
+    read_workload,
+    sample_lengths,
+    write_workload,
+)
+from evalkv.run.workload import summary as workload_summary
 
 # LongBench/task.md's average lengths in words of the 16 English tasks, copied here independently of
 # evalkv/tasks/longbench/spec.py so that a wrong table there fails.
@@ -96,3 +103,48 @@ def test_task_table_matches_the_multi_news_file():
         pytest.skip(f"{path} is absent (set EVALKV_SHARED_DATA)")
     lengths = [json.loads(line)["length"] for line in path.read_text().splitlines()]
     assert round(statistics.mean(lengths)) == TASK_MD_WORDS["multi_news"]
+
+
+def test_reasoning_workload_has_uniform_lengths_and_fixed_new_tokens():
+    workload = build_reasoning_workload(vocab_size=50, samples=400, new_tokens=8192, min_length=100, max_length=1000)
+    lengths = [len(sample["prompt_ids"]) for sample in workload["samples"]]
+    assert len(lengths) == 400 and min(lengths) >= 100 and max(lengths) <= 1000
+    assert statistics.mean(lengths) == pytest.approx(550, rel=0.05)  # uniform on [100, 1000]: mean 550, sd ~260
+    assert min(lengths) < 150 and max(lengths) > 950  # spread over the whole range, not clipped to one end
+    for sample in workload["samples"]:
+        assert sample["task"] == "reasoning" and sample["max_new_tokens"] == 8192
+        assert all(0 <= token < 50 for token in sample["prompt_ids"])
+    assert (workload["workload"], workload["max_new_tokens"], workload["version"]) == ("reasoning", 8192, 1)
+
+
+def test_reasoning_workload_defaults_are_64_samples_of_100_to_1000_tokens_and_8192_new():
+    workload = build_reasoning_workload(vocab_size=10)
+    assert len(workload["samples"]) == 64
+    assert (workload["min_length"], workload["max_length"], workload["max_new_tokens"]) == (100, 1000, 8192)
+
+
+def test_reasoning_workload_is_seeded_and_fewer_samples_are_a_prefix():
+    first = build_reasoning_workload(vocab_size=1000, samples=6, new_tokens=4)
+    assert first == build_reasoning_workload(vocab_size=1000, samples=6, new_tokens=4)
+    assert build_reasoning_workload(vocab_size=1000, samples=3, new_tokens=4)["samples"] == first["samples"][:3]
+    other = build_reasoning_workload(vocab_size=1000, samples=6, new_tokens=4, seed=1)
+    assert [len(s["prompt_ids"]) for s in other["samples"]] != [len(s["prompt_ids"]) for s in first["samples"]]
+
+
+def test_reasoning_workload_summary_and_file_round_trip(tmp_path):
+    workload = build_reasoning_workload(vocab_size=300, samples=3, new_tokens=16, min_length=5, max_length=9)
+    path = tmp_path / "reasoning.json"
+    write_workload(path, workload)
+    assert read_workload(path) == workload
+    summary = workload_summary(workload)
+    assert (summary["samples"], summary["new_tokens"], summary["max_new_tokens"]) == (3, 48, 16)
+    assert summary["tasks"]["reasoning"]["samples"] == 3
+
+
+def test_bad_reasoning_arguments_are_refused():
+    with pytest.raises(EvalkvError, match="at least 1"):
+        build_reasoning_workload(vocab_size=100, samples=0)
+    with pytest.raises(EvalkvError, match="at least 1"):
+        build_reasoning_workload(vocab_size=100, new_tokens=0)
+    with pytest.raises(EvalkvError, match="min_length <= max_length"):
+        build_reasoning_workload(vocab_size=100, min_length=50, max_length=10)

@@ -10,7 +10,10 @@ step is compared with the HBM-bandwidth bound, the model's weight bytes divided 
 `--workload longbench` times a whole LongBench-shaped workload instead (evalkv/run/workload.py): every sample goes
 through `Engine.generate_batch` in batches of `batch_size` samples, as `evalkv pred` runs them, with no stop tokens,
 so each generates exactly its task's max new tokens; the wall time covers prefill, compression and decode of every
-sample (model load excluded, the device synchronised before each clock read).
+sample (model load excluded, the device synchronised before each clock read). `--workload reasoning` does the same
+with short prompts and long generations. Each row puts the workload's physical floor beside its wall time
+(evalkv/run/floor.py): prefill FLOPs over the measured peak matmul rate plus decode bytes (weights and KV) over the
+measured copy bandwidth.
 
 `--questions N` times several questions about one context: a random context of each length with N random questions,
 answered from one compression of the context (`Engine.generate_batch` with the N requests, which shares it) and by
@@ -33,10 +36,11 @@ import torch
 import transformers
 
 import evalkv
-from evalkv.kv.adapter import synchronize
+from evalkv.kv.adapter import geometry, synchronize
 from evalkv.kv.engine import Engine, Request
 from evalkv.methods import build_method
 from evalkv.models.loader import LoadedModel
+from evalkv.run.floor import Architecture, SampleCost, workload_floor
 from evalkv.run.workload import summary as workload_summary
 
 
@@ -81,8 +85,39 @@ def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5
     return 2 * elements * 2 / best
 
 
+def peak_matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
+    """Measured matmul rate in FLOP/s: the best of a few square products in the model's dtype (8192 on CUDA, 1024 on
+    the CPU, where a larger one takes seconds)."""
+    size = 8192 if device.type == "cuda" else 1024
+    left = torch.randn(size, size, device=device).to(dtype)
+    right = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        synchronize(device)
+        began = time.perf_counter()
+        torch.matmul(left, right)
+        synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    del left, right
+    return 2 * size**3 / best
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def model_architecture(model) -> Architecture:
+    """The numbers the floor needs: the decoder's nn.Linear weights, the LM head's, the attention geometry, and the
+    bytes a decode step reads (an input embedding that the LM head does not share is looked up, not read whole)."""
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    lookup_only = 0 if embedding.data_ptr() == head.data_ptr() else embedding.numel() * embedding.element_size()
+    heads = geometry(model)
+    return Architecture(
+        linear_parameters=sum(module.weight.numel() for module in model.get_decoder().modules()
+                              if isinstance(module, torch.nn.Linear)),
+        lm_head_parameters=head.numel(), layers=heads.num_layers, query_heads=heads.num_heads,
+        head_dim=heads.head_dim, decode_weight_bytes=weight_bytes(model) - lookup_only,
+    )
 
 
 def _environment(model: LoadedModel) -> dict:
@@ -249,13 +284,17 @@ class WorkloadRow:
     prefill_s: float  # the samples' prefill times summed (last repeat); the rest of the wall time is decoding
     kept_tokens: float  # mean entries per layer and KV head after the prompt
     peak_memory_gb: float | None  # torch.cuda.max_memory_allocated over the timed repeats (GPU only)
+    floor: dict | None  # the workload's physical floor at this batch size with this method's KV (evalkv/run/floor.py)
+    of_floor: float | None  # floor_s / wall_s
 
 
 def bench_workload_method(model: LoadedModel, method_name: str, options: dict, samples: list[dict], batch_size: int,
-                          repeats: int, warmup: int, mlp_chunk: int | None = None,
-                          decode_graphs: str = "auto") -> WorkloadRow:
+                          repeats: int, warmup: int, mlp_chunk: int | None = None, decode_graphs: str = "auto",
+                          rates: tuple[float, float] | None = None) -> WorkloadRow:
     """Every sample of the workload through `Engine.generate_batch`, `batch_size` at a time, as `evalkv pred` runs
-    them; no stop tokens, so each sample generates exactly its max new tokens."""
+    them; no stop tokens, so each sample generates exactly its max new tokens.
+
+    rates: the device's peak matmul rate (FLOP/s) and copy bandwidth (bytes/s), for the floor (None: no floor)."""
     method = build_method(method_name, options)
     engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk,
                     decode_graphs=decode_graphs)
@@ -279,6 +318,10 @@ def bench_workload_method(model: LoadedModel, method_name: str, options: dict, s
     peak = _peak_memory_gb(device)
     wall = statistics.median(walls)
     generated = sum(len(g.token_ids) for g in generations)
+    floor = None if rates is None else workload_floor(
+        model_architecture(model.model),
+        [SampleCost(g.prompt_tokens, len(g.token_ids), g.kv_bytes, g.final_kv_bytes) for g in generations],
+        batch_size, *rates)
     return WorkloadRow(
         method=method_name, options=options, samples=len(samples), batch_size=batch_size,
         mean_decode_batch=round(statistics.mean(g.decode_batch for g in generations), 2),
@@ -289,33 +332,40 @@ def bench_workload_method(model: LoadedModel, method_name: str, options: dict, s
         samples_per_s=round(len(samples) / wall, 3), generated_tokens_per_s=round(generated / wall, 2),
         prefill_s=round(sum(g.prefill_s for g in generations), 3),
         kept_tokens=round(statistics.mean(g.kept_tokens for g in generations), 2),
-        peak_memory_gb=peak,
+        peak_memory_gb=peak, floor=floor,
+        of_floor=None if floor is None or wall <= 0 else round(floor["floor_s"] / wall, 4),
     )
 
 
 def run_workload_bench(model: LoadedModel, methods: list[tuple[str, dict]], workload: dict, batch_size: int,
                        repeats: int, warmup: int, mlp_chunk: int | None = None,
                        decode_graphs: Sequence[str] = ("auto",)) -> dict:
+    rates = peak_matmul_rate(model.device, model.model.dtype), copy_bandwidth(model.device)
     rows = []
     for mode in decode_graphs:
         for name, options in methods:
             rows.append(bench_workload_method(model, name, options, workload["samples"], batch_size, repeats,
-                                              warmup, mlp_chunk, mode))
+                                              warmup, mlp_chunk, mode, rates))
             print(json.dumps(asdict(rows[-1])), file=sys.stderr, flush=True)
+    shape = ("LongBench-shaped workload of random prompt ids; EOS ignored: every sample generates exactly its task's "
+             "max new tokens (LongBench's dataset2maxlen)" if workload.get("workload") == "longbench" else
+             f"{workload.get('workload')} workload of random prompt ids; EOS ignored: every sample generates exactly "
+             "its max new tokens")
     return {
         **_environment(model),
-        "note": "LongBench-shaped workload of random prompt ids; EOS ignored: every sample generates exactly its "
-                "task's max new tokens (LongBench's dataset2maxlen); wall time = prefill + compression + decode of "
-                "every sample, model load excluded; median over repeats",
+        "note": f"{shape}; wall time = prefill + compression + decode of every sample, model load excluded; median "
+                f"over repeats; floor = prefill FLOPs / peak matmul rate + decode bytes (weights once a step per "
+                f"batch of {batch_size}, KV of every sample) / copy bandwidth",
         "workload": workload_summary(workload), "batch_size": batch_size, "repeats": repeats, "warmup": warmup,
         "mlp_chunk": mlp_chunk, "decode_graphs": list(decode_graphs),
+        "peak_tflops": round(rates[0] / 1e12, 3), "copy_bandwidth_gb_s": round(rates[1] / 1e9, 1),
         "rows": [asdict(row) for row in rows],
     }
 
 
 def format_workload_rows(report: dict) -> str:
-    header = ["method", "budget", "graphed", "samples", "prompt_tok", "new_tok", "batch", "wall_s", "samples/s",
-              "tok/s", "peak_GB"]
+    header = ["method", "budget", "graphed", "samples", "prompt_tok", "new_tok", "batch", "wall_s", "floor_s",
+              "of_floor", "samples/s", "tok/s", "peak_GB"]
     cells = []
     for row in report["rows"]:
         batch = f"{row['batch_size']}" + ("" if row["mean_decode_batch"] == row["batch_size"] else
@@ -324,8 +374,10 @@ def format_workload_rows(report: dict) -> str:
             row["method"], f"{row['options'].get('budget', '-')}",
             f"{row['graph_samples']}" + (f" ({row['compiled_samples']} compiled)" if row["compiled_samples"] else ""),
             f"{row['samples']}", f"{row['prompt_tokens']}",
-            f"{row['generated_tokens']}", batch, f"{row['wall_s']:.2f}", f"{row['samples_per_s']:.3f}",
-            f"{row['generated_tokens_per_s']:.1f}", _peak(row),
+            f"{row['generated_tokens']}", batch, f"{row['wall_s']:.2f}",
+            "-" if row.get("floor") is None else f"{row['floor']['floor_s']:.3g}",
+            "-" if row.get("of_floor") is None else f"{100 * row['of_floor']:.1f}%",
+            f"{row['samples_per_s']:.3f}", f"{row['generated_tokens_per_s']:.1f}", _peak(row),
         ])
     return markdown_table(header, cells)
 

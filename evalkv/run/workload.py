@@ -1,13 +1,15 @@
-"""A LongBench-shaped synthetic workload (`evalkv bench --workload longbench`): random prompt ids whose lengths follow
-LongBench's per-task lengths, and LongBench's own generation length per task.
+"""Synthetic workloads that `evalkv bench --workload NAME` times end to end: random prompt ids uniform in the model's
+vocabulary, each sample generating exactly its max new tokens (EOS ignored). Every draw is seeded: the same arguments
+give the same workload. Both workloads are one dict: `version`, `workload` (the name), the settings, and `samples`,
+each `{"task", "prompt_ids", "max_new_tokens"}`, which `--write-workload` saves and scripts/kvpress_bench.py reads.
 
-For each of the 16 English tasks that `task=longbench` runs by default (`spec.ENGLISH_TASKS`), `samples_per_task`
-prompt lengths in tokens are drawn from a log-normal distribution with log-space standard deviation `SIGMA`, whose
-mean is the task's average length in LongBench's task.md (`spec.AVERAGE_LENGTH`, in words) times `TOKENS_PER_WORD`,
-then clipped to [min_length, max_length]. The clip stands for LongBench's pred.py, which cuts a prompt longer than
-the model's budget down to it (middle truncation; 31500 tokens for its 32K-context models, `model2maxlen`). Each
-sample generates exactly its task's max new tokens (`spec.MAX_NEW_TOKENS`, LongBench's dataset2maxlen). Prompt ids
-are uniform in the model's vocabulary. Every draw is seeded: the same arguments give the same workload.
+`longbench`, LongBench-shaped: for each of the 16 English tasks that `task=longbench` runs by default
+(`spec.ENGLISH_TASKS`), `samples_per_task` prompt lengths in tokens are drawn from a log-normal distribution with
+log-space standard deviation `SIGMA`, whose mean is the task's average length in LongBench's task.md
+(`spec.AVERAGE_LENGTH`, in words) times `TOKENS_PER_WORD`, then clipped to [min_length, max_length]. The clip stands for
+LongBench's pred.py, which cuts a prompt longer than the model's budget down to it (middle truncation; 31500 tokens for
+its 32K-context models, `model2maxlen`). Each sample generates exactly its task's max new tokens
+(`spec.MAX_NEW_TOKENS`, LongBench's dataset2maxlen).
 
 TOKENS_PER_WORD was measured with the embedded model's tokenizer (Qwen2.5's 151K-entry byte-level BPE, of the same
 family as Llama-3's 128K one) on MiniLongBench's rendered LongBench prompts (`../shared/data/minilongbench`): 1.44
@@ -16,6 +18,10 @@ prompts of the code tasks lcc and repobench-p (code splits into more tokens per 
 
 SIGMA = 0.6 is the log-length standard deviation of the natural-text LongBench files at hand (`../shared/data`):
 multi_news 0.62, multifieldqa_zh 0.56 (synthetic tasks are narrower: passage_retrieval_zh 0.12).
+
+`reasoning`, short prompts and long generations (the shape of a reasoning model's chain of thought): `samples` prompt
+lengths uniform in [min_length, max_length] (100 to 1000 tokens by default), each sample generating exactly
+`max_new_tokens` tokens (8192 by default); its samples' task is "reasoning".
 """
 
 from __future__ import annotations
@@ -31,11 +37,15 @@ from evalkv.records import read_json, write_text_atomic
 from evalkv.tasks.longbench.spec import AVERAGE_LENGTH, CATEGORIES, ENGLISH_TASKS, MAX_NEW_TOKENS, TASKS
 
 WORKLOAD_VERSION = 1
-WORKLOADS = ("longbench",)
+WORKLOADS = ("longbench", "reasoning")
 TOKENS_PER_WORD = {"prose": 1.44, "code": 2.66}
 SIGMA = 0.6
 DEFAULT_MIN_LENGTH = 256
 DEFAULT_MAX_LENGTH = 31500  # LongBench's model2maxlen for 32K-context models
+REASONING_SAMPLES = 64
+REASONING_MIN_LENGTH = 100
+REASONING_MAX_LENGTH = 1000
+REASONING_NEW_TOKENS = 8192
 
 
 def mean_tokens(task: str) -> float:
@@ -61,10 +71,7 @@ def build_workload(vocab_size: int, samples_per_task: int = 4, seed: int = 0, mi
     """The workload: samples grouped by task in LongBench's order, each `{"task", "prompt_ids", "max_new_tokens"}`."""
     if samples_per_task < 1:
         raise EvalkvError(f"samples per task must be at least 1, got {samples_per_task}")
-    if not 1 <= min_length <= max_length:
-        raise EvalkvError(f"lengths must satisfy 1 <= min_length <= max_length, got {min_length} and {max_length}")
-    if vocab_size < 1:
-        raise EvalkvError(f"vocab_size must be positive, got {vocab_size}")
+    _check_draws(vocab_size, min_length, max_length)
     samples = []
     for task in ENGLISH_TASKS:
         lengths = sample_lengths(task, samples_per_task, seed, min_length, max_length)
@@ -81,6 +88,35 @@ def build_workload(vocab_size: int, samples_per_task: int = 4, seed: int = 0, mi
     }
 
 
+def build_reasoning_workload(vocab_size: int, samples: int = REASONING_SAMPLES, new_tokens: int = REASONING_NEW_TOKENS,
+                             seed: int = 0, min_length: int = REASONING_MIN_LENGTH,
+                             max_length: int = REASONING_MAX_LENGTH) -> dict:
+    """The reasoning-shaped workload: `samples` prompts of lengths uniform in [min_length, max_length], each
+    generating `new_tokens` tokens. The lengths come from one stream (fewer samples give a prefix of more), each
+    sample's ids from its own."""
+    if samples < 1 or new_tokens < 1:
+        raise EvalkvError(f"samples and new tokens must be at least 1, got {samples} and {new_tokens}")
+    _check_draws(vocab_size, min_length, max_length)
+    lengths = np.random.default_rng([seed, 0]).integers(min_length, max_length, samples, endpoint=True)
+    drawn = [{"task": "reasoning", "max_new_tokens": new_tokens,
+              "prompt_ids": np.random.default_rng([seed, 0, index + 1]).integers(0, vocab_size, length).tolist()}
+             for index, length in enumerate(lengths)]
+    return {
+        "version": WORKLOAD_VERSION, "workload": "reasoning", "seed": seed, "vocab_size": vocab_size,
+        "min_length": min_length, "max_length": max_length, "max_new_tokens": new_tokens,
+        "source": "evalkv/run/workload.py: prompt lengths uniform in [min_length, max_length], max_new_tokens each, "
+                  "random ids",
+        "samples": drawn,
+    }
+
+
+def _check_draws(vocab_size: int, min_length: int, max_length: int) -> None:
+    if not 1 <= min_length <= max_length:
+        raise EvalkvError(f"lengths must satisfy 1 <= min_length <= max_length, got {min_length} and {max_length}")
+    if vocab_size < 1:
+        raise EvalkvError(f"vocab_size must be positive, got {vocab_size}")
+
+
 def write_workload(path: Path, workload: dict) -> None:
     """One compact JSON file (prompt ids make it large), written atomically."""
     write_text_atomic(path, json.dumps(workload, separators=(",", ":")) + "\n")
@@ -88,7 +124,7 @@ def write_workload(path: Path, workload: dict) -> None:
 
 def read_workload(path: Path) -> dict:
     if not path.exists():
-        raise EvalkvError(f"workload file {path} does not exist (write one with evalkv bench --workload longbench "
+        raise EvalkvError(f"workload file {path} does not exist (write one with evalkv bench --workload NAME "
                           "--write-workload PATH)")
     workload = read_json(path)
     if not isinstance(workload, dict) or workload.get("version") != WORKLOAD_VERSION:
