@@ -698,10 +698,24 @@ def _bench_questions(options, model, methods, graph_modes) -> tuple[dict, str]:
     return report, format_questions_rows(report)
 
 
+def _workload_method_settings(methods: list[tuple[str, dict]]) -> dict:
+    """Each method's settings that scripts/kvpress_bench.py mirrors: the budget and SnapKV's window, and the
+    decoding-time cuts (`decode_interval`, `decode_target`, `decode_buffer`) of a method that cuts while decoding."""
+    from evalkv.methods import build_method
+
+    settings = {}
+    for name, method_options in methods:
+        method = build_method(name, method_options)
+        keys = ("budget", "window_size", "kernel_size", "pooling")
+        if getattr(method, "decode_interval", None) is not None:
+            keys += ("decode_interval", "decode_target", "decode_buffer")
+        settings[name] = {key: getattr(method, key) for key in keys if hasattr(method, key)}
+    return settings
+
+
 def _bench_workload(options, model_name, model, methods, graph_modes) -> tuple[dict, str]:
     import json
 
-    from evalkv.methods import build_method
     from evalkv.run.bench import format_workload_rows, run_workload_bench, weight_bytes
     from evalkv.run.workload import (
         DEFAULT_MAX_LENGTH,
@@ -742,12 +756,7 @@ def _bench_workload(options, model_name, model, methods, graph_modes) -> tuple[d
             "num_parameters": sum(p.numel() for p in model.model.parameters()),
             "weight_bytes": weight_bytes(model.model),
         }
-        settings = {}
-        for name, method_options in methods:
-            method = build_method(name, method_options)
-            settings[name] = {key: getattr(method, key) for key in ("budget", "window_size", "kernel_size",
-                                                                    "pooling") if hasattr(method, key)}
-        workload["evalkv"] = {"methods": settings}
+        workload["evalkv"] = {"methods": _workload_method_settings(methods)}
         write_workload(Path(options.write_workload), workload)
     report = run_workload_bench(model, methods, workload, options.batch_size or 8, options.repeats or 1,
                                 options.warmup, options.mlp_chunk, graph_modes)

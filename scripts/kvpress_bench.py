@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""kvpress's pipeline on evalkv's LongBench-shaped workload: the baseline of issue 8's end-to-end speed goal.
+"""kvpress's pipeline on a workload of evalkv bench: the kvpress baseline of its end-to-end timings (issue 8).
 
-Reads the workload that `evalkv bench --workload longbench --write-workload FILE` wrote (the prompt ids, each
-sample's max new tokens, the model's config, evalkv's SnapKV budget and window; `--workload reasoning` writes the same
-format), builds the same architecture with random weights, runs every sample through kvpress's
-`kv-press-text-generation` pipeline with `SnapKVPress`, times the whole workload end to end and writes a JSON result.
-It imports only torch, transformers, tokenizers and kvpress (no evalkv), so it runs in kvpress's own environment;
-kvpress 0.5.5 requires transformers < 5.3:
+Reads the workload that `evalkv bench --workload longbench --write-workload FILE` wrote (`--workload reasoning`
+writes the same format: the prompt ids, each sample's max new tokens, the model's config, evalkv's SnapKV budget and
+window, and its decoding cuts when it has `decode_interval`), builds the same architecture with random weights, runs
+every sample through kvpress's `kv-press-text-generation` pipeline with `SnapKVPress` (or, `--press
+decoding-snapkv`, `DecodingPress` over it: see the end), times the whole workload end to end and writes a JSON
+result. It imports only torch, transformers,
+tokenizers and kvpress (no evalkv), so it runs in kvpress's own environment; kvpress 0.5.5 requires transformers < 5.3:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/kvp .device/kvpress_whl/*.whl
     PYTHONPATH=/tmp/kvp python3 scripts/kvpress_bench.py WORKLOAD.json -o kvpress.json
@@ -39,7 +40,47 @@ How a sample meets the pipeline (kvpress 0.5.5, kvpress/pipeline.py):
   sample generates exactly its max new tokens (checked: each answer decodes to that many tokens).
 - Timing: one warm-up call on the first sample (4 new tokens), then the device is synchronised, every sample goes
   through the pipeline one after another (it runs one context at a time), and the device is synchronised again;
-  the model's construction is excluded, the pipeline's own tokenisation of the text is included.
+  the model's construction is excluded, the pipeline's own tokenisation of the text is included. `--samples K` times
+  the first K samples only (the result says how many, and the mean wall time per sample, so a long workload such as
+  `--workload reasoning`'s 8192 new tokens per sample compares per sample); `--new-tokens N` makes every sample
+  generate N tokens instead of its own (a quick check; recorded in the result).
+- Cache sizes: the pipeline records each layer's cache length before the question and cuts the answer off again
+  (`_remove_answer_from_cache`); the script reads both there, and checks on every sample that the compressed context
+  and the cache after the last forward hold what the press's rule gives (`expected_cache`).
+
+`--press decoding-snapkv`: evalkv's snapkv with `decode_interval` (docs/methods.md#regimes), whose options are
+kvpress's `DecodingPress(base_press=SnapKVPress(window_size, kernel_size), compression_interval=decode_interval,
+target_size=decode_target or budget, hidden_states_buffer_size=decode_buffer)`, all from the workload's evalkv snapkv
+settings (or --decode-interval, --decode-target, --decode-buffer). What kvpress 0.5.5 does with it:
+- The context (kvpress/pipeline.py, `KVPressTextGenerationPipeline._forward`): a `DecodingPress` is not a prefill
+  press (`perform_prefill_compression` is false for it), so the context is prefilled whole with no hook; the press's
+  hooks are registered only around the greedy loop, and `DecodingPress.__call__` resets its buffers on the way out.
+  Its base press never sees the context. evalkv's snapkv compresses a prompt longer than the budget first, so such a
+  context gets kvpress's own combination instead, `PrefillDecodingPress(prefilling_press=SnapKVPress(ratio as above),
+  decoding_press=the DecodingPress)` (presses/prefill_decoding_press.py: prefill forwards go to the first, later ones
+  to the second); the reasoning workload's prompts (100-1000 tokens) under budget 1024 never need it.
+- The cuts (presses/decoding_press.py, `DecodingPress.forward_hook`): every forward after the context (in every
+  layer; `is_prefilling` is false once the cache held tokens before it), the question's included, appends the
+  layer's input hidden states to that layer's buffer and counts one step; at the `compression_interval`-th step
+  `DecodingPress.compress` sets the base press's ratio so that `int(length * (1 - ratio)) == target_size` and
+  `ScorerPress.compress` keeps the `target_size` best entries per KV head; a cache of at most `target_size` is left
+  as it is (ratio 0), but the count restarts and the buffer is emptied all the same. Between cuts the buffer keeps the
+  newest `hidden_states_buffer_size` forwards, so a cut sees min(interval, buffer + 1) of them.
+- The scores (presses/snapkv_press.py, `SnapKVPress.score` / `compute_window_attention`): the buffer's last
+  `window_size` hidden states are projected to queries again (`q_proj`) and rotated with the RoPE of the current
+  forward's position (`position_embeddings` of a one-token forward, broadcast over the window), attend over the whole
+  cache (causal inside its last `window_size` entries), averaged over the window, average-pooled and averaged over the
+  GQA group; the last `window_size` entries score above all and are always kept. `score` asserts that the buffer
+  holds more than `window_size` hidden states, so the script requires decode_interval > window_size and
+  decode_buffer >= window_size (evalkv shrinks the window to the queries it has instead). With
+  `--attn-implementation eager` SnapKVPress would read the current forward's attention weights (one query row)
+  instead of the window's; keep sdpa.
+- Against evalkv's snapkv with decode_interval (the same rule otherwise: cut to the target every interval forwards,
+  the newest window_size queries voting, the window kept, grow by one entry per forward between cuts): kvpress feeds
+  the prompt's last token as the question, one forward after the context, and counts it as step 1, where evalkv
+  prefills the whole prompt and counts its decode forwards; so kvpress cuts when the sequence is one token shorter
+  (prompt + K - 1, then every K) and runs one forward more per sample. kvpress rotates the window's queries at the
+  current position (evalkv: at their own positions), and pools as its prompt press does (above).
 """
 
 from __future__ import annotations
@@ -55,8 +96,21 @@ import time
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+
+PRESSES = ("snapkv", "decoding-snapkv")
+
+
+class Call(NamedTuple):
+    """One pipeline call: the context and question as text, and what it runs with."""
+
+    context: str
+    question: str
+    context_length: int
+    new_tokens: int
+    ratio: float  # SnapKVPress's compression ratio on the context (0: the context fits the budget)
 
 
 def pass_through_tokenizer(vocab_size: int):
@@ -101,6 +155,23 @@ def compression_ratio(context_length: int, budget: int) -> float:
     return ratio
 
 
+def expected_cache(context_length: int, new_tokens: int, budget: int, cuts: tuple[int, int] | None = None):
+    """What kvpress's cache holds per layer and KV head for one sample: after the context, at every decoding cut
+    (entries before, after) and after the last forward.
+
+    The context keeps min(context length, budget); then the pipeline runs `new_tokens` forwards (the question, then
+    every generated token but the last), each adding one entry; with `cuts = (interval, target)` every interval-th of
+    them cuts a cache longer than `target` back to it (DecodingPress, see the module docstring)."""
+    length = min(context_length, budget)
+    after_context, cut_lengths = length, []
+    for step in range(1, new_tokens + 1):
+        length += 1
+        if cuts is not None and step % cuts[0] == 0:
+            cut_lengths.append((length, min(length, cuts[1])))
+            length = min(length, cuts[1])
+    return after_context, cut_lengths, length
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -110,10 +181,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workload", help="the workload JSON written by evalkv bench --write-workload")
     parser.add_argument("-o", "--output", required=True, help="the JSON result to write")
+    parser.add_argument("--press", default="snapkv", choices=PRESSES, help="snapkv (default): SnapKVPress on the "
+                        "context, as evalkv's snapkv; decoding-snapkv: DecodingPress over SnapKVPress, cutting the "
+                        "cache while decoding, as evalkv's snapkv with decode_interval")
     parser.add_argument("--budget", type=int, help="entries kept per layer and KV head, window included "
                         "(default: evalkv's snapkv budget in the workload)")
     parser.add_argument("--window-size", type=int, help="SnapKV observation window (default: evalkv's snapkv)")
     parser.add_argument("--kernel-size", type=int, help="SnapKV pooling kernel (default: evalkv's snapkv)")
+    parser.add_argument("--decode-interval", type=int, help="decoding-snapkv: forwards between cuts "
+                        "(compression_interval; default: evalkv's snapkv decode_interval)")
+    parser.add_argument("--decode-target", type=int, help="decoding-snapkv: entries per KV head after a cut "
+                        "(target_size; default: evalkv's snapkv decode_target, else the budget)")
+    parser.add_argument("--decode-buffer", type=int, help="decoding-snapkv: forwards buffered for a cut "
+                        "(hidden_states_buffer_size; default: evalkv's snapkv decode_buffer, else 256 as both have)")
+    parser.add_argument("--samples", type=int, help="time the first K samples of the workload (default: all)")
+    parser.add_argument("--new-tokens", type=int, help="every sample generates this many tokens instead of its own "
+                        "max new tokens (a quick check)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--attn-implementation", default="sdpa")
@@ -126,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     kvpress_env.prepare_imports()
     import kvpress
     import transformers
-    from kvpress import SnapKVPress
+    from kvpress import DecodingPress, PrefillDecodingPress, SnapKVPress
 
     workload = json.loads(Path(options.workload).read_text())
     if "model" not in workload:
@@ -138,8 +221,26 @@ def main(argv: list[str] | None = None) -> int:
     if None in (budget, window_size, kernel_size) or budget < window_size:
         sys.exit(f"need budget >= window size and a kernel size (the workload's evalkv snapkv settings or --budget, "
                  f"--window-size, --kernel-size); got {budget}, {window_size}, {kernel_size}")
+    cuts, buffer = None, None
+    if options.press == "decoding-snapkv":
+        interval = options.decode_interval or snapkv.get("decode_interval")
+        target = options.decode_target or snapkv.get("decode_target") or budget
+        buffer = options.decode_buffer if options.decode_buffer is not None else snapkv.get("decode_buffer", 256)
+        if interval is None:
+            sys.exit("--press decoding-snapkv needs evalkv's decode_interval: write the workload with "
+                     "`method=snapkv snapkv.decode_interval=K`, or pass --decode-interval")
+        if interval <= window_size or buffer < window_size or target < window_size:
+            sys.exit(f"kvpress's SnapKVPress scores a decoding cut from more than window_size ({window_size}) buffered "
+                     f"forwards and keeps the window: need decode_interval > {window_size}, decode_buffer >= "
+                     f"{window_size} and decode_target >= {window_size}; got {interval}, {buffer}, {target}")
+        cuts = (interval, target)
     samples = workload["samples"]
-    if min(len(sample["prompt_ids"]) for sample in samples) < 2:
+    if options.samples is not None and not 1 <= options.samples <= len(samples):
+        sys.exit(f"--samples must be between 1 and the workload's {len(samples)} samples, got {options.samples}")
+    timed = samples[:options.samples]
+    if options.new_tokens is not None and options.new_tokens < 1:
+        sys.exit(f"--new-tokens must be at least 1, got {options.new_tokens}")
+    if min(len(sample["prompt_ids"]) for sample in timed) < 2:
         sys.exit("every prompt needs at least 2 tokens (a context and a question)")
 
     device = torch.device(options.device)
@@ -148,52 +249,118 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = pass_through_tokenizer(workload["model"]["config"]["vocab_size"])
     pipe = transformers.pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=device)
 
+    # What the pipeline's last call held, per layer: the lengths it cuts the answer back to (the compressed context),
+    # the cache after the last forward, and every decoding cut (entries before, after).
+    held = {}
+    remove_answer = pipe._remove_answer_from_cache
+
+    def remove_answer_recording(cache, context_lengths):
+        held["after_context"] = list(context_lengths)
+        held["at_end"] = [cache.get_seq_length(layer) for layer in range(len(cache))]
+        remove_answer(cache, context_lengths)
+
+    pipe._remove_answer_from_cache = remove_answer_recording
+
+    def recording_cuts(decoding: DecodingPress) -> DecodingPress:
+        compress = decoding.compress
+
+        def compress_recording(module, hidden_states, keys, values, attentions, kwargs):
+            kept_keys, kept_values = compress(module, hidden_states, keys, values, attentions, kwargs)
+            held["cuts"].setdefault(module.layer_idx, []).append((keys.shape[2], kept_keys.shape[2]))
+            return kept_keys, kept_values
+
+        decoding.compress = compress_recording
+        return decoding
+
+    def press_for(ratio: float):
+        """The press of one call: SnapKVPress on the context, or DecodingPress (with SnapKVPress on a context longer
+        than the budget first, as evalkv compresses it: PrefillDecodingPress)."""
+        if cuts is None:
+            return SnapKVPress(compression_ratio=ratio, window_size=window_size, kernel_size=kernel_size)
+        decoding = recording_cuts(DecodingPress(
+            base_press=SnapKVPress(window_size=window_size, kernel_size=kernel_size), compression_interval=cuts[0],
+            target_size=cuts[1], hidden_states_buffer_size=buffer))
+        if ratio == 0:
+            return decoding
+        return PrefillDecodingPress(prefilling_press=SnapKVPress(compression_ratio=ratio, window_size=window_size,
+                                                                 kernel_size=kernel_size), decoding_press=decoding)
+
     def text_of(ids: list[int]) -> str:
         return " ".join(f"t{i}" for i in ids)
 
-    calls = [(text_of(s["prompt_ids"][:-1]), text_of(s["prompt_ids"][-1:]), s["max_new_tokens"],
-              compression_ratio(len(s["prompt_ids"]) - 1, budget)) for s in samples]
+    calls = [Call(text_of(s["prompt_ids"][:-1]), text_of(s["prompt_ids"][-1:]), len(s["prompt_ids"]) - 1,
+                  options.new_tokens or s["max_new_tokens"], compression_ratio(len(s["prompt_ids"]) - 1, budget))
+             for s in timed]
 
-    def run(call, max_new_tokens=None, cache=None) -> str:
-        context, question, new_tokens, ratio = call
-        press = SnapKVPress(compression_ratio=ratio, window_size=window_size, kernel_size=kernel_size)
-        return pipe(context, question=question, press=press, max_new_tokens=max_new_tokens or new_tokens,
-                    cache=cache)["answer"]
+    def run(call: Call, new_tokens: int | None = None) -> str:
+        held.clear()
+        held["cuts"] = {}
+        return pipe(call.context, question=call.question, press=press_for(call.ratio),
+                    max_new_tokens=new_tokens or call.new_tokens)["answer"]
 
     # The pipeline sees exactly the workload's ids: its own preprocessing of the first sample.
-    preprocess_options, _, _ = pipe._sanitize_parameters(question=calls[0][1])
-    inputs = pipe.preprocess(calls[0][0], **preprocess_options)
+    preprocess_options, _, _ = pipe._sanitize_parameters(question=calls[0].question)
+    inputs = pipe.preprocess(calls[0].context, **preprocess_options)
     seen = inputs["context_ids"][0].tolist() + inputs["questions_ids"][0][0].tolist()
-    assert seen == samples[0]["prompt_ids"], "the pipeline's token ids differ from the workload's"
+    assert seen == timed[0]["prompt_ids"], "the pipeline's token ids differ from the workload's"
 
-    run(calls[0], max_new_tokens=min(4, calls[0][2]))  # warm-up
+    run(calls[0], new_tokens=min(4, calls[0].new_tokens))  # warm-up
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     walls = []
     for _ in range(options.repeats):
-        answers, kept = [], []
+        answers, caches = [], []
         synchronize(device)
         began = time.perf_counter()
         for call in calls:
-            # The pipeline's own default is a fresh DynamicCache per call; passing it lets us read what was kept
-            # (the pipeline cuts the question and the answer off again, leaving the compressed context).
-            cache = transformers.DynamicCache()
-            answers.append(run(call, cache=cache))
-            kept.append(cache.get_seq_length())
+            answers.append(run(call))
+            caches.append({key: held[key] for key in ("after_context", "cuts", "at_end")})
         synchronize(device)
         walls.append(time.perf_counter() - began)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     generated = [len(answer.split()) for answer in answers]
-    short = [i for i, (count, s) in enumerate(zip(generated, samples)) if count != s["max_new_tokens"]]
+    short = [i for i, (count, call) in enumerate(zip(generated, calls)) if count != call.new_tokens]
     if short:
-        sys.exit(f"samples {short[:5]} did not generate their max new tokens")
-    off_budget = [i for i, (count, s) in enumerate(zip(kept, samples))
-                  if count != min(budget, len(s["prompt_ids"]) - 1)]
-    if off_budget:
-        sys.exit(f"samples {off_budget[:5]} kept {[kept[i] for i in off_budget[:5]]} entries, not budget {budget}")
+        sys.exit(f"samples {short[:5]} did not generate the new tokens asked for")
+    for index, (call, cache) in enumerate(zip(calls, caches)):
+        after_context, cut_lengths, at_end = expected_cache(call.context_length, call.new_tokens, budget, cuts)
+        layers = len(cache["at_end"])
+        expected = {"after_context": [after_context] * layers, "at_end": [at_end] * layers,
+                    "cuts": {layer: cut_lengths for layer in range(layers)} if cut_lengths else {}}
+        if cache != expected:
+            sys.exit(f"sample {index} (context {call.context_length}, {call.new_tokens} new tokens): kvpress's cache "
+                     f"held {cache['after_context']} entries after the context, {cache['at_end']} at the end, cuts "
+                     f"(before, after) {str(cache['cuts'].get(0))[:200]} in layer 0; {options.press} at budget "
+                     f"{budget}, cuts {cuts} gives {after_context}, {at_end}, {str(cut_lengths)[:200]}")
+    per_sample = [{"context_tokens": call.context_length, "new_tokens": call.new_tokens,
+                   "kept_after_context": cache["after_context"][0], "cache_at_end": cache["at_end"][0],
+                   "cuts": sum(before > after for before, after in cache["cuts"].get(0, [])),
+                   "largest_cache": max([cache["at_end"][0], *(before for before, _ in cache["cuts"].get(0, []))])}
+                  for call, cache in zip(calls, caches)]
 
     wall = statistics.median(walls)
+    if cuts is None:
+        press = {"name": "SnapKVPress", "budget": budget, "window_size": window_size, "kernel_size": kernel_size,
+                 "compression_ratio": "per sample: 1 - (budget + 0.5) / context length (0 when it fits)"}
+    else:
+        press = {"name": "DecodingPress(SnapKVPress)", "budget": budget, "window_size": window_size,
+                 "kernel_size": kernel_size, "compression_interval": cuts[0], "target_size": cuts[1],
+                 "hidden_states_buffer_size": buffer,
+                 "contexts_compressed": sum(call.ratio > 0 for call in calls),
+                 "context_compression": "a context longer than the budget: PrefillDecodingPress(SnapKVPress at 1 - "
+                                        "(budget + 0.5) / context length, the DecodingPress); else DecodingPress alone"}
+    press_label = press["name"]
+    note = ("kvpress pipeline, one sample at a time; context = prompt[:-1] (compressed), question = prompt[-1]; "
+            "EOS never stops generation (generation_config.eos_token_id = None): every sample generates its "
+            f"{'max new tokens' if options.new_tokens is None else f'{options.new_tokens} new tokens (--new-tokens)'};"
+            " wall time = every sample's pipeline call (tokenisation, prefill, compression, decode), model build "
+            "excluded; median over repeats")
+    if cuts is not None:
+        note += (f"; DecodingPress cuts each layer to {cuts[1]} entries every {cuts[0]} forwards after the context "
+                 "(the question's included)")
+    if len(timed) < len(samples):
+        note += f"; the first {len(timed)} of the workload's {len(samples)} samples"
     result = {
         "kvpress": version("kvpress"), "kvpress_path": str(Path(kvpress.__file__).parent),
         "transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version(),
@@ -201,18 +368,20 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": workload["model"]["name"], "num_parameters": workload["model"]["num_parameters"],
                   "dtype": options.dtype, "attn_implementation": options.attn_implementation, "seed": options.seed},
-        "press": {"name": "SnapKVPress", "budget": budget, "window_size": window_size, "kernel_size": kernel_size,
-                  "compression_ratio": "per sample: 1 - (budget + 0.5) / context length (0 when it fits)"},
-        "note": "kvpress pipeline, one sample at a time; context = prompt[:-1] (compressed), question = prompt[-1]; "
-                "EOS never stops generation (generation_config.eos_token_id = None): every sample generates its "
-                "max new tokens; wall time = every sample's pipeline call (tokenisation, prefill, compression, "
-                "decode), model build excluded; median over repeats",
-        "workload": {"file": str(options.workload), "seed": workload.get("seed")},
-        "samples": len(samples), "prompt_tokens": sum(len(s["prompt_ids"]) for s in samples),
-        "generated_tokens": sum(generated), "kept_tokens": round(statistics.mean(kept), 2),
+        "press": press, "note": note,
+        "workload": {"file": str(options.workload), "seed": workload.get("seed"), "workload": workload.get("workload"),
+                     "samples": len(samples)},
+        "samples": len(timed), "new_tokens_override": options.new_tokens,
+        "prompt_tokens": sum(len(s["prompt_ids"]) for s in timed),
+        "generated_tokens": sum(generated),
+        "kept_tokens": round(statistics.mean(sample["kept_after_context"] for sample in per_sample), 2),
+        "cache_tokens_at_end": round(statistics.mean(sample["cache_at_end"] for sample in per_sample), 2),
+        "largest_cache_tokens": max(sample["largest_cache"] for sample in per_sample),
         "wall_s": round(wall, 3), "wall_s_all": [round(x, 3) for x in walls],
-        "samples_per_s": round(len(samples) / wall, 3), "generated_tokens_per_s": round(sum(generated) / wall, 2),
+        "wall_s_per_sample": round(wall / len(timed), 3),
+        "samples_per_s": round(len(timed) / wall, 3), "generated_tokens_per_s": round(sum(generated) / wall, 2),
         "peak_memory_gb": None if peak is None else round(peak, 3),
+        "per_sample": per_sample,
     }
     output = Path(options.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -223,11 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(temporary, output)
     peak_text = "-" if peak is None else f"{peak:.2f}"
     print(f"{result['device']}, kvpress {result['kvpress']}, transformers {result['transformers']}; {result['note']}")
-    print("| method | budget | samples | prompt_tok | new_tok | batch | wall_s | samples/s | tok/s | peak_GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| kvpress SnapKVPress | {budget} | {result['samples']} | {result['prompt_tokens']} | "
-          f"{result['generated_tokens']} | 1 | {wall:.2f} | {result['samples_per_s']:.3f} | "
-          f"{result['generated_tokens_per_s']:.1f} | {peak_text} |")
+    print("| method | budget | samples | prompt_tok | new_tok | batch | wall_s | s/sample | samples/s | tok/s | "
+          "cache_end | peak_GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| kvpress {press_label} | {budget} | {result['samples']} | {result['prompt_tokens']} | "
+          f"{result['generated_tokens']} | 1 | {wall:.2f} | {result['wall_s_per_sample']:.3f} | "
+          f"{result['samples_per_s']:.3f} | {result['generated_tokens_per_s']:.1f} | "
+          f"{result['cache_tokens_at_end']:g} | {peak_text} |")
     return 0
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import tiny_model
 
-from evalkv.cli import main
+from evalkv.cli import _workload_method_settings, main
 from evalkv.models.presets import BYTE_VOCAB_SIZE
 from evalkv.run.bench import weight_bytes
 from evalkv.run.workload import build_reasoning_workload, build_workload, read_workload, write_workload
@@ -96,6 +96,16 @@ def test_workload_bench_generates_every_sample_max_new_tokens(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "EOS ignored" in out
     assert f"| snapkv | 32 | 0 | 16 | {row['prompt_tokens']} | {expected_new_tokens} | 16 |" in out
+
+
+def test_written_workload_carries_the_decoding_cuts():
+    """scripts/kvpress_bench.py's DecodingPress mirrors a snapkv that cuts while decoding: the workload file carries
+    its interval, target and buffer; a prompt-only method's settings stay as they were."""
+    methods = [("snapkv", {"budget": 1024, "decode_interval": 128}), ("h2o", {"budget": 64})]
+    settings = _workload_method_settings(methods)
+    assert settings == {"snapkv": {"budget": 1024, "window_size": 32, "kernel_size": 7, "pooling": "max",
+                                   "decode_interval": 128, "decode_target": None, "decode_buffer": 256},
+                        "h2o": {"budget": 64}}
 
 
 def test_workload_bench_runs_a_saved_workload(tmp_path):
