@@ -91,7 +91,7 @@ class LayerCache:
         if self.channels_pruned:
             return
         if self.heads is None:
-            if self.padded and length is not None and length > self.length:
+            if length is not None and length > self.length:
                 self._extend_padding(length)
             return
         length = max(length or 0, self.length)
@@ -106,11 +106,15 @@ class LayerCache:
         self.heads, self.padded = None, True
 
     def _extend_padding(self, length: int) -> None:
+        """Padding entries at the end up to `length`: zero keys, values and method state, at position -1."""
         extra = length - self.length
         self.keys = torch.cat([self.keys, self.keys.new_zeros(*self.keys.shape[:2], extra, self.keys.shape[-1])], 2)
         self.values = torch.cat([self.values, torch.zeros_like(self.keys[:, :, -extra:])], 2)
         self.positions = torch.cat([self.positions, self.positions.new_full((*self.positions.shape[:2], extra), -1)],
                                    2)
+        self.extras = {name: torch.cat([value, value.new_zeros(*value.shape[:-1], extra)], -1)
+                       for name, value in self.extras.items()}
+        self.padded = True
 
     @property
     def batch_size(self) -> int:
@@ -135,9 +139,10 @@ class LayerCache:
         )
 
     def stack_rows(self, parts: Sequence[LayerCache]) -> None:
-        """Hold `parts` (dense, equal shapes; or ragged / padded, padded here to their longest) as the rows of one
-        batch, in order."""
-        if any(part.heads is not None or part.padded for part in parts):
+        """Hold `parts` as the rows of one batch, in order: dense parts of equal shapes as they are; ragged, padded
+        or shorter parts padded at the end to the longest part (padding entries at position -1, zero method state;
+        rows of a slot cache, `Session.merge(fill_to=...)`, whose free slots the padding becomes)."""
+        if any(part.heads is not None or part.padded or part.length != parts[0].length for part in parts):
             length = max(part.length for part in parts)
             for part in parts:
                 part.pad_heads(length)

@@ -265,20 +265,23 @@ class Engine:
             row = self._prefill(request, contexts=contexts)
             row.on_finished = None if on_finished is None else functools.partial(on_finished, index)
             rows.append(row)
-            key = row.session.batch_key()
             if row.finished():
                 self._finish(row, row.session)
                 row.session = None
-            elif key is None:  # decoded at once and released, so full-length caches never wait side by side
+                continue
+            fill = self._slot_fill(row)
+            key = row.session.batch_key(fill)
+            if key is None:  # decoded at once and released, so full-length caches never wait side by side
                 self._decode([row], row.session)
                 row.session = None
             else:
-                groups.setdefault(key, []).append(index)
+                groups.setdefault((key, fill), []).append(index)
         limit = max_batch or len(rows)
-        for members in groups.values():
+        for (_, fill), members in groups.items():
             for start in range(0, len(members), limit):
                 batch = [rows[i] for i in members[start : start + limit]]
-                session = batch[0].session if len(batch) == 1 else Session.merge([row.session for row in batch])
+                session = (batch[0].session if len(batch) == 1
+                           else Session.merge([row.session for row in batch], fill_to=fill))
                 for row in batch:  # the merged cache holds the entries now; the per-sample copies go
                     row.session = None
                 self._decode(batch, session)
@@ -370,6 +373,10 @@ class Engine:
         if self._static_allowed(rows, session, steps):
             self._decode_static(rows, session, steps, keep_entries)
             return
+        if session.needs_slots():
+            raise RuntimeError(f"{session.method.name}: rows merged padded with free slots (prompts shorter than the "
+                               "budget) reached eager decoding, whose step hooks would read the padding as entries; "
+                               "only the slot cache decodes them (Engine._slot_fill should not have let them merge)")
         cache = adapter.make_cache(session)
         active = list(rows)
         adapter.synchronize(self.device)
@@ -395,18 +402,39 @@ class Engine:
 
     def _static_allowed(self, rows: list[_Row], session: Session, steps: int) -> bool:
         # The fixed-size buffers hold exact entries: a quantised cache decodes on the eager path.
-        if self.decode_graphs == "off" or rows[0].forwards is not None or session.quantization is not None:
-            return False
-        if self.decode_graphs == "auto" and not self._captures():
-            return False
-        if self._captures() and steps < _GRAPH_MIN_STEPS:
+        if rows[0].forwards is not None or session.quantization is not None or not self._static_steps(steps):
             return False
         return can_decode_static(session, self.device) or self._slots_allowed(rows, session)
 
+    def _static_steps(self, steps: int) -> bool:
+        """Whether decode_graphs lets `steps` decode steps run over fixed-size buffers: "eager" and "compile"
+        anywhere, "auto" where it captures; capturing only for generations long enough to repay the capture."""
+        if self.decode_graphs == "off" or (self.decode_graphs == "auto" and not self._captures()):
+            return False
+        return not (self._captures() and steps < _GRAPH_MIN_STEPS)
+
     def _slots_allowed(self, rows: list[_Row], session: Session) -> bool:
         """Whether the batch decodes through `SlotDecoder`: a method that evicts through `evict_slot`, dense and
-        stateless layers, and every row's capacity the same (rows of one batch share `decode_group_key`)."""
-        return implements_slots(session.method) and dense_on(session, self.device)
+        stateless layers (padded ones too: rows merged with `_slot_fill`), and every row's capacity the same (rows
+        of one batch share `decode_group_key`)."""
+        return implements_slots(session.method) and dense_on(session, self.device, in_slots=True)
+
+    def _slot_fill(self, row: _Row) -> int | None:
+        """The capacity to which `row`'s layers may be filled with free slots, so that it decodes in one batch with
+        rows of other prompt lengths (prompts shorter than the budget); None: it batches only with rows of its own
+        shapes. Such rows decode only through a `SlotDecoder` (`Session.needs_slots`), so this asks for everything
+        that path needs: a method with `evict_slot`, the fixed-size buffers allowed for the row's own steps (a batch
+        decodes the most steps of its rows), no trace, no quantisation, and dense layers on the model's device, full
+        width, each holding at most the capacity."""
+        session = row.session
+        steps = row.request.max_new_tokens - len(row.tokens)
+        if (row.forwards is not None or session.quantization is not None or not self._static_steps(steps)
+                or not implements_slots(session.method) or not dense_on(session, self.device)):
+            return None
+        capacity = session.method.capacity(session.sample.prompt_length)
+        if any(layer.padded or layer.pruned is not None or layer.length > capacity for layer in session.cache.layers):
+            return None
+        return capacity
 
     def _decode_static(self, rows: list[_Row], session: Session, steps: int, keep_entries: bool) -> None:
         """`_decode` over fixed-size buffers: every row stays in the batch until the last one stops (a finished row's

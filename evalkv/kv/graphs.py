@@ -77,10 +77,11 @@ def can_decode_static(session, device: torch.device) -> bool:
                for layer in session.cache.layers)
 
 
-def dense_on(session, device: torch.device) -> bool:
-    """Whether `session` decodes from dense layers on `device` with no per-sample method state."""
-    return session.decodes_from_entries() and all(layer.keys is not None and layer.keys.device == device
-                                                  for layer in session.cache.layers)
+def dense_on(session, device: torch.device, in_slots: bool = False) -> bool:
+    """Whether `session` decodes from dense layers on `device` with no per-sample method state (in_slots: in a
+    `SlotDecoder`, where padded layers are dense too, `Session.decodes_from_entries`)."""
+    return session.decodes_from_entries(in_slots) and all(layer.keys is not None and layer.keys.device == device
+                                                          for layer in session.cache.layers)
 
 
 class StaticDecoder:
@@ -111,10 +112,9 @@ class StaticDecoder:
                                 for keys in self.keys]
         self.slots = [torch.arange(size, device=self.device) for size in sizes]
         self.base_tensors = [torch.tensor(base, device=self.device) for base in self.bases]
-        # Padded layers (per-head budgets laid out dense) mask their padding by position; the entries each row holds
-        # before decoding, per layer (read once here).
+        # Padded layers (per-head budgets laid out dense) mask their padding by position.
         self.padded = [layer.padded for layer in layers]
-        self.held_before = [[layer.entries_of(row) for row in range(self.batch)] for layer in layers]
+        self.held_before: list[list[int]] = []  # per layer, the entries each row held before decoding (`load`)
         self.step_index = torch.zeros((), dtype=torch.long, device=self.device)
         self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
@@ -133,13 +133,15 @@ class StaticDecoder:
                 tuple((layer.num_heads, layer.length) for layer in layers))
 
     def load(self, layers: list[LayerCache], release: bool) -> None:
-        """Copy a batch's entries into the buffers (release: free each source layer once copied)."""
+        """Copy a batch's entries into the buffers (release: free each source layer once copied). Slots past them are
+        unwritten (position -1), as is a padded layer's padding."""
+        self.held_before = [[layer.entries_of(row) for row in range(self.batch)] for layer in layers]
         for index, layer in enumerate(layers):
-            base = self.bases[index]
-            self.keys[index][:, :, :base].copy_(layer.keys)
-            self.values[index][:, :, :base].copy_(layer.values)
-            self.entry_positions[index][:, :, :base].copy_(layer.positions)
-            self.entry_positions[index][:, :, base:].fill_(-1)
+            length = layer.length  # this decoder's `bases`; a `SlotDecoder`'s batches may hold fewer
+            self.keys[index][:, :, :length].copy_(layer.keys)
+            self.values[index][:, :, :length].copy_(layer.values)
+            self.entry_positions[index][:, :, :length].copy_(layer.positions)
+            self.entry_positions[index][:, :, length:].fill_(-1)
             if release:
                 layer.keys = layer.values = layer.positions = None
         self.step_index.zero_()

@@ -47,30 +47,43 @@ class Session:
     def batch_size(self) -> int:
         return self.cache.batch_size
 
-    def batch_key(self) -> tuple | None:
+    def batch_key(self, fill_to: int | None = None) -> tuple | None:
         """Sessions with equal keys can decode as rows of one batch (`merge`); None: this one decodes alone.
 
         Batching needs dense layers of equal shapes, and a method whose decode steps depend on nothing per sample
         but the cache entries, their `extras` and `Method.decode_group_key` (no per-layer or per-sample state).
         The full cache never batches: its sessions differ in length and hold the whole prompt's KV.
+
+        fill_to: the capacity of the slot cache this session will decode in (`Engine._slot_fill`, which checked that
+        its dense layers hold at most that many entries): layers key as if they held exactly that many, so that rows
+        of different prompt lengths merge, padded with free slots (`merge(fill_to=...)`).
         """
         method = self.method
         if not (method.requires_budget() and self.decodes_from_entries()):
             return None
         if self.quantization is not None and any(layer.is_ragged for layer in self.cache.layers):
             return None  # stacking pads ragged layers dense, which quantised heads are not
-        return (tuple(_layer_shape(layer) for layer in self.cache.layers),
+        return (tuple(_layer_shape(layer, fill_to) for layer in self.cache.layers),
                 method.decode_group_key(self.sample.prompt_length), self.sample.phase)
 
-    def decodes_from_entries(self) -> bool:
+    def decodes_from_entries(self, in_slots: bool = False) -> bool:
         """Whether decode steps read nothing of this session but its layers' entries: no trace, no per-sample or
         per-layer method state, and no ragged layer unless the method runs no step hook (its ragged layers then
         decode padded, `LayerCache.pad_heads`) and no ragged layer whose key channels were pruned (not padded):
-        what batched and CUDA-graph decoding both need."""
-        ragged = any(layer.is_ragged or layer.padded for layer in self.cache.layers)
+        what batched and CUDA-graph decoding both need.
+
+        in_slots: decoded by a `SlotDecoder`, for which padding entries are free slots, masked by position and
+        skipped by the method's `evict_slot` (rows merged with `fill_to`): padded layers are fine there."""
+        ragged = any(layer.is_ragged or (layer.padded and not in_slots) for layer in self.cache.layers)
         stepping = self.method.before_step is not None or self.method.after_step is not None
         thinned = any(layer.is_ragged and layer.channels_pruned for layer in self.cache.layers)  # never padded
         return self.trace is None and not self.has_state() and not (ragged and stepping) and not thinned
+
+    def needs_slots(self) -> bool:
+        """Whether only a `SlotDecoder` may decode this session: padded layers under a method with step hooks (rows
+        merged with `fill_to`), whose hooks would read the padding as entries."""
+        stepping = self.method.before_step is not None or self.method.after_step is not None
+        return stepping and any(layer.padded for layer in self.cache.layers)
 
     def pad_ragged(self) -> None:
         """Lay ragged layers out dense for decoding (a method without step hooks: nothing evicts from them again)."""
@@ -84,10 +97,14 @@ class Session:
         return bool(self.sample.state) or any(self.layer_state)
 
     @classmethod
-    def merge(cls, sessions: list[Session]) -> Session:
-        """One session holding `sessions` as batch rows, in order (all with the same `batch_key`)."""
+    def merge(cls, sessions: list[Session], fill_to: int | None = None) -> Session:
+        """One session holding `sessions` as batch rows, in order (all with the same `batch_key(fill_to)`).
+
+        fill_to: rows' layers may be shorter than this capacity; the shorter ones are padded at the end with free
+        slots (position -1), which only a `SlotDecoder` decodes (`needs_slots`)."""
         first = sessions[0]
-        if any(session.batch_key() is None or session.batch_key() != first.batch_key() for session in sessions):
+        key = first.batch_key(fill_to)
+        if key is None or any(session.batch_key(fill_to) != key for session in sessions):
             raise ValueError("these sessions cannot decode as one batch (their batch keys differ)")
         merged = cls(first.method, first.geometry, first.sample.input_ids, backend=first.backend, rotary=first.rotary,
                      output_projections=first.output_projections, quantization=first.quantization)
@@ -233,16 +250,20 @@ class Session:
                 )
 
 
-def _layer_shape(layer: LayerCache) -> tuple:
-    """What layers of batch rows must share: their shapes, or for per-head budgets (padded to a common length when
-    the rows merge) their head count."""
+def _layer_shape(layer: LayerCache, fill_to: int | None = None) -> tuple:
+    """What layers of batch rows must share: their shapes (with `fill_to`, the entries' count replaced by it), or for
+    per-head budgets (padded to a common length when the rows merge) their head count."""
     if isinstance(layer, QuantizedLayer):
         return layer.shape_key()
     if layer.is_ragged or layer.padded:
         keys = layer.heads[0].keys if layer.is_ragged else layer.keys
         return ("per-head", layer.num_heads, keys.dtype, str(keys.device))
-    return (tuple(layer.keys.shape[1:]), layer.keys.dtype, str(layer.keys.device),
-            tuple((name, tuple(value.shape[1:])) for name, value in sorted(layer.extras.items())),
+
+    def filled(shape: torch.Size) -> tuple:  # [H_c, m, ...] or extras' [h, m]: m is the entries' count
+        return tuple(shape) if fill_to is None else (shape[0], fill_to, *shape[2:])
+
+    return (filled(layer.keys.shape[1:]), layer.keys.dtype, str(layer.keys.device),
+            tuple((name, filled(value.shape[1:])) for name, value in sorted(layer.extras.items())),
             None if layer.pruned is None else tuple(layer.pruned.keys.shape[1:]))
 
 

@@ -71,15 +71,19 @@ class SlotDecoder(StaticDecoder):
 
     @staticmethod
     def shape_key(layers: list[LayerCache], capacity: int) -> tuple:
+        """The buffers' shapes: C + 1 slots for any batch whose layers hold at most C entries, whatever its prompt
+        lengths, so that one decoder (and its captured graph) serves every such batch."""
         first = layers[0].keys
         return ("slots", first.shape[0], first.shape[-1], first.dtype, str(first.device), capacity,
-                tuple((layer.num_heads, layer.length, tuple(sorted((name, tuple(value.shape[1:-1]))
-                                                                   for name, value in layer.extras.items())))
+                tuple((layer.num_heads, max(layer.length, capacity),
+                       tuple(sorted((name, tuple(value.shape[1:-1])) for name, value in layer.extras.items())))
                       for layer in layers))
 
     def load(self, layers: list[LayerCache], release: bool) -> None:
+        """The batch's entries in the first slots; each row and head's first free slot is its count of entries
+        (rows merged with `fill_to` hold their padding, free slots, at the end)."""
         for index, layer in enumerate(layers):
-            self.free[index].fill_(layer.length)
+            self.free[index].copy_((layer.positions >= 0).sum(dim=-1, keepdim=True))
             for name, value in layer.extras.items():
                 self.state[index][name].zero_()
                 self.state[index][name][..., : layer.length].copy_(value)
@@ -124,8 +128,13 @@ class SlotDecoder(StaticDecoder):
         return [*self.entry_positions, *self.free, *(value for state in self.state for value in state.values())]
 
     def held(self, fed: int, row: int = 0) -> tuple[float, int]:
-        entries = [keys.shape[1] * min(base + fed, self.capacity) if base <= self.capacity else keys.shape[1] * base
-                   for keys, base in zip(self.keys, self.bases)]
+        """Row `row`'s own entries grow by one per head and step up to the capacity (a row loaded above it, after a
+        suffix, stays at its count)."""
+        entries = []
+        for keys, held in zip(self.keys, self.held_before):
+            heads, before = keys.shape[1], held[row]
+            entries.append(min(before + heads * fed, heads * self.capacity) if before <= heads * self.capacity
+                           else before)
         element = self.keys[0].element_size() * self.keys[0].shape[-1] * 2
         kept = sum(entries) / self.geometry.num_kv_heads / len(entries)
         return kept, sum(entries) * element
