@@ -24,6 +24,27 @@ def test_keep_gathers_entries_positions_and_state():
     assert torch.equal(layer.values, -layer.keys)
 
 
+def test_stacking_rows_of_different_lengths_pads_the_shorter_with_free_slots():
+    """Rows of a slot cache merged below its capacity: the shorter row's keys, values and method state are padded at
+    the end with zeros at position -1; each row still counts its own entries."""
+    short, long = _layer(length=3), _layer(length=5)
+    short.extras["score"], long.extras["score"] = torch.ones(1, 2, 3), torch.full((1, 2, 5), 2.0)
+    merged = LayerCache()
+    merged.stack_rows([short, long])
+    assert merged.padded and merged.length == 5
+    assert merged.positions[0].tolist() == [[0, 1, 2, -1, -1]] * 2
+    assert merged.positions[1].tolist() == [list(range(5))] * 2
+    assert merged.extras["score"][0].tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0]] * 2
+    assert not merged.keys[0, :, 3:].any() and not merged.values[0, :, 3:].any()
+    assert (merged.entries_of(0), merged.entries_of(1)) == (6, 10)
+
+
+def test_stacking_rows_of_equal_lengths_pads_nothing():
+    merged = LayerCache()
+    merged.stack_rows([_layer(), _layer()])
+    assert not merged.padded and merged.keys.shape == (2, 2, 10, 4)
+
+
 def test_query_head_selection_expands_the_cache():
     layer = _layer()
     layer.keep(torch.tensor([[[0], [1], [2], [3]]]))

@@ -11,6 +11,7 @@ from method_cases import CASES, method_name
 from evalkv.errors import EvalkvError
 from evalkv.kv.engine import Engine, Request
 from evalkv.kv.graphs import StaticDecoder
+from evalkv.kv.session import Session
 from evalkv.kv.slots import SlotDecoder
 from evalkv.methods import build_method
 
@@ -107,6 +108,68 @@ def test_the_full_cache_decoder_is_not_kept(tokenizer):
     static = Engine(tiny_model(), build_method("full", {}), decode_graphs="eager")
     static.generate(_prompts(tokenizer)[0], NEW_TOKENS)
     assert static._static is None
+
+
+SLOT_METHODS = ["h2o", "tova", "streaming_llm", "sliding_window"]
+
+
+def _short_prompts(tokenizer, lengths=(17, 30, 44, 120)) -> list[list[int]]:
+    """Prompts of different lengths, those under 48 shorter than the budget of the tests below."""
+    base = prompt_ids(tokenizer)
+    return [base[index : index + length] for index, length in enumerate(lengths)]
+
+
+@pytest.mark.parametrize(("method", "architecture"), rotated(SLOT_METHODS))
+def test_rows_shorter_than_the_budget_decode_together_in_the_slot_cache(method, architecture, tokenizer):
+    """Prompts of different lengths under the budget (and one over it, holding exactly the budget) merge, padded
+    with free slots, and decode as one batch through the slot cache, past the point where the shortest fills it:
+    each row's tokens and memory figures equal its lone ordinary run."""
+    model = tiny_model(architecture)
+    ordinary = Engine(model, build_method(method, {"budget": 48}), decode_graphs="off")
+    static = Engine(model, build_method(method, {"budget": 48}), decode_graphs="eager")
+    prompts = _short_prompts(tokenizer)
+    new_tokens = [10, 40, 40, 40]  # the shortest row stops before it fills the cache, the others after
+    together = static.generate_batch([Request(ids, count) for ids, count in zip(prompts, new_tokens)])
+    alone = [ordinary.generate(ids, count) for ids, count in zip(prompts, new_tokens)]
+    assert [_fields(g)[:-1] for g in together] == [_fields(g)[:-1] for g in alone]
+    assert [(g.decode_batch, g.decode_static) for g in together] == [(len(prompts), True)] * len(prompts)
+    assert type(static._static[1]) is SlotDecoder
+
+
+def test_one_slot_decoder_serves_batches_of_any_prompt_lengths_under_the_budget(tokenizer):
+    """The slot buffers hold C + 1 slots whatever the prompt lengths: the next batch of as many rows (shorter
+    prompts, a new longest row) reuses the decoder (on CUDA its captured graph), each row with its own entries."""
+    model = tiny_model("tiny-llama")
+    static = Engine(model, build_method("h2o", {"budget": 48}), decode_graphs="eager")
+    ordinary = Engine(model, build_method("h2o", {"budget": 48}), decode_graphs="off")
+    first = static.generate_batch([Request(ids, 12) for ids in _short_prompts(tokenizer, (20, 44))])
+    decoder = static._static[1]
+    prompts = _short_prompts(tokenizer, (9, 31))
+    second = static.generate_batch([Request(ids, 30) for ids in prompts])
+    assert static._static[1] is decoder
+    assert [g.decode_batch for g in first + second] == [2, 2, 2, 2]
+    assert [_fields(g)[:-1] for g in second] == [_fields(ordinary.generate(ids, 30))[:-1] for ids in prompts]
+
+
+def test_methods_without_a_slot_cache_do_not_pad_rows_of_different_lengths(tokenizer):
+    """snapkv appends while decoding: rows under the budget batch only with rows of their own length."""
+    static = Engine(tiny_model(), build_method("snapkv", {"budget": 48}), decode_graphs="eager")
+    prompts = _short_prompts(tokenizer, (17, 30, 30))
+    assert [g.decode_batch for g in static.generate_batch([Request(ids, 4) for ids in prompts])] == [1, 2, 2]
+
+
+def test_rows_padded_with_free_slots_refuse_eager_decoding(tokenizer):
+    """Padding is a free slot only to the slot cache; h2o's eager step would score it as entries: a merged padded
+    session that reached the eager path stops with an error instead of decoding wrong."""
+    engine = Engine(tiny_model(), build_method("h2o", {"budget": 48}), decode_graphs="off")
+    rows = [engine._prefill(Request(ids, 4)) for ids in _short_prompts(tokenizer, (17, 30))]
+    sessions = [row.session for row in rows]
+    with pytest.raises(ValueError, match="batch keys differ"):
+        Session.merge(sessions)
+    merged = Session.merge(sessions, fill_to=48)
+    assert merged.needs_slots()
+    with pytest.raises(RuntimeError, match="free slots"):
+        engine._decode(rows, merged)
 
 
 def test_buffers_refuse_more_steps_than_they_hold(tokenizer):
