@@ -6,9 +6,11 @@ RoPE positions never shift after eviction (docs/methods.md#shared-positions).
 
 Batched decoding: `generate_batch` prefills each prompt alone (prompts differ in length), then decodes together the
 samples whose compressed caches have the same shape and whose method keeps no per-sample state for decoding
-(`Session.batch_key`). Each row keeps its own true positions; a row leaves the batch when it stops. The tokens
-equal batch-size-1 decoding up to floating-point reassociation of the batched matmuls (identical in fp32 on the
-CPU in the tests). A sampling row draws from its own generator once per step, so that holds for sampled tokens too.
+(`Session.batch_key`); rows of a method with a slot cache (evalkv/kv/slots.py) whose prompts are shorter than its
+budget batch whatever their lengths, padded with free slots (`Engine._slot_fill`). Each row keeps its own true
+positions; a row leaves the batch when it stops. The tokens equal batch-size-1 decoding up to floating-point
+reassociation of the batched matmuls (identical in fp32 on the CPU in the tests). A sampling row draws from its own
+generator once per step, so that holds for sampled tokens too.
 
 CUDA graphs (`decode_graphs="auto"`, on CUDA devices): a group whose cache only grows while decoding decodes through a
 `StaticDecoder`, whose step is captured once and replayed (evalkv/kv/graphs.py). The captured graph is kept for the
