@@ -14,6 +14,7 @@ from evalkv.kv.engine import Engine
 from evalkv.methods import build_method
 from evalkv.methods.duo_attention import read_pattern, streaming_heads
 from evalkv.models.presets import build_random_model
+from evalkv.run.pred import method_label
 
 NEW_TOKENS = 3
 
@@ -137,6 +138,10 @@ def test_duo_attention_ignores_budgets_takes_ratios_as_head_ratios_and_names_its
         {"compression_ratio": 0.25}) == kept({"head_compression_ratio": 0.25})
     assert build_method("duo_attention", {"compression_ratio": 0.75}).head_compression_ratio == 0.75
     assert build_method("duo_attention", {"compression_ratio": 0.75}).describe() == "duo_attention_r0.75"
+    # the run label names the ratio once, whatever the ratio (the head ratio it sets is not an option of its own)
+    assert method_label(build_method("duo_attention", {"compression_ratio": 0.875})) == "duo_attention_r0.875"
+    assert method_label(build_method("duo_attention", {"head_compression_ratio": 0.875})) == (
+        "duo_attention_h0.875-head_compression_ratio=0.875")
     thresholded = build_method("duo_attention", {"patterns": DUO_PATTERN, "threshold": 0.5, "compression_ratio": 0.75})
     assert thresholded.head_compression_ratio == 0.5 and thresholded.describe() == "duo_attention_t0.5"
     with pytest.raises(EvalkvError, match="head_compression_ratio must be in"):

@@ -131,11 +131,13 @@ class DuoAttention(Method):
     recent_size: Optional[int] = None
 
     needs_budget = False
+    free_options = ()  # options the run label leaves out (evalkv/run/pred.py `_non_default`)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.compression_ratio is not None and self.threshold is None:
             self.head_compression_ratio = self.compression_ratio
+            self.free_options = ("head_compression_ratio",)  # set by the ratio: not an option of its own in labels
         if not 0.0 <= self.head_compression_ratio <= 1.0:
             raise EvalkvError(f"duo_attention: head_compression_ratio must be in [0, 1], got "
                               f"{self.head_compression_ratio}")
