@@ -142,6 +142,9 @@ def test_duo_attention_ignores_budgets_takes_ratios_as_head_ratios_and_names_its
     assert method_label(build_method("duo_attention", {"compression_ratio": 0.875})) == "duo_attention_r0.875"
     assert method_label(build_method("duo_attention", {"head_compression_ratio": 0.875})) == (
         "duo_attention_h0.875-head_compression_ratio=0.875")
+    # tables read the swept ratio as the run's budget column (the leaderboard view's compression_ratio)
+    assert build_method("duo_attention", {"compression_ratio": 0.875}).budget_label() == "r0.875"
+    assert build_method("duo_attention", {"head_compression_ratio": 0.875}).budget_label() is None
     thresholded = build_method("duo_attention", {"patterns": DUO_PATTERN, "threshold": 0.5, "compression_ratio": 0.75})
     assert thresholded.head_compression_ratio == 0.5 and thresholded.describe() == "duo_attention_t0.5"
     with pytest.raises(EvalkvError, match="head_compression_ratio must be in"):

@@ -156,6 +156,12 @@ class Method:
             return f"{self.name}_r{self.compression_ratio:g}"
         return self.name  # a method whose options need no budget (sink_recent_uniform's stride mode)
 
+    def budget_label(self) -> str | None:
+        """The run's budget in tables: `128`, `r0.5`, or None for a method that keeps no budget (`full`)."""
+        if not self.requires_budget():
+            return None
+        return str(self.budget) if self.budget is not None else f"r{self.compression_ratio:g}"
+
 
 def check_key_channels(method: Method) -> None:
     """Refuse key channel pruning on a method that evicts or re-reads its keys while decoding (a step hook), once its

@@ -159,6 +159,10 @@ class DuoAttention(Method):
             return f"{self.name}_r{self.compression_ratio:g}"
         return f"{self.name}_h{self.head_compression_ratio:g}"
 
+    def budget_label(self) -> str | None:
+        """`r<ratio>` when the run's compression_ratio set the head split (the leaderboard's ratio), else none."""
+        return f"r{self.compression_ratio:g}" if "head_compression_ratio" in self.free_options else None
+
     def sizes(self) -> tuple[int, int]:
         """(sink, recent) kept by streaming heads."""
         if self.patterns == ON_THE_FLY:

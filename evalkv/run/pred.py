@@ -373,11 +373,8 @@ def run_labels(cfg: DictConfig, method: Method, task: Task) -> dict:
 
 
 def _budget_label(method: Method) -> str:
-    if not method.requires_budget():
-        return NO_BUDGET
-    if method.budget is not None:
-        return str(method.budget)
-    return f"r{method.compression_ratio:g}"
+    label = method.budget_label()
+    return NO_BUDGET if label is None else label
 
 
 def run_pred(cfg: DictConfig) -> Path:
