@@ -90,8 +90,10 @@ def plot_curves(frame: pd.DataFrame, output: str | Path, tasks: list[str] | None
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(series)}
     rows_per_group = math.ceil(len(columns) / PANEL_COLUMNS)
     width = min(len(columns), PANEL_COLUMNS)
-    figure, axes = plt.subplots(rows_per_group * len(groups), width, figsize=(4.6 * width, 3.4 * rows_per_group *
-                                                                              len(groups)), squeeze=False)
+    labels = 0.075 * max(map(len, series))  # inches the end-of-line names take right of each panel (9 pt)
+    figure, axes = plt.subplots(rows_per_group * len(groups), width, figsize=((4.6 + labels) * width,
+                                                                              3.4 * rows_per_group * len(groups)),
+                                squeeze=False)
     for axis in axes.flat:
         axis.set_visible(False)
     for number, (model, kind) in enumerate(groups):
