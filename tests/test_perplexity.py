@@ -142,8 +142,8 @@ def test_text_file_records_aggregate_into_perplexity(tmp_path):
     assert scores["metric"]["text"] == "perplexity" and scores["lower_is_better"] == ["text"]
     assert scores["average"] is None  # a perplexity is never averaged with scores
     buckets = scores["breakdown"]["text"]["nll_by_position"]
-    assert list(buckets) == ["0", "16", "32"]  # positions 1-15, 16-31, 32-40
-    first = [value for record in records for value in record["nll"][:15]]
+    assert list(buckets) == ["0", "16", "32"]  # positions 1-16, 17-32, 33-40
+    first = [value for record in records for value in record["nll"][:16]]
     assert buckets["0"] == round(sum(first) / len(first), 4)
     assert scores["breakdown"]["text"]["ppl_by_position"]["0"] == round(math.exp(sum(first) / len(first)), 2)
 
@@ -223,7 +223,8 @@ def test_pred_score_table_and_plot_of_perplexity_runs(tmp_path, capsys):
     assert full_row[:3] == ["random-tiny-llama", "full", "-"] and full_row[4] == ""
     assert streaming_row[:3] == ["random-tiny-llama", "streaming_llm", "8"] and streaming_row[3] != full_row[3]
     assert main(["table", str(tmp_path / "results"), "--view", "nll_by_position", "--format", "csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == "model,method,budget,text/0,text/20,text/40"
+    # 40 scored positions in buckets of 20: two full buckets, no one-token bucket at the end
+    assert capsys.readouterr().out.splitlines()[0] == "model,method,budget,text/0,text/20"
     output = tmp_path / "nll.png"
     assert main(["plot", "position", str(tmp_path / "results"), "-o", str(output)]) == 0
     assert output.stat().st_size > 0

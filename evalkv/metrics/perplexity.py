@@ -3,8 +3,9 @@ compute it over their concatenated NLLs (`torch.exp(torch.stack(nlls).mean())`).
 
 A record (evalkv/run/pred.py `text_record`) holds one text's per-token NLLs (`nll`, from position `first_scored`)
 and the task's `bucket_size`. The task score is the PPL over all records, each token weighted equally (2 decimals;
-lower is better). The breakdown gives, per position bucket (keyed by its first position: `0`, `1024`, ... for
-buckets of 1024 tokens; bucket 0 starts at the first scored position), the mean NLL (`nll_by_position`, 4 decimals)
+lower is better). The breakdown gives, per position bucket of `bucket_size` scored positions (keyed `0`, `1024`, ...
+for buckets of 1024: bucket `0` holds positions 1-1024, the first token being unscored, `1024` positions 1025-2048),
+so `num_eval_tokens` a multiple of `bucket_size` fills every bucket, the mean NLL (`nll_by_position`, 4 decimals)
 and its PPL (`ppl_by_position`), over every text that reaches the bucket: `evalkv table --view nll_by_position`,
 `evalkv plot position`.
 """
@@ -47,7 +48,7 @@ def by_position(records: list[dict]) -> dict:
         size = int(record.get("bucket_size") or DEFAULT_BUCKET)
         first = int(record.get("first_scored", 1))
         for offset, value in enumerate(_nll(record)):
-            cell = sums[(first + offset) // size * size]
+            cell = sums[(first + offset - 1) // size * size]  # position p predicts token p, from p - 1
             cell[0] += value
             cell[1] += 1
     means = {start: total / count for start, (total, count) in sorted(sums.items())}
