@@ -15,6 +15,9 @@
 #        LENGTH   context length in tokens (default 4096, the leaderboard's)
 #        TASKS    comma-separated RULER tasks (default: the 13 less those whose data are not given)
 #        EVALKV   the command to run (default: evalkv), e.g. "python3 -m evalkv.cli"
+#        PARALLEL N processes side by side, the methods dealt out in turn (default 1: one process); each method's
+#                 runs then go under OUT/<method>/ (keep the setting when resuming); on one GPU, CUDA MPS
+#                 (nvidia-cuda-mps-control -d) lets the processes share it (docs/results.md ran 21 that way)
 #   example: scripts/leaderboard.sh full,snapkv,knorm task.essay_path=data/ruler/PaulGrahamEssays.json
 set -euo pipefail
 # The evalkv pred override that compresses the context without the question, as kvpress's evaluate.py does by
@@ -33,11 +36,16 @@ evalkv=${EVALKV:-evalkv}
 methods=$1
 shift
 model=${MODEL:-llama3.1-8b-instruct} ratios=${RATIOS:-0.25,0.5,0.75,0.875} length=${LENGTH:-4096}
-output_dir=results/leaderboard given_output=
+output_dir=results/leaderboard parallel=${PARALLEL:-1}
+if ! [[ $parallel =~ ^[1-9][0-9]*$ ]]; then
+  echo "leaderboard: PARALLEL must be a positive number of processes, got '$parallel'" >&2
+  exit 2
+fi
 declare -A given=()
+declare -a passed=()  # the overrides given, output_dir= left out (every call gets its own below)
 for arg in "$@"; do
   given[${arg%%=*}]=1
-  [[ $arg == output_dir=* ]] && output_dir=${arg#output_dir=} given_output=1
+  if [[ $arg == output_dir=* ]]; then output_dir=${arg#output_dir=}; else passed+=("$arg"); fi
 done
 tasks=${TASKS:-}
 if [[ -z $tasks ]]; then
@@ -57,10 +65,28 @@ done
 overrides=(task=ruler "model=$model" "task.lengths=[$length]" "task.tasks=[$tasks]" progress=false)
 [[ -n ${SAMPLES:-} ]] && overrides+=("task.num_samples=$SAMPLES")
 [[ -n $QUERY_AGNOSTIC ]] && overrides+=("$QUERY_AGNOSTIC")
-[[ -z $given_output ]] && overrides+=("output_dir=$output_dir")
 status=0
-# One multirun: the full cache ignores compression_ratio, so it runs once and its later jobs find it done.
-$evalkv pred --multirun "method=$methods" "compression_ratio=$ratios" "${overrides[@]}" "$@" || status=$?
+# One multirun per process: the full cache ignores compression_ratio, so it runs once and its later jobs find it done.
+if ((parallel == 1)); then
+  $evalkv pred --multirun "method=$methods" "compression_ratio=$ratios" "${overrides[@]}" "${passed[@]}" \
+    "output_dir=$output_dir" || status=$?
+else
+  IFS=, read -r -a method_list <<<"$methods"
+  declare -a workers=()
+  for ((part = 0; part < parallel && part < ${#method_list[@]}; part++)); do
+    (  # this process's methods one after another; a failed one does not stop the next
+      failed=0
+      for ((i = part; i < ${#method_list[@]}; i += parallel)); do
+        method=${method_list[i]}
+        $evalkv pred --multirun "method=$method" "compression_ratio=$ratios" "${overrides[@]}" "${passed[@]}" \
+          "output_dir=$output_dir/$method" || failed=1
+      done
+      exit "$failed"
+    ) &
+    workers+=("$!")
+  done
+  for worker in "${workers[@]}"; do wait "$worker" || status=1; done
+fi
 if [[ -d $output_dir ]]; then
   $evalkv score --quiet "$output_dir"
   $evalkv table "$output_dir"

@@ -122,6 +122,23 @@ def test_leaderboard_script_takes_qa_data_model_ratios_and_samples(tmp_path, fak
     assert f"task.tasks=[{','.join(RULER_TASKS)}]" in pred
 
 
+def test_leaderboard_script_runs_methods_in_parallel_processes_each_into_its_folder(tmp_path, fake_evalkv):
+    env, log = fake_evalkv
+    out = tmp_path / "out"
+    out.mkdir()
+    done = _script("leaderboard.sh", "full,snapkv,knorm", f"output_dir={out}", "batch_size=4",
+                   env={**env, "TASKS": "vt", "PARALLEL": "2"})
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    preds = sorted(call for call in calls if call.startswith("pred "))
+    assert preds == [f"pred --multirun method={method} compression_ratio=0.25,0.5,0.75,0.875 task=ruler "
+                     f"model=llama3.1-8b-instruct task.lengths=[4096] task.tasks=[vt] progress=false "
+                     f"compress=context batch_size=4 output_dir={out}/{method}" for method in ("full", "knorm", "snapkv")]
+    assert calls[3:5] == [f"score --quiet {out}", f"table {out}"]  # the tables wait for every process
+    refused = _script("leaderboard.sh", "snapkv", f"output_dir={out}", env={**env, "TASKS": "vt", "PARALLEL": "two"})
+    assert refused.returncode == 2 and "PARALLEL must be a positive number of processes" in refused.stderr
+
+
 def test_leaderboard_script_needs_the_essays_for_the_essay_tasks(tmp_path, fake_evalkv):
     env, log = fake_evalkv
     refused = _script("leaderboard.sh", "snapkv", env=env)
