@@ -133,7 +133,8 @@ def test_leaderboard_script_runs_methods_in_parallel_processes_each_into_its_fol
     preds = sorted(call for call in calls if call.startswith("pred "))
     assert preds == [f"pred --multirun method={method} compression_ratio=0.25,0.5,0.75,0.875 task=ruler "
                      f"model=llama3.1-8b-instruct task.lengths=[4096] task.tasks=[vt] progress=false "
-                     f"compress=context batch_size=4 output_dir={out}/{method}" for method in ("full", "knorm", "snapkv")]
+                     f"compress=context batch_size=4 output_dir={out}/{method}"
+                     for method in ("full", "knorm", "snapkv")]
     assert calls[3:5] == [f"score --quiet {out}", f"table {out}"]  # the tables wait for every process
     refused = _script("leaderboard.sh", "snapkv", f"output_dir={out}", env={**env, "TASKS": "vt", "PARALLEL": "two"})
     assert refused.returncode == 2 and "PARALLEL must be a positive number of processes" in refused.stderr
