@@ -275,15 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     def press_for(ratio: float):
         """The press of one call: SnapKVPress on the context, or DecodingPress (with SnapKVPress on a context longer
         than the budget first, as evalkv compresses it: PrefillDecodingPress)."""
+        context_press = SnapKVPress(compression_ratio=ratio, window_size=window_size, kernel_size=kernel_size)
         if cuts is None:
-            return SnapKVPress(compression_ratio=ratio, window_size=window_size, kernel_size=kernel_size)
+            return context_press
         decoding = recording_cuts(DecodingPress(
             base_press=SnapKVPress(window_size=window_size, kernel_size=kernel_size), compression_interval=cuts[0],
             target_size=cuts[1], hidden_states_buffer_size=buffer))
-        if ratio == 0:
-            return decoding
-        return PrefillDecodingPress(prefilling_press=SnapKVPress(compression_ratio=ratio, window_size=window_size,
-                                                                 kernel_size=kernel_size), decoding_press=decoding)
+        return decoding if ratio == 0 else PrefillDecodingPress(prefilling_press=context_press,
+                                                                 decoding_press=decoding)
 
     def text_of(ids: list[int]) -> str:
         return " ".join(f"t{i}" for i in ids)

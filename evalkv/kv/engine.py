@@ -404,14 +404,17 @@ class Engine:
 
     def _static_allowed(self, rows: list[_Row], session: Session, steps: int) -> bool:
         # The fixed-size buffers hold exact entries: a quantised cache decodes on the eager path.
-        if rows[0].forwards is not None or session.quantization is not None or not self._static_steps(steps):
+        if not self._buffers_allowed(rows[0], session, steps):
             return False
         return can_decode_static(session, self.device) or self._slots_allowed(rows, session)
 
-    def _static_steps(self, steps: int) -> bool:
-        """Whether decode_graphs lets `steps` decode steps run over fixed-size buffers: "eager" and "compile"
-        anywhere, "auto" where it captures; capturing only for generations long enough to repay the capture."""
-        if self.decode_graphs == "off" or (self.decode_graphs == "auto" and not self._captures()):
+    def _buffers_allowed(self, row: _Row, session: Session, steps: int) -> bool:
+        """Whether `steps` decode steps of `session` may run over fixed-size buffers at all: no trace (`row`'s
+        forwards), no quantised cache, and decode_graphs letting them: "eager" and "compile" anywhere, "auto" where
+        it captures; capturing only for generations long enough to repay the capture."""
+        if row.forwards is not None or session.quantization is not None or self.decode_graphs == "off":
+            return False
+        if self.decode_graphs == "auto" and not self._captures():
             return False
         return not (self._captures() and steps < _GRAPH_MIN_STEPS)
 
@@ -430,8 +433,8 @@ class Engine:
         width, each holding at most the capacity."""
         session = row.session
         steps = row.request.max_new_tokens - len(row.tokens)
-        if (row.forwards is not None or session.quantization is not None or not self._static_steps(steps)
-                or not implements_slots(session.method) or not dense_on(session, self.device)):
+        if (not self._buffers_allowed(row, session, steps) or not implements_slots(session.method)
+                or not dense_on(session, self.device)):
             return None
         capacity = session.method.capacity(session.sample.prompt_length)
         if any(layer.padded or layer.pruned is not None or layer.length > capacity for layer in session.cache.layers):

@@ -75,15 +75,14 @@ class Session:
         in_slots: decoded by a `SlotDecoder`, for which padding entries are free slots, masked by position and
         skipped by the method's `evict_slot` (rows merged with `fill_to`): padded layers are fine there."""
         ragged = any(layer.is_ragged or (layer.padded and not in_slots) for layer in self.cache.layers)
-        stepping = self.method.before_step is not None or self.method.after_step is not None
         thinned = any(layer.is_ragged and layer.channels_pruned for layer in self.cache.layers)  # never padded
-        return self.trace is None and not self.has_state() and not (ragged and stepping) and not thinned
+        return (self.trace is None and not self.has_state() and not (ragged and self.method.acts_while_decoding)
+                and not thinned)
 
     def needs_slots(self) -> bool:
         """Whether only a `SlotDecoder` may decode this session: padded layers under a method with step hooks (rows
         merged with `fill_to`), whose hooks would read the padding as entries."""
-        stepping = self.method.before_step is not None or self.method.after_step is not None
-        return stepping and any(layer.padded for layer in self.cache.layers)
+        return self.method.acts_while_decoding and any(layer.padded for layer in self.cache.layers)
 
     def pad_ragged(self) -> None:
         """Lay ragged layers out dense for decoding (a method without step hooks: nothing evicts from them again)."""

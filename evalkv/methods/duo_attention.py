@@ -131,13 +131,11 @@ class DuoAttention(Method):
     recent_size: Optional[int] = None
 
     needs_budget = False
-    free_options = ()  # options the run label leaves out (evalkv/run/pred.py `_non_default`)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.compression_ratio is not None and self.threshold is None:
+        if self.split_by_ratio:
             self.head_compression_ratio = self.compression_ratio
-            self.free_options = ("head_compression_ratio",)  # set by the ratio: not an option of its own in labels
         if not 0.0 <= self.head_compression_ratio <= 1.0:
             raise EvalkvError(f"duo_attention: head_compression_ratio must be in [0, 1], got "
                               f"{self.head_compression_ratio}")
@@ -155,13 +153,24 @@ class DuoAttention(Method):
     def describe(self) -> str:
         if self.threshold is not None:
             return f"{self.name}_t{self.threshold:g}"
-        if self.compression_ratio is not None:  # the sweep's label, which tables read as the run's ratio
+        if self.split_by_ratio:  # the sweep's label, which tables read as the run's ratio
             return f"{self.name}_r{self.compression_ratio:g}"
         return f"{self.name}_h{self.head_compression_ratio:g}"
 
+    @property
+    def split_by_ratio(self) -> bool:
+        """Whether the run's compression_ratio sets the head split (kvpress's evaluation's rule), as it does
+        without a threshold."""
+        return self.compression_ratio is not None and self.threshold is None
+
+    @property
+    def free_options(self) -> tuple[str, ...]:
+        """Options the run label leaves out (evalkv/run/pred.py `_non_default`): a head ratio the ratio set."""
+        return ("head_compression_ratio",) if self.split_by_ratio else ()
+
     def budget_label(self) -> str | None:
         """`r<ratio>` when the run's compression_ratio set the head split (the leaderboard's ratio), else none."""
-        return f"r{self.compression_ratio:g}" if "head_compression_ratio" in self.free_options else None
+        return f"r{self.compression_ratio:g}" if self.split_by_ratio else None
 
     def sizes(self) -> tuple[int, int]:
         """(sink, recent) kept by streaming heads."""
