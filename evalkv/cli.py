@@ -464,6 +464,7 @@ BENCH_EPILOG = """KEY=VALUE overrides are evalkv pred's, for several methods at 
   budget=N  compression_ratio=R  every method's budget (default budget=1024; full keeps everything)
   method.X=VALUE                 option X of every listed method that has it (an error when none has it)
   A.X=VALUE                      option X of method A alone, e.g. snapkv.window_size=8
+  cache.quant=kivi2  cache.X=V   every method holds its cache as KIVI codes (grid only; rows read snapkv+kivi2)
 The older flags still work: --model M is model=M, --model-option X=V is model.X=V, --budget N is budget=N,
 --option A.X=V is A.X=V.
 
@@ -473,6 +474,7 @@ examples:
   evalkv bench --workload longbench method=snapkv budget=1024 --batch-size 8 --write-workload workload.json
   evalkv bench --workload reasoning method=snapkv budget=1024 --samples 64 --new-tokens 8192 --batch-size 8
   evalkv bench --questions 8 method=full,snapkv budget=1024 --lengths 32768
+  evalkv bench method=full,snapkv cache.quant=kivi2 --lengths 32768 --new-tokens 8
 """
 BENCH_MODEL = "random-llama-3.1-8b"
 BENCH_BUDGET = 1024
@@ -588,14 +590,19 @@ def cmd_bench(args: list[str]) -> int:
     options = parser.parse_intermixed_args(args)
     _check_bench_arguments(options)
     from evalkv.config import compose_methods, model_config
+    from evalkv.config import quantization as group_quantization
     from evalkv.models.loader import load_model
     from evalkv.overrides import Dialect
 
     names, overrides = _bench_overrides(options)
-    dialect = Dialect("bench", ("model", "model.", "method", "method.", "budget", "compression_ratio"),
+    dialect = Dialect("bench", ("model", "model.", "method", "method.", "budget", "compression_ratio", "cache."),
                       "its prompts are random; A.X=VALUE sets option X of method A alone")
     configs = compose_methods(names, overrides, dialect)
     methods = [_bench_settings(cfg) for cfg in configs]
+    quantization = group_quantization(configs[0].cache)
+    if quantization is not None and _bench_mode(options) != "grid":
+        raise EvalkvError(f"cache.quant={configs[0].cache.quant} is timed by the length x batch-size grid (without "
+                          "--workload or --questions)")
     model = load_model(model_config(configs[0]))
     graph_modes = _graph_modes(options)
     if options.workload:
@@ -603,7 +610,7 @@ def cmd_bench(args: list[str]) -> int:
     elif options.questions is not None:
         report, table = _bench_questions(options, model, methods, graph_modes)
     else:
-        report, table = _bench_grid(options, model, methods, graph_modes)
+        report, table = _bench_grid(options, model, methods, graph_modes, quantization)
     if options.output:
         from evalkv.records import write_json_atomic
 
@@ -674,7 +681,7 @@ def _bench_lengths(options: argparse.Namespace) -> tuple[list[int], int]:
     return lengths, 64 if options.new_tokens is None else options.new_tokens
 
 
-def _bench_grid(options, model, methods, graph_modes) -> tuple[dict, str]:
+def _bench_grid(options, model, methods, graph_modes, quantization=None) -> tuple[dict, str]:
     from evalkv.run.bench import format_rows, profile_once, run_bench
 
     lengths, new_tokens = _bench_lengths(options)
@@ -684,7 +691,8 @@ def _bench_grid(options, model, methods, graph_modes) -> tuple[dict, str]:
     if not batch_sizes or min(batch_sizes) < 1:
         raise EvalkvError(f"--batch-sizes must be positive integers, got {options.batch_sizes!r}")
     report = run_bench(model, methods, lengths, new_tokens, options.repeats or 3, options.warmup,
-                       batch_sizes=batch_sizes, mlp_chunk=options.mlp_chunk, decode_graphs=graph_modes)
+                       batch_sizes=batch_sizes, mlp_chunk=options.mlp_chunk, decode_graphs=graph_modes,
+                       quantization=quantization)
     return report, format_rows(report)
 
 

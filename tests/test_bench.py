@@ -60,6 +60,34 @@ def test_bench_compares_decode_graph_modes_in_one_run(tmp_path, capsys, traced_c
     assert "| snapkv | no, compiled | 96 | 2 |" in capsys.readouterr().out
 
 
+def test_bench_times_a_kivi_cache_against_the_full_cache_held_the_same_way(tmp_path, capsys):
+    """cache.quant=kivi2 holds every method's cache as KIVI codes: the rows say so, hold fewer bytes than the same
+    methods in the model's dtype, and their overhead is against the full cache quantised the same way."""
+    rows = {}
+    for quant in ("none", "kivi2"):
+        report_path = tmp_path / f"{quant}.json"
+        assert main(["bench", "model=random-tiny-llama", "model.device=cpu", "method=full,snapkv", "budget=64",
+                     f"cache.quant={quant}", "cache.group_size=8", "cache.residual=32", "--lengths", "160",
+                     "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "-o", str(report_path)]) == 0
+        report = json.loads(report_path.read_text())
+        assert (report["cache"] is None) == (quant == "none")
+        assert [entry["method"] for entry in report["methods"]] == ["full", "snapkv"]
+        assert report["methods"][1]["options"]["budget"] == 64
+        rows.update({(row["method"], row["cache"]): row for row in report["rows"]})
+    assert set(rows) == {(method, quant) for method in ("full", "snapkv") for quant in ("none", "kivi2")}
+    for method in ("full", "snapkv"):
+        assert rows[method, "kivi2"]["kv_bytes_after_prefill"] < rows[method, "none"]["kv_bytes_after_prefill"]
+        assert rows[method, "kivi2"]["kept_tokens"] == rows[method, "none"]["kept_tokens"]
+    assert rows["full", "kivi2"]["eviction_overhead"] == 0 and rows["snapkv", "kivi2"]["eviction_overhead"] is not None
+    assert "| snapkv+kivi2 | no | 160 | 1 |" in capsys.readouterr().out
+
+
+def test_bench_times_a_kivi_cache_in_the_grid_only(capsys):
+    assert main(["bench", "model=random-tiny-llama", "model.device=cpu", "cache.quant=kivi2", "--workload",
+                 "reasoning", "--samples", "1"]) != 0
+    assert "cache.quant=kivi2 is timed by the length x batch-size grid" in capsys.readouterr().err
+
+
 def test_bench_rejects_an_unknown_decode_graphs_mode(capsys):
     assert main(["bench", "--model", "random-tiny-llama", "--model-option", "device=cpu",
                  "--decode-graphs", "sometimes"]) != 0

@@ -98,6 +98,11 @@ class Kivi:
             raise EvalkvError(f"cache.residual must be a positive multiple of cache.group_size ({self.group_size}): "
                               f"keys are quantised residual / group_size groups at a time; got {self.residual}")
 
+    @property
+    def name(self) -> str:
+        """The cache.quant value that asks for these bits: kivi2, kivi4."""
+        return f"kivi{self.bits}"
+
     def check(self, method, head_dim: int | None = None) -> None:
         """Refuse a method that evicts while decoding, and a head dimension that value groups do not divide."""
         if not decodes_without_hooks(method):

@@ -38,6 +38,7 @@ import transformers
 import evalkv
 from evalkv.kv.adapter import geometry, synchronize
 from evalkv.kv.engine import Engine, Request
+from evalkv.kv.quant import Kivi
 from evalkv.methods import build_method
 from evalkv.models.loader import LoadedModel
 from evalkv.run.floor import Architecture, SampleCost, workload_floor
@@ -67,6 +68,7 @@ class BenchRow:
     kv_bytes_after_prefill: int  # per sequence
     kv_bytes_final: int
     kept_tokens: float
+    cache: str = "none"  # cache.quant: how what the method keeps is held (kivi2, kivi4: KIVI codes)
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:
@@ -145,13 +147,14 @@ def _peak_memory_gb(device: torch.device) -> float | None:
 def bench_method(
     model: LoadedModel, method_name: str, options: dict, lengths: list[int], new_tokens: int, repeats: int,
     warmup: int, seed: int, batch_sizes: list[int] = (1,), bandwidth: float | None = None,
-    mlp_chunk: int | None = None, decode_graphs: str = "auto",
+    mlp_chunk: int | None = None, decode_graphs: str = "auto", quantization: Kivi | None = None,
 ) -> list[BenchRow]:
-    """bandwidth: the device's copy bandwidth in bytes/s, for the bound columns (None: left empty)."""
+    """bandwidth: the device's copy bandwidth in bytes/s, for the bound columns (None: left empty).
+    quantization: hold what the method keeps as KIVI codes (cache.quant; None: as the model's dtype)."""
     method = build_method(method_name, options)
     bound_step_s = None if not bandwidth else weight_bytes(model.model) / bandwidth
     engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk,
-                    decode_graphs=decode_graphs)
+                    decode_graphs=decode_graphs, quantization=quantization)
     vocab = model.model.config.vocab_size
     device = model.device
     rows = []
@@ -194,23 +197,26 @@ def bench_method(
                 decode_s_all=[round(x, 4) for x in decode], peak_memory_gb=peak,
                 kv_bytes_after_prefill=generations[0].kv_bytes, kv_bytes_final=generations[0].final_kv_bytes,
                 kept_tokens=round(generations[0].kept_tokens, 2),
+                cache="none" if quantization is None else quantization.name,
             ))
             print(json.dumps(asdict(rows[-1])), file=sys.stderr, flush=True)
     return rows
 
 
 def add_overheads(rows: list[BenchRow]) -> None:
-    full = {(row.context_length, row.batch_size, row.decode_graphs): row.prefill_s
+    """Each row's prefill against the full cache's at the same length, batch size, decode mode and cache type."""
+    full = {(row.context_length, row.batch_size, row.decode_graphs, row.cache): row.prefill_s
             for row in rows if row.method == "full"}
     for row in rows:
-        base = full.get((row.context_length, row.batch_size, row.decode_graphs))
+        base = full.get((row.context_length, row.batch_size, row.decode_graphs, row.cache))
         if base:
             row.eviction_overhead = round((row.prefill_s - base) / base, 4)
 
 
 def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list[int], new_tokens: int,
               repeats: int, warmup: int, seed: int = 0, batch_sizes: list[int] = (1,),
-              mlp_chunk: int | None = None, decode_graphs: Sequence[str] = ("auto",)) -> dict:
+              mlp_chunk: int | None = None, decode_graphs: Sequence[str] = ("auto",),
+              quantization: Kivi | None = None) -> dict:
     device = model.device
     bandwidth = copy_bandwidth(device)
     weights = weight_bytes(model.model)
@@ -219,13 +225,15 @@ def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list
     for mode in decode_graphs:
         for name, options in methods:
             rows.extend(bench_method(model, name, options, lengths, new_tokens, repeats, warmup, seed, batch_sizes,
-                                     bandwidth, mlp_chunk, mode))
+                                     bandwidth, mlp_chunk, mode, quantization))
     add_overheads(rows)
     return {
         **_environment(model),
         "note": "random prompt ids; fixed generation length (end-of-turn tokens ignored); medians over repeats",
         "weight_bytes": weights, "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "hbm_bound_step_s": bound_step_s, "mlp_chunk": mlp_chunk, "decode_graphs": list(decode_graphs),
+        "cache": None if quantization is None else asdict(quantization),
+        "methods": [{"method": name, "options": options} for name, options in methods],
         "rows": [asdict(row) for row in rows],
     }
 
@@ -254,8 +262,10 @@ def format_rows(report: dict) -> str:
         kv_bound = "-" if row.get("kv_bound_fraction") is None else f"{100 * row['kv_bound_fraction']:.0f}%"
         batch = f"{row['batch_size']}" + ("" if row["decode_batch"] == row["batch_size"] else
                                            f" (decoded {row['decode_batch']} at a time)")
+        quantized = row.get("cache", "none") != "none"
         cells.append([
-            row["method"], _graph_cell(row), f"{row['context_length']}", batch,
+            row["method"] + (f"+{row['cache']}" if quantized else ""), _graph_cell(row),
+            f"{row['context_length']}", batch,
             f"{row['prefill_s']:.3f}", overhead,
             f"{1000 * row['decode_step_s']:.2f}", f"{row['decode_tokens_per_s']:.1f}",
             f"{row['throughput_tokens_per_s']:.1f}", bound, kv_bound, _peak(row),
