@@ -193,7 +193,7 @@ def test_table_shows_missing_cells_as_missing(tmp_path, capsys):
     (["pred", "method=snapkvv"], "unknown method 'snapkvv' (did you mean 'snapkv'?); known: "),
     (["pred", "model=llama9"], "unknown model 'llama9' (did you mean 'llama3'?); known:"),
     (["pred", "task=passkee"], "unknown task 'passkee' (did you mean 'passkey'?); known: aime, gsm8k, longbench, "
-     "longbench_v2, math500, minilongbench, needle, passkey, perplexity, ruler"),
+     "longbench_v2, longgenbench_gsm8k, math500, minilongbench, needle, passkey, perplexity, ruler"),
     (["pred", *TINY, "method=snapkv", "budget=0"], "budget must be a positive number"),
     (["pred", *TINY, "method=snapkv", "budget=-3"], "budget must be a positive number"),
     (["pred", *TINY, "method=snapkv", "budget=8", "batch_size=0"], "batch_size must be at least 1"),
