@@ -58,7 +58,9 @@ def output_value_norms(values: Tensor, weight: Tensor, num_heads: int) -> Tensor
         projection = per_head[:, head].T  # [d, hidden]
         for start in range(0, length, rows):
             block = values[:, head // groups, start : start + rows]
-            norms[:, head, start : start + rows] = (block @ projection).float().abs().sum(dim=-1)
+            # One reduction reads the product once, accumulating in fp32 (no fp32 or abs copy of the block).
+            norms[:, head, start : start + rows] = torch.linalg.vector_norm(block @ projection, ord=1, dim=-1,
+                                                                            dtype=torch.float32)
     return norms
 
 
