@@ -91,7 +91,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -175,6 +174,17 @@ def expected_cache(context_length: int, new_tokens: int, budget: int, cuts: tupl
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def write_result(output: Path, result: dict) -> None:
+    """The result JSON, written atomically with the permissions `open` gives a new file (0666 less the umask;
+    mkstemp would make it 0600), as evalkv's own writes are (evalkv/records.py; this script runs without evalkv)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as out:
+        json.dump(result, out, indent=2)
+        out.write("\n")
+    os.replace(temporary, output)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,13 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_memory_gb": None if peak is None else round(peak, 3),
         "per_sample": per_sample,
     }
-    output = Path(options.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        json.dump(result, out, indent=2)
-        out.write("\n")
-    os.replace(temporary, output)
+    write_result(Path(options.output), result)
     peak_text = "-" if peak is None else f"{peak:.2f}"
     print(f"{result['device']}, kvpress {result['kvpress']}, transformers {result['transformers']}; {result['note']}")
     print("| method | budget | samples | prompt_tok | new_tok | batch | wall_s | s/sample | samples/s | tok/s | "

@@ -32,6 +32,17 @@ def test_pass_through_tokenizer_gives_back_the_ids():
     assert len(tokenizer.decode(ids, skip_special_tokens=True).split()) == len(ids)
 
 
+def test_the_result_is_written_atomically_with_the_users_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        kvpress_bench.write_result(tmp_path / "out" / "kvpress.json", {"wall_s": 1.5})
+    finally:
+        os.umask(previous)
+    written = tmp_path / "out" / "kvpress.json"
+    assert json.loads(written.read_text()) == {"wall_s": 1.5}
+    assert written.stat().st_mode & 0o777 == 0o640 and [p.name for p in written.parent.iterdir()] == ["kvpress.json"]
+
+
 def test_model_is_rebuilt_from_the_workload_config():
     model = tiny_model()
     info = {"config": json.loads(model.config.to_json_string()),
