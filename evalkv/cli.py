@@ -222,7 +222,8 @@ def cmd_table(args: list[str]) -> int:
                         "model, method, compression_ratio, score; compression-ratio and full-cache runs only); "
                         "reasoning (gsm8k, math500, aime: pass@1, maj@k, pass@k, mean new tokens, finished share); or "
                         "one metric breakdown per task such as by_context_length, by_depth, by_length, nll_by_position "
-                        "(perplexity: mean NLL per position bucket), ppl_by_position")
+                        "(perplexity: mean NLL per position bucket), ppl_by_position, longgenbench "
+                        "(longgenbench_gsm8k: questions answered, correct, accuracy over all questions)")
     parser.add_argument("--delta", action="store_true", help="show every row but the full cache's as its "
                         "difference from the full-cache row of the same model")
     parser.add_argument("--intervals", action="store_true", help="scores view: each cell with its 95%% bootstrap "

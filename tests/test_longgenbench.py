@@ -155,3 +155,7 @@ def test_a_tiny_model_run_scores_every_prompt(tmp_path, capsys):
     assert main(["score", str(predictions.parent)]) == 0
     scores = json.loads((predictions.parent / "scores.json").read_text())
     assert scores["breakdown"]["longgenbench_gsm8k"]["longgenbench"]["questions"] == 5
+    capsys.readouterr()
+    assert main(["table", str(out), "--view", "longgenbench"]) == 0
+    table = capsys.readouterr().out
+    assert "longgenbench_gsm8k/all_questions" in table and "| h2o | 64 |" in table
