@@ -11,8 +11,9 @@ from evalkv.kv.engine import Engine, Request
 from evalkv.methods import build_method
 
 NEW_TOKENS = 6
-# Methods whose decode reads per-sample state (a query buffer, ...) or that keep no budget decode one at a time
-# (ragged per-head caches batch, padded to their longest head).
+# Methods whose decode reads per-sample state (a query buffer, ...) or that keep no budget decode one at a time on the
+# ordinary path (ragged per-head caches batch, padded to their longest head; the full cache batches over fixed-size
+# buffers, below).
 UNBATCHED = {"full", "sink_recent_uniform-stride", "lacache",
              "segment_two_stage", "segment_two_stage-kv_head-v2", "kmeans-centroid-decode",
              "snapkv-decoding", "expected_attention-decoding", "laq", "rkv", "duo_attention",
@@ -141,3 +142,41 @@ def test_each_request_is_reported_once_when_its_generation_ends(tokenizer):
     engine.generate_batch(requests, on_finished=ended.append)
     assert sorted(ended) == [0, 1, 2, 3]
     assert ended.index(3) < ended.index(1) < min(ended.index(0), ended.index(2))
+
+
+def test_full_cache_rows_of_different_lengths_batch_over_fixed_size_buffers(tokenizer):
+    """Rows padded to their length rounded up to 256 entries decode together over the static buffers, each
+    generating, holding and reporting what it does alone; rows that stop early leave the rest decoding."""
+    base = prompt_ids(tokenizer)
+    prompts = [base[:40], base[:97], base[:300], base[:260], base[:12]]
+    budgets = [20, 9, 15, 30, 25]
+    alone = Engine(tiny_model(), build_method("full", {}), decode_graphs="off")
+    static = Engine(tiny_model(), build_method("full", {}), decode_graphs="eager")
+    expected = [alone.generate(ids, new) for ids, new in zip(prompts, budgets)]
+    batched = static.generate_batch([Request(ids, new, stop_token_ids=[expected[1].token_ids[4]])
+                                     if index == 1 else Request(ids, new)
+                                     for index, (ids, new) in enumerate(zip(prompts, budgets))])
+    assert [g.decode_batch for g in batched] == [3, 3, 2, 2, 3] and all(g.decode_static for g in batched)
+    assert batched[1].token_ids == expected[1].token_ids[:5]  # stopped on its stop token, the others went on
+    for index in (0, 2, 3, 4):
+        got, want = batched[index], expected[index]
+        assert (got.token_ids, got.kept_tokens, got.final_kept_tokens, got.final_kv_bytes) == (
+            want.token_ids, want.kept_tokens, want.final_kept_tokens, want.final_kv_bytes)
+
+
+def test_full_cache_rows_wait_for_a_batch_only_where_the_device_has_room(monkeypatch):
+    """On CUDA a full cache waits beside the others only while they would all fit twice in the memory left (the
+    decode buffers copy them); a budgeted cache, and any cache off CUDA, always may."""
+    from types import SimpleNamespace
+
+    cache = SimpleNamespace(nbytes=1000)
+    full = SimpleNamespace(session=SimpleNamespace(method=build_method("full", {}), cache=cache))
+    snapkv = SimpleNamespace(session=SimpleNamespace(method=build_method("snapkv", {"budget": 64}), cache=cache))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5000, 80000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 1500)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 500)
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    assert Engine._may_hold(gpu, full, waiting=2000)  # 2 x 3000 <= 5000 + 1000
+    assert not Engine._may_hold(gpu, full, waiting=2001)
+    assert Engine._may_hold(gpu, snapkv, waiting=10**9)
+    assert Engine._may_hold(SimpleNamespace(device=torch.device("cpu")), full, waiting=10**9)

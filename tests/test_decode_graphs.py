@@ -3,6 +3,8 @@ generates."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import prompt_ids, rotated, tiny_model
@@ -23,15 +25,43 @@ def _prompts(tokenizer) -> list[list[int]]:
     return [base, base[7:], prompt_ids(tokenizer, repeats=13)[3:]]
 
 
+def _mixed_prompts(tokenizer) -> list[list[int]]:
+    """`_prompts` and two shorter than a budget of 64: a slot cache's batch holds rows padded with free slots, a full
+    cache's rows of different lengths padded to a common one."""
+    return [*_prompts(tokenizer), prompt_ids(tokenizer)[:20], prompt_ids(tokenizer)[5:50]]
+
+
 def _fields(generation) -> tuple:
     return (generation.token_ids, generation.prompt_tokens, generation.kept_tokens, generation.kv_bytes,
             generation.final_kept_tokens, generation.final_kv_bytes, generation.decode_batch)
 
 
+def _batch_fields(generations, method: str) -> list[tuple]:
+    """`_fields` of a batch's generations, but for the full cache without `decode_batch`: its rows decode together
+    over fixed-size buffers (padded to a common length) and alone on the ordinary path."""
+    return [_fields(g)[:-1] if method == "full" else _fields(g) for g in generations]
+
+
+# How `_mixed_prompts` decode over fixed-size buffers (graphs): a slot cache pads the two short rows with free slots
+# into the batch of the three compressed ones; the full cache pads rows to their length rounded up to 256 entries
+# (540-582 -> 768, 20 and 45 -> 256); snapkv keeps the short prompts whole, so they decode alone.
+MIXED_BATCHES = {"snapkv": [3, 3, 3, 1, 1], "full": [3, 3, 3, 2, 2], "h2o": [5] * 5, "tova": [5] * 5,
+                 "streaming_llm": [5] * 5}
+
+
+def _mixed_batch_fields(generations, method: str, graphed: bool) -> list[tuple]:
+    """`_fields` without `decode_batch` (the ordinary path batches only rows of equal shapes), after checking how the
+    rows of `_mixed_prompts` decoded together."""
+    if graphed:
+        assert [g.decode_batch for g in generations] == MIXED_BATCHES[method]
+    return [_fields(g)[:-1] for g in generations]
+
+
 @pytest.mark.parametrize(("case", "architecture"), rotated(CASES))
 def test_static_buffers_generate_what_ordinary_decoding_generates(architecture, case, tokenizer):
     """Every method case: alone and batched, same tokens and same memory figures; methods that evict while
-    decoding (or keep state) fall back to ordinary decoding."""
+    decoding (or keep state) fall back to ordinary decoding. The full cache's rows, which decode alone on the
+    ordinary path, decode together over the buffers (padded to a common length)."""
     model = tiny_model(architecture)
     method = build_method(method_name(case), dict(CASES[case]))
     ordinary = Engine(model, method, tokenizer=tokenizer, decode_graphs="off")
@@ -40,8 +70,11 @@ def test_static_buffers_generate_what_ordinary_decoding_generates(architecture, 
     for ids in prompts:
         assert _fields(static.generate(ids, NEW_TOKENS)) == _fields(ordinary.generate(ids, NEW_TOKENS))
     requests = [Request(ids, NEW_TOKENS) for ids in prompts]
-    assert [_fields(g) for g in static.generate_batch(requests)] == [
-        _fields(g) for g in ordinary.generate_batch(requests)]
+    batched, alone = static.generate_batch(requests), ordinary.generate_batch(requests)
+    if method.name == "full" and not method.key_channel_ratio:
+        assert [g.decode_batch for g in batched] == [3, 3, 3] and [g.decode_batch for g in alone] == [1, 1, 1]
+        batched = [dataclasses.replace(g, decode_batch=1) for g in batched]
+    assert [_fields(g) for g in batched] == [_fields(g) for g in alone]
     ragged = method.name in {"adakv", "catekv", "kvzip"}  # per-head budgets: no fixed-size buffers
     if method.requires_budget() and not method.acts_while_decoding and not ragged:
         assert static._static is not None, "this method's caches only grow: the static buffers should serve it"
@@ -225,8 +258,8 @@ def test_compiled_steps_generate_what_ordinary_decoding_generates(architecture, 
         assert _fields(generation) == _fields(ordinary.generate(ids, NEW_TOKENS))
         assert generation.decode_compiled == (method == "snapkv") and not generation.decode_graph
     requests = [Request(ids, NEW_TOKENS) for ids in prompts]
-    assert [_fields(g) for g in compiled.generate_batch(requests)] == [
-        _fields(g) for g in ordinary.generate_batch(requests)]
+    assert _batch_fields(compiled.generate_batch(requests), method) == _batch_fields(
+        ordinary.generate_batch(requests), method)
     assert traced_compile["stats"]["unique_graphs"] == (2 if method == "snapkv" else 0)
     assert not traced_compile["graph_break"]
 
@@ -348,25 +381,27 @@ def test_the_capture_protocol_generates_what_ordinary_decoding_generates(method,
     options = {} if method == "full" else {"budget": 64}
     replayed_engine = Engine(model, build_method(method, options), decode_graphs="auto")
     ordinary = Engine(model, build_method(method, options), decode_graphs="off")
-    requests = [Request(ids, 12) for ids in _prompts(tokenizer)]
+    requests = [Request(ids, 12) for ids in _mixed_prompts(tokenizer)]
     for _ in range(2):  # the second batch reuses the decoder and its graph
         replayed = replayed_engine.generate_batch(requests)
         assert all(g.decode_graph for g in replayed)
-        assert [_fields(g) for g in replayed] == [_fields(g) for g in ordinary.generate_batch(requests)]
+        assert _mixed_batch_fields(replayed, method, True) == _mixed_batch_fields(
+            ordinary.generate_batch(requests), method, False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("method", ["snapkv", "full", "h2o", "tova", "streaming_llm"])
 def test_cuda_graph_replays_generate_what_eager_steps_generate(method, tokenizer):
     """On CUDA in fp32: replayed graphs give the ordinary tokens, batched and alone, across reused graphs (appending
-    caches and fixed-capacity slot caches)."""
+    caches and fixed-capacity slot caches), with rows padded to a batch's common length or capacity."""
     model = tiny_model("tiny-llama").to("cuda")
     options = {} if method == "full" else {"budget": 64}
     graphed = Engine(model, build_method(method, options), decode_graphs="auto")
     ordinary = Engine(model, build_method(method, options), decode_graphs="off")
-    prompts = _prompts(tokenizer)
+    prompts = _mixed_prompts(tokenizer)
     for _ in range(2):
         requests = [Request(ids, 12) for ids in prompts]
         replayed = graphed.generate_batch(requests)
-        assert [_fields(g) for g in replayed] == [_fields(g) for g in ordinary.generate_batch(requests)]
+        assert _mixed_batch_fields(replayed, method, True) == _mixed_batch_fields(
+            ordinary.generate_batch(requests), method, False)
         assert all(g.decode_graph for g in replayed)

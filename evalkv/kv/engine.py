@@ -7,7 +7,9 @@ RoPE positions never shift after eviction (docs/methods.md#shared-positions).
 Batched decoding: `generate_batch` prefills each prompt alone (prompts differ in length), then decodes together the
 samples whose compressed caches have the same shape and whose method keeps no per-sample state for decoding
 (`Session.batch_key`); rows of a method with a slot cache (evalkv/kv/slots.py) whose prompts are shorter than its
-budget batch whatever their lengths, padded with free slots (`Engine._slot_fill`). Each row keeps its own true
+budget batch whatever their lengths, padded with free slots (`Engine._slot_fill`), and rows of the full cache batch
+padded to a common length (`Engine._append_fill`) when they decode over fixed-size buffers and the device has room
+for them side by side (`Engine._may_hold`). Each row keeps its own true
 positions; a row leaves the batch when it stops. The tokens equal batch-size-1 decoding up to floating-point
 reassociation of the batched matmuls (identical in fp32 on the CPU in the tests). A sampling row draws from its own
 generator once per step, so that holds for sampled tokens too.
@@ -46,6 +48,8 @@ DECODE_GRAPHS = ("auto", "off", "eager", "compile")
 # many tokens so that batches with slightly different lengths reuse one graph.
 _GRAPH_MIN_STEPS = 8
 _GRAPH_STEP_QUANTUM = 32
+# Full-cache rows pad to their length rounded up to this many entries, so that rows of nearby lengths decode together.
+_APPEND_FILL_QUANTUM = 256
 
 
 def check_decode_graphs(mode: str) -> None:
@@ -262,6 +266,7 @@ class Engine:
         rows: list[_Row] = []
         sizes = [1] * len(requests)
         groups: dict[tuple, list[int]] = {}
+        waiting = 0  # bytes of the caches held for a batch
         contexts = _SharedContexts(requests)
         for index, request in enumerate(requests):
             row = self._prefill(request, contexts=contexts)
@@ -271,13 +276,16 @@ class Engine:
                 self._finish(row, row.session)
                 row.session = None
                 continue
-            fill = self._slot_fill(row)
+            fill = self._fill(row)
             key = row.session.batch_key(fill)
-            if key is None:  # decoded at once and released, so full-length caches never wait side by side
+            if key is not None and not self._may_hold(row, waiting):
+                key = None
+            if key is None:  # decoded at once and released
                 self._decode([row], row.session)
                 row.session = None
             else:
                 groups.setdefault((key, fill), []).append(index)
+                waiting += row.session.cache.nbytes
         limit = max_batch or len(rows)
         for (_, fill), members in groups.items():
             for start in range(0, len(members), limit):
@@ -423,6 +431,39 @@ class Engine:
         stateless layers (padded ones too: rows merged with `_slot_fill`), and every row's capacity the same (rows
         of one batch share `decode_group_key`)."""
         return implements_slots(session.method) and dense_on(session, self.device, in_slots=True)
+
+    def _fill(self, row: _Row) -> int | None:
+        """The length `row`'s layers may be padded to so that it decodes in one batch with rows of other prompt
+        lengths: a slot cache's capacity (`_slot_fill`) or a full cache's common length (`_append_fill`); None: it
+        batches only with rows of its own shapes."""
+        fill = self._slot_fill(row)
+        return fill if fill is not None else self._append_fill(row)
+
+    def _append_fill(self, row: _Row) -> int | None:
+        """For a method without a budget whose decode steps only append (the full cache): the row's length rounded up
+        to `_APPEND_FILL_QUANTUM`, when its steps run over fixed-size buffers (`StaticDecoder`, which masks the
+        padding by position) and its layers are dense, full width and of one length. Eager decoding never meets
+        such padding: a batch decodes the most steps of its rows, so every row's check holds for the batch."""
+        session = row.session
+        steps = row.request.max_new_tokens - len(row.tokens)
+        if (session.method.requires_budget() or not self._buffers_allowed(row, session, steps)
+                or not can_decode_static(session, self.device)):
+            return None
+        layers = session.cache.layers
+        if any(layer.padded or layer.is_ragged or layer.length != layers[0].length for layer in layers):
+            return None
+        return -(-layers[0].length // _APPEND_FILL_QUANTUM) * _APPEND_FILL_QUANTUM
+
+    def _may_hold(self, row: _Row, waiting: int) -> bool:
+        """Whether `row`'s cache may wait for its batch beside the `waiting` bytes already held. A budgeted cache is
+        small and always may; a full cache may while the held caches, with this one, would still fit twice in the
+        memory the device has left (the decode buffers copy them, with room for the steps), so that batching never
+        runs out of memory where decoding each row alone would not. Off CUDA: always."""
+        if row.session.method.requires_budget() or self.device.type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(self.device)
+        reusable = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return 2 * (waiting + row.session.cache.nbytes) <= free + reusable
 
     def _slot_fill(self, row: _Row) -> int | None:
         """The capacity to which `row`'s layers may be filled with free slots, so that it decodes in one batch with

@@ -52,14 +52,17 @@ class Session:
 
         Batching needs dense layers of equal shapes, and a method whose decode steps depend on nothing per sample
         but the cache entries, their `extras` and `Method.decode_group_key` (no per-layer or per-sample state).
-        The full cache never batches: its sessions differ in length and hold the whole prompt's KV.
+        A method without a budget (the full cache) batches only with `fill_to`: its sessions differ in length.
 
         fill_to: the capacity of the slot cache this session will decode in (`Engine._slot_fill`, which checked that
-        its dense layers hold at most that many entries): layers key as if they held exactly that many, so that rows
-        of different prompt lengths merge, padded with free slots (`merge(fill_to=...)`).
+        its dense layers hold at most that many entries), or the common length to which rows of a method that only
+        appends are padded (`Engine._append_fill`, the full cache): layers key as if they held exactly that many, so
+        that rows of different prompt lengths merge, padded at the end with entries at position -1
+        (`merge(fill_to=...)`), which the decode buffers mask.
         """
         method = self.method
-        if not (method.requires_budget() and self.decodes_from_entries()):
+        padded_append = fill_to is not None and not method.acts_while_decoding
+        if not ((method.requires_budget() or padded_append) and self.decodes_from_entries()):
             return None
         if self.quantization is not None and any(layer.is_ragged for layer in self.cache.layers):
             return None  # stacking pads ragged layers dense, which quantised heads are not

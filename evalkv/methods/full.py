@@ -14,3 +14,8 @@ class FullCache(Method):
     """Full KV cache, nothing evicted. `budget` and `compression_ratio` are ignored."""
 
     needs_budget = False
+
+    def decode_group_key(self, prompt_length: int):
+        """Nothing: the full cache's decode steps read no prompt length, so rows of any lengths may decode together
+        (padded to a common length, `Engine._append_fill`)."""
+        return None

@@ -21,8 +21,9 @@ cache, methods that compress the prompt only) and for one held at its budget (me
 prompt over the budget); where such a cache grows until it reaches its budget, the line lies under its true size, so
 the floor stays a floor. decode floor = the bytes / copy bandwidth.
 
-The floor is for the configured batch size, whether or not the method decoded its samples together (the full cache
-decodes one sample at a time); `all_together_decode_floor_s` is the decode floor if every sample decoded in one batch.
+The floor is for the configured batch size, whether or not the method decoded its samples together (per-sample state,
+or, on the eager path, the full cache's rows of different lengths, decode one at a time); `all_together_decode_floor_s`
+is the decode floor if every sample decoded in one batch.
 Left out, so the floor stays under what any run can reach: decode's compute, prefill's memory traffic, the method's
 scoring and eviction, and writing the new keys and values.
 """
