@@ -90,8 +90,8 @@ def test_pred_explains_other_mistakes(tmp_path, capsys, arguments, message):
 @pytest.mark.parametrize("command,arguments,message", [
     ("headmask", ["method=snapkv", "-o", "x.csv"], "evalkv headmask takes model=, model.X=, task=, task.X= "
      "overrides; method=snapkv is not one of them (its probe runs the full cache)"),
-    ("bench", ["task=ruler"], "evalkv bench takes model=, model.X=, method=, method.X=, budget=, compression_ratio= "
-     "overrides; task=ruler is not one of them"),
+    ("bench", ["task=ruler"], "evalkv bench takes model=, model.X=, method=, method.X=, budget=, compression_ratio=, "
+     "cache.X= overrides; task=ruler is not one of them"),
     ("bench", ["--methods", "full,snapkv", "h2o.recent_size=8"], "h2o.recent_size=8: h2o is not among the methods"),
     ("demo", ["method=h2o"], "evalkv demo takes model=, model.X=, method.X=, task.X=, budget="),
     ("demo", ["hydra.verbose=true"], "hydra.verbose=true: Hydra's own settings apply to evalkv pred only"),

@@ -102,8 +102,9 @@ class Session:
     def merge(cls, sessions: list[Session], fill_to: int | None = None) -> Session:
         """One session holding `sessions` as batch rows, in order (all with the same `batch_key(fill_to)`).
 
-        fill_to: rows' layers may be shorter than this capacity; the shorter ones are padded at the end with free
-        slots (position -1), which only a `SlotDecoder` decodes (`needs_slots`)."""
+        fill_to: rows' layers may be shorter than this capacity or common length; the shorter ones are padded at the
+        end with entries at position -1: a slot cache's free slots (only a `SlotDecoder` decodes those rows,
+        `needs_slots`), or a full cache's padding, which `StaticDecoder` masks by position."""
         first = sessions[0]
         key = first.batch_key(fill_to)
         if key is None or any(session.batch_key(fill_to) != key for session in sessions):
