@@ -157,5 +157,6 @@ def test_a_tiny_model_run_scores_every_prompt(tmp_path, capsys):
     assert scores["breakdown"]["longgenbench_gsm8k"]["longgenbench"]["questions"] == 5
     capsys.readouterr()
     assert main(["table", str(out), "--view", "longgenbench"]) == 0
-    table = capsys.readouterr().out
-    assert "longgenbench_gsm8k/all_questions" in table and "| h2o | 64 |" in table
+    header, _, row = (line.strip("|").split("|") for line in capsys.readouterr().out.splitlines()[:3])
+    cells = dict(zip((cell.strip() for cell in header), (cell.strip() for cell in row)))
+    assert cells["method"] == "h2o" and cells["longgenbench_gsm8k/questions"] == "5"  # a count, no decimals

@@ -33,8 +33,10 @@ from evalkv.tasks.longbench.spec import is_e_task
 from evalkv.tasks.ruler.constants import RULER_TASKS
 
 FORMATS = ("md", "csv", "latex", "json")
-# counts, shown without decimals: the `runs` view's, and the `reasoning` view's `task/k`, `task/problems`
-COUNT_COLUMNS = ("samples", "invocations", "interrupted", "processes", "k", "problems")
+# counts, shown without decimals: the `runs` view's, the `reasoning` view's `task/k`, `task/problems`, and the
+# `longgenbench` view's `task/questions`, `task/answered`, `task/correct`
+COUNT_COLUMNS = ("samples", "invocations", "interrupted", "processes", "k", "problems", "questions", "answered",
+                 "correct")
 VIEWS = ("scores, timing, runs, ruler, longbench_e, leaderboard, reasoning, or a breakdown such as by_depth, "
          "by_context_length, by_length, nll_by_position")
 
