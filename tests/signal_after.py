@@ -34,5 +34,9 @@ def _install(count: int, signum: int) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C reaches a process whose SIGINT has Python's handler. A process started from a background job of a
+    # non-interactive shell (`.ci/run ... &`) inherits SIGINT ignored, and Python then installs no handler, so the
+    # signal would be ignored as the shell meant: give this process the handler an interactive run has.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _install(int(sys.argv[1]), getattr(signal, sys.argv[2]))
     sys.exit(main(sys.argv[3:]))
