@@ -14,10 +14,11 @@ NEW_TOKENS = 6
 # Methods whose decode reads per-sample state (a query buffer, ...) or that keep no budget decode one at a time on the
 # ordinary path (ragged per-head caches batch, padded to their longest head; the full cache batches over fixed-size
 # buffers, below).
+# A scorer's buffered decode queries are batch-major state (`Method.batched_state`): snapkv-decoding,
+# expected_attention-decoding and rkv batch.
 UNBATCHED = {"full", "sink_recent_uniform-stride", "lacache",
              "segment_two_stage", "segment_two_stage-kv_head-v2", "kmeans-centroid-decode",
-             "snapkv-decoding", "expected_attention-decoding", "laq", "rkv", "duo_attention",
-             "duo_attention-on_the_fly", "duo_attention-all_streaming"}
+             "laq", "duo_attention", "duo_attention-on_the_fly", "duo_attention-all_streaming"}
 # Methods whose cache shapes depend on the sample (budgets shared across layers): rows batch where shapes match.
 SHAPE_DEPENDENT = {"kvzip-layerwise"}
 
@@ -48,11 +49,15 @@ def test_batch_generates_what_each_sample_generates_alone(architecture, case, to
     assert [g.decode_batch for g in together] == [expected] * len(prompts)
 
 
-@pytest.mark.parametrize("method", ["snapkv", "h2o", "streaming_llm"])
-def test_rows_leave_the_batch_when_they_stop(method, tokenizer):
+@pytest.mark.parametrize("method,options", [
+    ("snapkv", {}), ("h2o", {}), ("streaming_llm", {}),
+    ("snapkv", {"window_size": 4, "decode_interval": 3, "decode_buffer": 5}),  # buffered queries leave with their row
+    ("rkv", {"window_size": 4, "decode_interval": 2, "decode_buffer": 4}),
+])
+def test_rows_leave_the_batch_when_they_stop(method, options, tokenizer):
     """Different stop tokens, token limits and min_new_tokens per row: each row still matches its lone run."""
     model = tiny_model("tiny-qwen2")
-    engine = Engine(model, build_method(method, {"budget": 64}))
+    engine = Engine(model, build_method(method, {"budget": 64, **options}))
     prompts = _prompts(tokenizer)
     free = engine.generate(prompts[0], 8)
     requests = [
@@ -65,8 +70,11 @@ def test_rows_leave_the_batch_when_they_stop(method, tokenizer):
              for r in requests]
     together = engine.generate_batch(requests)
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
-    assert len(together[0].token_ids) == 3 and len(together[1].token_ids) == 3
-    assert all(g.decode_batch == 4 for g in together)
+    assert [(g.final_kept_tokens, g.final_kv_bytes) for g in together] == [
+        (g.final_kept_tokens, g.final_kv_bytes) for g in alone]
+    assert len(together[1].token_ids) == 3 and len({len(g.token_ids) for g in together}) > 1  # rows left early
+    decoded = [g for g in together if len(g.token_ids) > 1]  # a row whose first token stops it never decodes
+    assert len(decoded) >= 3 and {g.decode_batch for g in decoded} == {len(decoded)}
 
 
 def test_max_batch_splits_a_group(tokenizer):

@@ -66,8 +66,10 @@ class Session:
             return None
         if self.quantization is not None and any(layer.is_ragged for layer in self.cache.layers):
             return None  # stacking pads ragged layers dense, which quantised heads are not
+        state = tuple(tuple(sorted((name, tuple(value.shape[1:]), value.dtype) for name, value in layer.items()))
+                      for layer in self.layer_state)  # batch-major tensors (`state_batches`), or nothing
         return (tuple(_layer_shape(layer, fill_to) for layer in self.cache.layers),
-                method.decode_group_key(self.sample.prompt_length), self.sample.phase)
+                method.decode_group_key(self.sample.prompt_length), self.sample.phase, state)
 
     def decodes_from_entries(self, in_slots: bool = False) -> bool:
         """Whether decode steps read nothing of this session but its layers' entries: no trace, no per-sample or
@@ -79,8 +81,8 @@ class Session:
         skipped by the method's `evict_slot` (rows merged with `fill_to`): padded layers are fine there."""
         ragged = any(layer.is_ragged or (layer.padded and not in_slots) for layer in self.cache.layers)
         thinned = any(layer.is_ragged and layer.channels_pruned for layer in self.cache.layers)  # never padded
-        return (self.trace is None and not self.has_state() and not (ragged and self.method.acts_while_decoding)
-                and not thinned)
+        return (self.trace is None and not (self.has_state() and not self.state_batches())
+                and not (ragged and self.method.acts_while_decoding) and not thinned)
 
     def needs_slots(self) -> bool:
         """Whether only a `SlotDecoder` may decode this session: padded layers under a method with step hooks (rows
@@ -97,6 +99,13 @@ class Session:
     def has_state(self) -> bool:
         """Whether the method keeps anything about this sample beyond the cache entries and their extras."""
         return bool(self.sample.state) or any(self.layer_state)
+
+    def state_batches(self) -> bool:
+        """Whether rows of several samples may hold this state side by side: a method with `batched_state`, no
+        sample-wide state, and per-layer state of tensors only (batch-major: stacked by `merge`, selected by
+        `keep_rows`)."""
+        return (self.method.batched_state and not self.sample.state
+                and all(isinstance(value, Tensor) for state in self.layer_state for value in state.values()))
 
     @classmethod
     def merge(cls, sessions: list[Session], fill_to: int | None = None) -> Session:
@@ -123,6 +132,8 @@ class Session:
                 merged.cache.layers[index] = QuantizedLayer.stacked(parts)
             else:
                 layer.stack_rows(parts)
+        merged.layer_state = [{name: torch.cat([session.layer_state[index][name] for session in sessions])
+                               for name in state} for index, state in enumerate(first.layer_state)]
         merged.batched = True
         return merged
 
@@ -137,9 +148,13 @@ class Session:
         return forked
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Drop the batch rows not in `rows` (samples that finished decoding) and free their entries."""
+        """Drop the batch rows not in `rows` (samples that finished decoding) and free their entries and state."""
         for layer in self.cache.layers:
             layer.select_rows(rows)
+        if any(self.layer_state):
+            index = torch.tensor(rows, dtype=torch.long, device=self.cache.layers[0].keys.device)
+            self.layer_state = [{name: value.index_select(0, index.to(value.device)) for name, value in state.items()}
+                                for state in self.layer_state]
 
     def begin_forward(self, phase: Phase, positions: Tensor, last_chunk: bool = True) -> None:
         self.sample.phase = phase
@@ -206,7 +221,7 @@ class Session:
             self._prune_key_channels(layer, view)
         if self.quantization is not None and self.sample.last_chunk:  # the whole prompt's eviction decided exactly
             self.cache.layers[layer_idx] = self.quantization.settle(layer)
-        if self.batched and self.has_state():
+        if self.batched and self.has_state() and not self.state_batches():
             raise RuntimeError(f"{self.method.name}: a hook kept per-sample state while samples decoded as one batch; "
                                "keep it from the prompt on (view.state), so that the sample decodes alone")
         return output

@@ -11,7 +11,9 @@ A method without step hooks only appends while decoding, so its samples may deco
 replayed as CUDA graphs; one with step hooks decodes eagerly. Batching needs no per-sample state: a method keeps
 what must travel with the kept entries in `view.cache.extras` (gathered and batched with the entries) and anything
 else about a sample in `view.state` (this layer) or `view.sample.state` (every layer); either keeps that sample out
-of a decode batch. Options are dataclass fields, fixed once built; `prepare` may load run-wide resources.
+of a decode batch, unless the method sets `batched_state`: its `view.state` then holds only tensors whose first
+dimension is the batch row, which samples in lockstep may hold side by side (a scorer's buffered decode queries,
+evalkv/methods/scorer.py). Options are dataclass fields, fixed once built; `prepare` may load run-wide resources.
 
 A method that compresses the prompt only may also prune key channels (ThinK, docs/methods.md#think): with
 `key_channel_ratio` set, `select_key_channels(view)` runs after the prompt's last `compress_prompt` and names the
@@ -83,6 +85,9 @@ class Method:
 
     name: ClassVar[str] = ""
     needs_budget: ClassVar[bool] = True
+    # Whether `view.state` holds only batch-major tensors (dim 0: the batch row), the same for every row that has
+    # decoded as many steps: samples then decode as one batch, their state rows stacked (`Session.merge`).
+    batched_state: ClassVar[bool] = False
     # The hooks; None = not implemented (see the module docstring).
     compress_prompt: ClassVar[Optional[Hook]] = None
     before_step: ClassVar[Optional[Hook]] = None

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -63,6 +63,10 @@ class Scorer(Method):
     critical_first_stage: with `critical`, the share of each head's budget chosen by the raw scores (kvpress: 0.5).
     critical_epsilon: with `critical`, added to the scores before rescaling (kvpress: 1e-4).
     """
+
+    # The only state is the decode queries buffered since the last cut, `[B, h, n, d]` and `[B, n]`: equal in shape
+    # for samples that decode in lockstep from their prompts, so they decode as one batch.
+    batched_state: ClassVar[bool] = True
 
     layer_budgets: str = "uniform"
     beta: int = 20
