@@ -151,10 +151,8 @@ class Session:
         """Drop the batch rows not in `rows` (samples that finished decoding) and free their entries and state."""
         for layer in self.cache.layers:
             layer.select_rows(rows)
-        if any(self.layer_state):
-            index = torch.tensor(rows, dtype=torch.long, device=self.cache.layers[0].keys.device)
-            self.layer_state = [{name: value.index_select(0, index.to(value.device)) for name, value in state.items()}
-                                for state in self.layer_state]
+        self.layer_state = [{name: value.index_select(0, torch.tensor(rows, dtype=torch.long, device=value.device))
+                             for name, value in state.items()} for state in self.layer_state]
 
     def begin_forward(self, phase: Phase, positions: Tensor, last_chunk: bool = True) -> None:
         self.sample.phase = phase
