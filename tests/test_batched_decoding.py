@@ -173,18 +173,26 @@ def test_full_cache_rows_of_different_lengths_batch_over_fixed_size_buffers(toke
 
 
 def test_full_cache_rows_wait_for_a_batch_only_where_the_device_has_room(monkeypatch):
-    """On CUDA a full cache waits beside the others only while they would all fit twice in the memory left (the
-    decode buffers copy them); a budgeted cache, and any cache off CUDA, always may."""
+    """On CUDA a full cache waits beside the others only while the decode buffers of all of them (padded length and
+    steps, at the cache's bytes per entry) fit in the memory left; a budgeted cache, and any cache off CUDA, always
+    may."""
     from types import SimpleNamespace
 
-    cache = SimpleNamespace(nbytes=1000)
-    full = SimpleNamespace(session=SimpleNamespace(method=build_method("full", {}), cache=cache))
-    snapkv = SimpleNamespace(session=SimpleNamespace(method=build_method("snapkv", {"budget": 64}), cache=cache))
+    def row(method: str, options: dict, length: int, nbytes: int, new_tokens: int):
+        layers = [SimpleNamespace(length=length)]
+        session = SimpleNamespace(method=build_method(method, options), cache=SimpleNamespace(nbytes=nbytes,
+                                                                                              layers=layers))
+        return SimpleNamespace(session=session, request=Request([0] * length, new_tokens), tokens=[1])
+
+    full = row("full", {}, length=200, nbytes=2000, new_tokens=65)  # 64 steps to go: buffers of 256 + 64 entries
+    assert Engine._buffer_bytes(full, 256) == 2000 * 320 // 200 == 3200
+    snapkv = row("snapkv", {"budget": 64}, length=64, nbytes=640, new_tokens=65)
+    assert Engine._buffer_bytes(snapkv, None) == 0
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5000, 80000))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 1500)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 500)
     gpu = SimpleNamespace(device=torch.device("cuda", 0))
-    assert Engine._may_hold(gpu, full, waiting=2000)  # 2 x 3000 <= 5000 + 1000
-    assert not Engine._may_hold(gpu, full, waiting=2001)
-    assert Engine._may_hold(gpu, snapkv, waiting=10**9)
-    assert Engine._may_hold(SimpleNamespace(device=torch.device("cpu")), full, waiting=10**9)
+    assert Engine._may_hold(gpu, full, 3200, waiting=2800)  # 3200 + 2800 <= 5000 + 1000
+    assert not Engine._may_hold(gpu, full, 3200, waiting=2801)
+    assert Engine._may_hold(gpu, snapkv, 0, waiting=10**9)
+    assert Engine._may_hold(SimpleNamespace(device=torch.device("cpu")), full, 3200, waiting=10**9)

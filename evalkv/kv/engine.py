@@ -266,7 +266,7 @@ class Engine:
         rows: list[_Row] = []
         sizes = [1] * len(requests)
         groups: dict[tuple, list[int]] = {}
-        waiting = 0  # bytes of the caches held for a batch
+        waiting = 0  # bytes the decode buffers of the full caches held for a batch will take (`_buffer_bytes`)
         contexts = _SharedContexts(requests)
         for index, request in enumerate(requests):
             row = self._prefill(request, contexts=contexts)
@@ -278,14 +278,15 @@ class Engine:
                 continue
             fill = self._fill(row)
             key = row.session.batch_key(fill)
-            if key is not None and not self._may_hold(row, waiting):
+            need = self._buffer_bytes(row, fill)
+            if key is not None and not self._may_hold(row, need, waiting):
                 key = None
             if key is None:  # decoded at once and released
                 self._decode([row], row.session)
                 row.session = None
             else:
                 groups.setdefault((key, fill), []).append(index)
-                waiting += row.session.cache.nbytes
+                waiting += need
         limit = max_batch or len(rows)
         for (_, fill), members in groups.items():
             for start in range(0, len(members), limit):
@@ -454,16 +455,27 @@ class Engine:
             return None
         return -(-layers[0].length // _APPEND_FILL_QUANTUM) * _APPEND_FILL_QUANTUM
 
-    def _may_hold(self, row: _Row, waiting: int) -> bool:
-        """Whether `row`'s cache may wait for its batch beside the `waiting` bytes already held. A budgeted cache is
-        small and always may; a full cache may while the held caches, with this one, would still fit twice in the
-        memory the device has left (the decode buffers copy them, with room for the steps), so that batching never
-        runs out of memory where decoding each row alone would not. Off CUDA: always."""
+    @staticmethod
+    def _buffer_bytes(row: _Row, fill: int | None) -> int:
+        """The bytes `row` takes in a full cache's decode buffers: its padded length and its steps, at the bytes per
+        entry its cache holds now (0 for a budgeted method, whose rows are small)."""
+        session = row.session
+        if session.method.requires_budget() or fill is None:
+            return 0
+        steps = -(-(row.request.max_new_tokens - len(row.tokens)) // _GRAPH_STEP_QUANTUM) * _GRAPH_STEP_QUANTUM
+        length = max(1, session.cache.layers[0].length)
+        return session.cache.nbytes * (fill + steps) // length
+
+    def _may_hold(self, row: _Row, need: int, waiting: int) -> bool:
+        """Whether `row`'s cache may wait for its batch: a budgeted cache always may; a full cache while the decode
+        buffers of the held rows (`waiting` bytes) and its own (`need`) fit in the memory the device has left, so that
+        batching never runs out of memory where decoding each row alone would not (the prompt caches are held already,
+        and each is released as the buffers take it). Off CUDA: always."""
         if row.session.method.requires_budget() or self.device.type != "cuda":
             return True
         free, _ = torch.cuda.mem_get_info(self.device)
         reusable = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return 2 * (waiting + row.session.cache.nbytes) <= free + reusable
+        return waiting + need <= free + reusable
 
     def _slot_fill(self, row: _Row) -> int | None:
         """The capacity to which `row`'s layers may be filled with free slots, so that it decodes in one batch with
