@@ -178,21 +178,23 @@ def test_full_cache_rows_wait_for_a_batch_only_where_the_device_has_room(monkeyp
     may."""
     from types import SimpleNamespace
 
+    from evalkv.kv.engine import _Row
+
     def row(method: str, options: dict, length: int, nbytes: int, new_tokens: int):
         layers = [SimpleNamespace(length=length)]
         session = SimpleNamespace(method=build_method(method, options), cache=SimpleNamespace(nbytes=nbytes,
                                                                                               layers=layers))
-        return SimpleNamespace(session=session, request=Request([0] * length, new_tokens), tokens=[1])
+        return _Row(Request([0] * length, new_tokens), session, length, 0.0, 0.0, nbytes, None, tokens=[1])
 
     full = row("full", {}, length=200, nbytes=2000, new_tokens=65)  # 64 steps to go: buffers of 256 + 64 entries
     assert Engine._buffer_bytes(full, 256) == 2000 * 320 // 200 == 3200
     snapkv = row("snapkv", {"budget": 64}, length=64, nbytes=640, new_tokens=65)
-    assert Engine._buffer_bytes(snapkv, None) == 0
+    assert Engine._buffer_bytes(snapkv, 64) == Engine._buffer_bytes(snapkv, None) == 0  # a budgeted row: small
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5000, 80000))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 1500)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 500)
     gpu = SimpleNamespace(device=torch.device("cuda", 0))
-    assert Engine._may_hold(gpu, full, 3200, waiting=2800)  # 3200 + 2800 <= 5000 + 1000
-    assert not Engine._may_hold(gpu, full, 3200, waiting=2801)
-    assert Engine._may_hold(gpu, snapkv, 0, waiting=10**9)
-    assert Engine._may_hold(SimpleNamespace(device=torch.device("cpu")), full, 3200, waiting=10**9)
+    assert Engine._may_hold(gpu, Engine._buffer_bytes(full, 256), waiting=2800)  # 3200 + 2800 <= 5000 + 1000
+    assert not Engine._may_hold(gpu, Engine._buffer_bytes(full, 256), waiting=2801)
+    assert Engine._may_hold(gpu, Engine._buffer_bytes(snapkv, 64), waiting=10**9)
+    assert Engine._may_hold(SimpleNamespace(device=torch.device("cpu")), 3200, waiting=10**9)

@@ -52,6 +52,10 @@ _GRAPH_STEP_QUANTUM = 32
 _APPEND_FILL_QUANTUM = 256
 
 
+def _round_up(value: int, quantum: int) -> int:
+    return -(-value // quantum) * quantum
+
+
 def check_decode_graphs(mode: str) -> None:
     """Refuse an unknown decode_graphs mode, naming the known ones (callers check before loading a model)."""
     if mode not in DECODE_GRAPHS:
@@ -123,6 +127,11 @@ class _Row:
 
     def finished(self) -> bool:
         return len(self.tokens) >= self.request.max_new_tokens or self.tokens[-1] in self.stops
+
+    @property
+    def steps_left(self) -> int:
+        """Decode steps this row may still take (its token limit less the tokens it has)."""
+        return self.request.max_new_tokens - len(self.tokens)
 
     def generation(self, decode_batch: int, keep_session: bool) -> Generation:
         return Generation(
@@ -279,7 +288,7 @@ class Engine:
             fill = self._fill(row)
             key = row.session.batch_key(fill)
             need = self._buffer_bytes(row, fill)
-            if key is not None and not self._may_hold(row, need, waiting):
+            if key is not None and not self._may_hold(need, waiting):
                 key = None
             if key is None:  # decoded at once and released
                 self._decode([row], row.session)
@@ -379,7 +388,7 @@ class Engine:
 
         keep_entries: leave the final entries in `session` (a `StaticDecoder` takes them out while it decodes, and
         puts them back only when asked: one row)."""
-        steps = max(row.request.max_new_tokens - len(row.tokens) for row in rows)
+        steps = max(row.steps_left for row in rows)
         session.pad_ragged()
         if self._static_allowed(rows, session, steps):
             self._decode_static(rows, session, steps, keep_entries)
@@ -446,14 +455,14 @@ class Engine:
         padding by position) and its layers are dense, full width and of one length. Eager decoding never meets
         such padding: a batch decodes the most steps of its rows, so every row's check holds for the batch."""
         session = row.session
-        steps = row.request.max_new_tokens - len(row.tokens)
+        steps = row.steps_left
         if (session.method.requires_budget() or not self._buffers_allowed(row, session, steps)
                 or not can_decode_static(session, self.device)):
             return None
         layers = session.cache.layers
         if any(layer.padded or layer.is_ragged or layer.length != layers[0].length for layer in layers):
             return None
-        return -(-layers[0].length // _APPEND_FILL_QUANTUM) * _APPEND_FILL_QUANTUM
+        return _round_up(layers[0].length, _APPEND_FILL_QUANTUM)
 
     @staticmethod
     def _buffer_bytes(row: _Row, fill: int | None) -> int:
@@ -462,16 +471,16 @@ class Engine:
         session = row.session
         if session.method.requires_budget() or fill is None:
             return 0
-        steps = -(-(row.request.max_new_tokens - len(row.tokens)) // _GRAPH_STEP_QUANTUM) * _GRAPH_STEP_QUANTUM
+        steps = _round_up(row.steps_left, _GRAPH_STEP_QUANTUM)
         length = max(1, session.cache.layers[0].length)
         return session.cache.nbytes * (fill + steps) // length
 
-    def _may_hold(self, row: _Row, need: int, waiting: int) -> bool:
-        """Whether `row`'s cache may wait for its batch: a budgeted cache always may; a full cache while the decode
-        buffers of the held rows (`waiting` bytes) and its own (`need`) fit in the memory the device has left, so that
-        batching never runs out of memory where decoding each row alone would not (the prompt caches are held already,
-        and each is released as the buffers take it). Off CUDA: always."""
-        if row.session.method.requires_budget() or self.device.type != "cuda":
+    def _may_hold(self, need: int, waiting: int) -> bool:
+        """Whether a row whose decode buffers take `need` bytes (`_buffer_bytes`: 0 for a budgeted cache, which always
+        may) may wait for its batch: while the buffers of the held rows (`waiting` bytes) and its own fit in the memory
+        the device has left, so that batching never runs out of memory where decoding each row alone would not (the
+        prompt caches are held already, and each is released as the buffers take it). Off CUDA: always."""
+        if not need or self.device.type != "cuda":
             return True
         free, _ = torch.cuda.mem_get_info(self.device)
         reusable = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
@@ -485,7 +494,7 @@ class Engine:
         decodes the most steps of its rows), no trace, no quantisation, and dense layers on the model's device, full
         width, each holding at most the capacity."""
         session = row.session
-        steps = row.request.max_new_tokens - len(row.tokens)
+        steps = row.steps_left
         if (not self._buffers_allowed(row, session, steps) or not implements_slots(session.method)
                 or not dense_on(session, self.device)):
             return None
@@ -503,7 +512,7 @@ class Engine:
             capacity = session.method.capacity(session.sample.prompt_length)
             key = SlotDecoder.shape_key(layers, capacity)
         else:
-            steps = -(-steps // _GRAPH_STEP_QUANTUM) * _GRAPH_STEP_QUANTUM
+            steps = _round_up(steps, _GRAPH_STEP_QUANTUM)
             key = StaticDecoder.shape_key(layers, steps)
         if self._static is not None and self._static[0] == key:
             decoder = self._static[1]

@@ -59,19 +59,27 @@ def _score(record: dict) -> float:
     return correct / asked if asked else 0.0
 
 
-def _ratio(records: list[dict]) -> float:
+def _totals(records: list[dict]) -> tuple[int, int, int]:
+    """(questions asked, questions counted, correct) over every record."""
     counts = [judged(record) for record in records]
-    counted = sum(count for _, count, _ in counts)
-    return round(100 * sum(correct for _, _, correct in counts) / counted, 2) if counted else 0.0
+    return tuple(sum(values) for values in zip(*counts)) if counts else (0, 0, 0)
+
+
+def _ratio_of(counted: int, correct: int) -> float:
+    return round(100 * correct / counted, 2) if counted else 0.0
+
+
+def _ratio(records: list[dict]) -> float:
+    _, counted, correct = _totals(records)
+    return _ratio_of(counted, correct)
 
 
 def breakdown(records: list[dict], scores: list[float]) -> dict:
-    counts = [judged(record) for record in records]
-    asked, counted, correct = (sum(values) for values in zip(*counts)) if counts else (0, 0, 0)
+    asked, counted, correct = _totals(records)
     tokens = [record["new_tokens"] for record in records if isinstance(record.get("new_tokens"), (int, float))]
     finished = [float(record["finished"]) for record in records if isinstance(record.get("finished"), bool)]
     return {"longgenbench": {
-        "ratio": _ratio(records),
+        "ratio": _ratio_of(counted, correct),
         "all_questions": round(100 * correct / asked, 2) if asked else 0.0,
         "questions": asked,
         "answered": counted,
