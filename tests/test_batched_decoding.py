@@ -198,3 +198,39 @@ def test_full_cache_rows_wait_for_a_batch_only_where_the_device_has_room(monkeyp
     assert not Engine._may_hold(gpu, Engine._buffer_bytes(full, 256), waiting=2801)
     assert Engine._may_hold(gpu, Engine._buffer_bytes(snapkv, 64), waiting=10**9)
     assert Engine._may_hold(SimpleNamespace(device=torch.device("cpu")), 3200, waiting=10**9)
+
+
+@pytest.mark.parametrize("case", ["snapkv-decoding", "rkv", "expected_attention-decoding"])
+def test_scorers_cutting_while_decoding_batch_rows_shorter_than_the_budget(case, tokenizer):
+    """Prompts shorter than the budget (and one longer) decode as one eager batch padded to the longest row; each cut
+    reads every row over its own entries, so every row keeps, holds and generates what it does alone, the rows reach
+    the budget at different steps, and the padding is gone once every row was cut."""
+    from evalkv.kv.session import Session
+
+    options = dict(CASES[case], budget=40)
+    engine = Engine(tiny_model("tiny-qwen2"), build_method(method_name(case), options), tokenizer=tokenizer)
+    base = prompt_ids(tokenizer)
+    prompts = [base[:12], base[:23], base[:31], base[:60]]  # 12-31 tokens under the budget, 60 above it
+    new_tokens = 36
+    alone = [engine.generate(ids, new_tokens, keep_session=True) for ids in prompts]
+    merged = []
+    original = Session.merge
+
+    def recording_merge(sessions, fill_to=None):
+        session = original(sessions, fill_to=fill_to)
+        merged.append((fill_to, [layer.padded for layer in session.cache.layers], session))
+        return session
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Session, "merge", staticmethod(recording_merge))
+        together = engine.generate_batch([Request(ids, new_tokens) for ids in prompts])
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert [(g.kept_tokens, g.kv_bytes, g.final_kept_tokens, g.final_kv_bytes) for g in together] == [
+        (g.kept_tokens, g.kv_bytes, g.final_kept_tokens, g.final_kv_bytes) for g in alone]
+    assert [g.decode_batch for g in together] == [len(prompts)] * len(prompts)
+    [(fill, padded, session)] = merged
+    assert fill == 40 and all(padded)  # merged padded to the longest row
+    assert not any(layer.padded for layer in session.cache.layers)  # every row cut: no padding left
+    final = [g.session.cache.layers[0].positions[0] for g in alone]
+    assert len({row.shape[-1] for row in final}) == 1  # each alone ends at the same count: the batch's rows
+    assert torch.equal(session.cache.layers[0].positions, torch.stack(final))

@@ -154,6 +154,30 @@ class LayerCache:
         if parts[0].pruned is not None:
             self.pruned = PrunedKeys.stack([part.pruned for part in parts])
 
+    def row_entries(self, row: int, index: Tensor) -> LayerCache:
+        """Entries `index` `[H_c, n]` of batch row `row` as a layer of their own: with `entry_indices(row)`, what a
+        padded row would hold decoding alone (its entries in order, the padding left out)."""
+        gather = index[..., None].expand(*index.shape, self.keys.shape[-1])
+        return LayerCache(
+            self.keys[row].gather(1, gather)[None], self.values[row].gather(1, gather)[None],
+            self.positions[row].gather(1, index)[None],
+            {name: value[row].gather(1, index[: value.shape[1]])[None] for name, value in self.extras.items()},
+        )
+
+    def entry_indices(self, row: int) -> Tensor:
+        """The indices of batch row `row`'s entries in a padded layer, in order, `[H_c, n]`: every head must hold as
+        many (rows merged with `fill_to` and cut to one count per head; not a per-head budget's padding)."""
+        valid = self.positions[row] >= 0  # [H_c, m]
+        counts = valid.sum(dim=-1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError("this padded row holds different numbers of entries per head")
+        return torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices[:, : int(counts[0])]
+
+    def padding_indices(self, row: int, count: int) -> Tensor:
+        """The first `count` padding entries of batch row `row` of a padded layer, per head: `[H_c, count]`."""
+        valid = (self.positions[row] >= 0).to(torch.uint8)
+        return torch.sort(valid, dim=-1, stable=True).indices[:, :count]
+
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep only these batch rows."""
         index = torch.tensor(rows, dtype=torch.long, device=self.keys.device)
@@ -247,6 +271,8 @@ class LayerCache:
         self.values = self.values.gather(2, gather)
         self.positions = self.positions.gather(2, indices)
         self.extras = {name: value.gather(2, indices[:, : value.shape[1]]) for name, value in self.extras.items()}
+        if self.padded and bool((self.positions >= 0).all()):
+            self.padded = False  # no padding kept: an ordinary dense layer again
 
     def _keep_for_query_heads(self, indices: Tensor) -> None:
         """`keep` with one index set per query head on a cache of KV heads: each query head gathers its entries from

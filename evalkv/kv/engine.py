@@ -7,9 +7,11 @@ RoPE positions never shift after eviction (docs/methods.md#shared-positions).
 Batched decoding: `generate_batch` prefills each prompt alone (prompts differ in length), then decodes together the
 samples whose compressed caches have the same shape and whose method keeps no per-sample state for decoding
 (`Session.batch_key`); rows of a method with a slot cache (evalkv/kv/slots.py) whose prompts are shorter than its
-budget batch whatever their lengths, padded with free slots (`Engine._slot_fill`), and rows of the full cache batch
+budget batch whatever their lengths, padded with free slots (`Engine._slot_fill`), rows of the full cache batch
 padded to a common length (`Engine._append_fill`) when they decode over fixed-size buffers and the device has room
-for them side by side (`Engine._may_hold`). Each row keeps its own true
+for them side by side (`Engine._may_hold`), and rows of a scorer that cuts every few steps batch eagerly padded to
+the longest row, each cut reading every row over its own entries (`Engine._hook_fill`, `Method.decodes_padded`).
+Each row keeps its own true
 positions; a row leaves the batch when it stops. The tokens equal batch-size-1 decoding up to floating-point
 reassociation of the batched matmuls (identical in fp32 on the CPU in the tests). A sampling row draws from its own
 generator once per step, so that holds for sampled tokens too.
@@ -444,10 +446,13 @@ class Engine:
 
     def _fill(self, row: _Row) -> int | None:
         """The length `row`'s layers may be padded to so that it decodes in one batch with rows of other prompt
-        lengths: a slot cache's capacity (`_slot_fill`) or a full cache's common length (`_append_fill`); None: it
-        batches only with rows of its own shapes."""
-        fill = self._slot_fill(row)
-        return fill if fill is not None else self._append_fill(row)
+        lengths: a slot cache's capacity (`_slot_fill`), a full cache's common length (`_append_fill`), or the
+        capacity of a method whose step hooks read padded batches row by row (`_hook_fill`); None: it batches only
+        with rows of its own shapes."""
+        for fill in (self._slot_fill(row), self._append_fill(row), self._hook_fill(row)):
+            if fill is not None:
+                return fill
+        return None
 
     def _append_fill(self, row: _Row) -> int | None:
         """For a method without a budget whose decode steps only append (the full cache): the row's length rounded up
@@ -463,6 +468,23 @@ class Engine:
         if any(layer.padded or layer.is_ragged or layer.length != layers[0].length for layer in layers):
             return None
         return _round_up(layers[0].length, _APPEND_FILL_QUANTUM)
+
+    @staticmethod
+    def _hook_fill(row: _Row) -> int | None:
+        """For a method with step hooks that reads a padded batch row by row (`Method.decodes_padded`: a scorer that
+        cuts every few steps): its capacity, when the row's layers are dense, full width and hold at most that, so that
+        rows of prompts shorter than the budget decode eagerly in one batch (their layers padded at the end to the
+        longest row, `Session.merge`). No trace, no quantised cache."""
+        session = row.session
+        method = session.method
+        if (not method.acts_while_decoding or not method.decodes_padded() or row.forwards is not None
+                or session.quantization is not None):
+            return None
+        capacity = method.capacity(session.sample.prompt_length)
+        if any(layer.padded or layer.is_ragged or layer.pruned is not None or layer.length > capacity
+               for layer in session.cache.layers):
+            return None
+        return capacity
 
     @staticmethod
     def _buffer_bytes(row: _Row, fill: int | None) -> int:

@@ -86,8 +86,9 @@ class Session:
 
     def needs_slots(self) -> bool:
         """Whether only a `SlotDecoder` may decode this session: padded layers under a method with step hooks (rows
-        merged with `fill_to`), whose hooks would read the padding as entries."""
-        return self.method.acts_while_decoding and any(layer.padded for layer in self.cache.layers)
+        merged with `fill_to`) that would read the padding as entries (not `Method.decodes_padded`)."""
+        return (self.method.acts_while_decoding and not self.method.decodes_padded()
+                and any(layer.padded for layer in self.cache.layers))
 
     def pad_ragged(self) -> None:
         """Lay ragged layers out dense for decoding (a method without step hooks: nothing evicts from them again)."""

@@ -144,6 +144,13 @@ class Method:
             return max(1, int(prompt_length * (1.0 - self.compression_ratio)))
         return prompt_length
 
+    def decodes_padded(self) -> bool:
+        """Whether rows of prompts shorter than the capacity may decode eagerly as one batch padded to it (padding
+        entries at position -1, which attention masks): the method's step hooks then read a padded batch row by row,
+        each over its own entries, and decide for every row what it would decide alone. No unless a method says so
+        (a scorer cutting every few steps, evalkv/methods/scorer.py)."""
+        return False
+
     def decode_group_key(self, prompt_length: int):
         """What decode steps read of the prompt length; samples decode as one batch only when it is equal."""
         return self.capacity(prompt_length)

@@ -134,9 +134,43 @@ class Scorer(Method):
         if self._buffers_rows(view):
             view.state[_ROWS], view.state[_ROW_POSITIONS] = rows[:, :, :0], positions[:, :0]
         target = self.decode_target or self.capacity(view.sample.prompt_length)
+        if view.cache.padded:
+            return self._cut_rows(view, rows, positions, target)
         if view.length <= target:
             return None
         return self.select(dataclasses.replace(view, query=rows, query_positions=positions), target)
+
+    def decodes_padded(self) -> bool:
+        """Cuts every few steps read a padded batch row by row (`_cut_rows`); a cut at every step (TOVA) would do so
+        at every step, and per-head budgets keep no common count: those rows decode alone (TOVA's batch in the slot
+        cache)."""
+        return self.after_step is not None and self.decode_interval > 1 and self.head_budgets == "uniform"
+
+    def _cut_rows(self, view: AttentionView, rows: Tensor, positions: Tensor, target: int) -> Keep:
+        """A cut of a batch padded to a common length (prompts shorter than the budget, `decodes_padded`): each row
+        is scored over its own entries with its own buffered queries, as it would be alone, and keeps its `target`
+        best, or all of them when it holds no more; a row keeping fewer fills the common count with its padding,
+        which stays at position -1. None when no row holds more than `target`."""
+        layer = view.cache
+        kept, cut = [], False
+        for row in range(layer.batch_size):
+            index = layer.entry_indices(row)
+            if index.shape[-1] <= target:
+                kept.append(index)
+                continue
+            cut = True
+            entries = layer.row_entries(row, index)
+            alone = dataclasses.replace(
+                view, cache=entries, query=rows[row : row + 1], query_positions=positions[row : row + 1], state={},
+                output=None if view.output is None else view.output[row : row + 1])
+            chosen = self.select(alone, target)[0]  # [h, target], h = 1 for one set shared by the heads
+            kept.append(index.gather(1, chosen.expand(index.shape[0], -1)))
+        if not cut:
+            return None
+        count = max(keep.shape[-1] for keep in kept)
+        return torch.stack([
+            torch.cat([keep, layer.padding_indices(row, count - keep.shape[-1])], dim=-1)
+            for row, keep in enumerate(kept)])
 
     def select(self, view: AttentionView, capacity: int) -> Keep:
         """Keep `capacity` entries per head (on average, with adaptive head budgets): the window, then the best."""

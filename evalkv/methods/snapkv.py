@@ -62,6 +62,11 @@ class SnapKV(Scorer):
     def window(self) -> int:
         return self.window_size
 
+    def decodes_padded(self) -> bool:
+        # Query-head selection turns a row's KV heads into query heads at its first cut: rows cut and not yet cut
+        # would hold different head counts.
+        return super().decodes_padded() and self.granularity == "kv_head"
+
     def score(self, view: AttentionView, candidates: int) -> Tensor:
         """Pooled mean window attention of every prefix token, per selection head: `[B, h, candidates]`."""
         window = view.length - candidates
