@@ -46,6 +46,38 @@ def test_bench_reports_batched_decoding_and_the_bandwidth_bound(tmp_path, capsys
     assert "| snapkv | no | 96 | 3 |" in table and "| full | no | 96 | 3 (decoded 1 at a time) |" in table
 
 
+def test_a_cell_out_of_device_memory_is_recorded_and_the_grid_goes_on(tmp_path, capsys, monkeypatch):
+    """How far one GPU goes (issue 21, goal 5): a method x length that runs out of memory is listed under the table and
+    in the JSON, and the cells after it still run, on a fresh engine."""
+    import torch
+
+    from evalkv.kv.engine import Engine
+
+    generate_batch = Engine.generate_batch
+    engines = []
+
+    def short_of_memory(self, requests, *args, **kwargs):
+        engines.append((self.method.name, self))  # kept alive: distinct objects, never a reused id
+        if self.method.name == "full" and len(requests[0].prompt_ids) == 128:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return generate_batch(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate_batch", short_of_memory)
+    report_path = tmp_path / "bench.json"
+    assert main(["bench", "model=random-tiny-llama", "model.device=cpu", "method=full,snapkv", "budget=32",
+                 "--lengths", "128,96", "--new-tokens", "3", "--repeats", "1", "--warmup", "0",
+                 "-o", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert [(row["method"], row["context_length"]) for row in report["rows"]] == [
+        ("full", 96), ("snapkv", 128), ("snapkv", 96)]
+    [failure] = report["out_of_memory"]
+    assert (failure["method"], failure["context_length"], failure["batch_size"]) == ("full", 128, 1)
+    assert failure["error"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    full_engines = [engine for name, engine in engines if name == "full"]
+    assert len(full_engines) == 2 and full_engines[0] is not full_engines[1]  # 96 ran on a fresh engine
+    assert "full at 128 tokens, batch 1, decode_graphs auto: out of device memory" in capsys.readouterr().out
+
+
 def test_bench_compares_decode_graph_modes_in_one_run(tmp_path, capsys, traced_compile):
     """Every mode in one report; on the CPU "auto" and "compile" cannot capture graphs, so no row claims it did, and
     "compile" runs its compiled step."""

@@ -5,7 +5,8 @@ Prompts are random token ids and generation has a fixed length (end-of-turn toke
 architecture preset measures speed and memory honestly; the report says so. Eviction overhead is the method's
 prefill time minus the full cache's on the same prompt, as a fraction of the full cache's prefill time. A batch of
 B prompts is prefilled one by one and decoded together where the method allows (`Engine.generate_batch`); the decode
-step is compared with the HBM-bandwidth bound, the model's weight bytes divided by the measured copy bandwidth.
+step is compared with the HBM-bandwidth bound, the model's weight bytes divided by the measured copy bandwidth. A
+cell that runs out of device memory is recorded (`out_of_memory`: how far one GPU goes) and the grid goes on.
 
 `--workload longbench` times a whole LongBench-shaped workload instead (evalkv/run/workload.py): every sample goes
 through `Engine.generate_batch` in batches of `batch_size` samples, as `evalkv pred` runs them, with no stop tokens,
@@ -148,9 +149,12 @@ def bench_method(
     model: LoadedModel, method_name: str, options: dict, lengths: list[int], new_tokens: int, repeats: int,
     warmup: int, seed: int, batch_sizes: list[int] = (1,), bandwidth: float | None = None,
     mlp_chunk: int | None = None, decode_graphs: str = "auto", quantization: Kivi | None = None,
+    failures: list[BenchFailure] | None = None,
 ) -> list[BenchRow]:
     """bandwidth: the device's copy bandwidth in bytes/s, for the bound columns (None: left empty).
-    quantization: hold what the method keeps as KIVI codes (cache.quant; None: as the model's dtype)."""
+    quantization: hold what the method keeps as KIVI codes (cache.quant; None: as the model's dtype).
+    failures: where a length and batch size that runs out of device memory is recorded (the next ones still run);
+    None: the error propagates."""
     method = build_method(method_name, options)
     bound_step_s = None if not bandwidth else weight_bytes(model.model) / bandwidth
     engine = Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk,
@@ -162,18 +166,32 @@ def bench_method(
         for batch_size in batch_sizes:
             generator = torch.Generator().manual_seed(seed + length)
             prompts = [torch.randint(0, vocab, (length,), generator=generator).tolist() for _ in range(batch_size)]
-            for _ in range(warmup):  # full length: a graph of these shapes is compiled and captured here, then replayed
-                engine.generate_batch([Request(prompt, new_tokens) for prompt in prompts])
             prefill, decode = [], []
+            failed = None
             _reset_peak_memory(device)
-            for _ in range(repeats):
-                synchronize(device)
-                began = time.perf_counter()
-                generations = engine.generate_batch([Request(prompt, new_tokens) for prompt in prompts])
-                synchronize(device)
-                wall = time.perf_counter() - began
-                prefill.extend(g.prefill_s for g in generations)
-                decode.append(wall - sum(g.prefill_s for g in generations))
+            try:
+                for _ in range(warmup):  # full length: a graph of these shapes is compiled and captured, then replayed
+                    engine.generate_batch([Request(prompt, new_tokens) for prompt in prompts])
+                _reset_peak_memory(device)
+                for _ in range(repeats):
+                    synchronize(device)
+                    began = time.perf_counter()
+                    generations = engine.generate_batch([Request(prompt, new_tokens) for prompt in prompts])
+                    synchronize(device)
+                    wall = time.perf_counter() - began
+                    prefill.extend(g.prefill_s for g in generations)
+                    decode.append(wall - sum(g.prefill_s for g in generations))
+            except torch.OutOfMemoryError as error:
+                if failures is None:
+                    raise
+                failed = BenchFailure(method_name, length, batch_size, decode_graphs,
+                                      "none" if quantization is None else quantization.name, _peak_memory_gb(device),
+                                      str(error).splitlines()[0] if str(error) else "out of memory")
+            if failed is not None:  # outside the handler, whose traceback holds the failed run's tensors
+                engine = _after_out_of_memory(engine, model, method, mlp_chunk, decode_graphs, quantization)
+                failures.append(failed)
+                print(json.dumps(asdict(failed)), file=sys.stderr, flush=True)
+                continue
             peak = _peak_memory_gb(device)
             decode_median = statistics.median(decode)
             steps = max(1, new_tokens - 1)
@@ -203,6 +221,32 @@ def bench_method(
     return rows
 
 
+@dataclass
+class BenchFailure:
+    """A grid cell that ran out of device memory: how far one GPU goes (the report lists it under the table)."""
+
+    method: str
+    context_length: int
+    batch_size: int
+    decode_graphs: str
+    cache: str
+    peak_memory_gb: float | None  # torch.cuda.max_memory_allocated up to the failure
+    error: str
+
+
+def _after_out_of_memory(engine: Engine, model: LoadedModel, method, mlp_chunk: int | None, decode_graphs: str,
+                         quantization: Kivi | None) -> Engine:
+    """Free what a failed run left (its caches, a kept decode graph) and start the method on a fresh engine."""
+    import gc
+
+    del engine
+    gc.collect()
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Engine(model.model, method, model.backend, model.tokenizer, mlp_chunk=mlp_chunk,
+                  decode_graphs=decode_graphs, quantization=quantization)
+
+
 def add_overheads(rows: list[BenchRow]) -> None:
     """Each row's prefill against the full cache's at the same length, batch size, decode mode and cache type."""
     full = {(row.context_length, row.batch_size, row.decode_graphs, row.cache): row.prefill_s
@@ -222,10 +266,11 @@ def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list
     weights = weight_bytes(model.model)
     bound_step_s = weights / bandwidth
     rows: list[BenchRow] = []
+    failures: list[BenchFailure] = []
     for mode in decode_graphs:
         for name, options in methods:
             rows.extend(bench_method(model, name, options, lengths, new_tokens, repeats, warmup, seed, batch_sizes,
-                                     bandwidth, mlp_chunk, mode, quantization))
+                                     bandwidth, mlp_chunk, mode, quantization, failures))
     add_overheads(rows)
     return {
         **_environment(model),
@@ -235,6 +280,7 @@ def run_bench(model: LoadedModel, methods: list[tuple[str, dict]], lengths: list
         "cache": None if quantization is None else asdict(quantization),
         "methods": [{"method": name, "options": options} for name, options in methods],
         "rows": [asdict(row) for row in rows],
+        "out_of_memory": [asdict(failure) for failure in failures],
     }
 
 
@@ -272,7 +318,13 @@ def format_rows(report: dict) -> str:
             f"{row['kv_bytes_after_prefill'] / 2**20:.1f}",
             f"{row['kept_tokens']:g}",
         ])
-    return markdown_table(header, cells)
+    table = markdown_table(header, cells)
+    for failure in report.get("out_of_memory", []):
+        peak = "" if failure["peak_memory_gb"] is None else f" (peak {failure['peak_memory_gb']:.2f} GB before it)"
+        cache = "" if failure["cache"] == "none" else f"+{failure['cache']}"
+        table += (f"\n{failure['method']}{cache} at {failure['context_length']} tokens, batch {failure['batch_size']}, "
+                  f"decode_graphs {failure['decode_graphs']}: out of device memory{peak}\n")
+    return table
 
 
 @dataclass
