@@ -172,6 +172,23 @@ def test_full_cache_rows_of_different_lengths_batch_over_fixed_size_buffers(toke
             want.token_ids, want.kept_tokens, want.final_kept_tokens, want.final_kv_bytes)
 
 
+def test_full_cache_rows_of_long_generations_batch_whatever_their_prompt_lengths(tokenizer):
+    """With more steps to come than 256, lengths round up to a multiple of the steps (rounded up to 256): a 40- and a
+    300-token prompt generating 300 tokens share a batch (both round up to 512), as a reasoning workload's prompts of
+    100-1,000 tokens generating thousands do, and each generates what it does alone."""
+    base = prompt_ids(tokenizer)
+    prompts = [base[:40], base[:300]]
+    alone = Engine(tiny_model(), build_method("full", {}), decode_graphs="off")
+    static = Engine(tiny_model(), build_method("full", {}), decode_graphs="eager")
+    expected = [alone.generate(ids, 300) for ids in prompts]
+    batched = static.generate_batch([Request(ids, 300) for ids in prompts])
+    assert [g.decode_batch for g in batched] == [2, 2] and all(g.decode_static for g in batched)
+    assert [(g.token_ids, g.final_kept_tokens, g.final_kv_bytes) for g in batched] == [
+        (g.token_ids, g.final_kept_tokens, g.final_kv_bytes) for g in expected]
+    short = static.generate_batch([Request(ids, 30) for ids in prompts])  # 29 steps: 256 and 512 apart
+    assert [g.decode_batch for g in short] == [1, 1]
+
+
 def test_full_cache_rows_wait_for_a_batch_only_where_the_device_has_room(monkeypatch):
     """On CUDA a full cache waits beside the others only while the decode buffers of all of them (padded length and
     steps, at the cache's bytes per entry) fit in the memory left; a budgeted cache, and any cache off CUDA, always

@@ -50,7 +50,8 @@ DECODE_GRAPHS = ("auto", "off", "eager", "compile")
 # many tokens so that batches with slightly different lengths reuse one graph.
 _GRAPH_MIN_STEPS = 8
 _GRAPH_STEP_QUANTUM = 32
-# Full-cache rows pad to their length rounded up to this many entries, so that rows of nearby lengths decode together.
+# Full-cache rows of nearby lengths decode together: lengths are rounded up to a multiple of this many entries, or of
+# the steps to come when there are more (`Engine._append_fill`).
 _APPEND_FILL_QUANTUM = 256
 
 
@@ -456,9 +457,13 @@ class Engine:
 
     def _append_fill(self, row: _Row) -> int | None:
         """For a method without a budget whose decode steps only append (the full cache): the row's length rounded up
-        to `_APPEND_FILL_QUANTUM`, when its steps run over fixed-size buffers (`StaticDecoder`, which masks the
-        padding by position) and its layers are dense, full width and of one length. Eager decoding never meets
-        such padding: a batch decodes the most steps of its rows, so every row's check holds for the batch."""
+        to a multiple of `_APPEND_FILL_QUANTUM` entries or of its steps to come (rounded up to that), whichever is
+        larger, when its steps run over fixed-size buffers (`StaticDecoder`, which masks the padding by position) and
+        its layers are dense, full width and of one length. Rows of one value decode together, padded to the longest
+        of them: a row reads fewer padding entries a step than the larger quantum, so for long generations (a
+        reasoning workload's thousands of steps after prompts of hundreds of tokens) the rows of different prompt
+        lengths make one batch. Eager decoding never meets such padding: a batch decodes the most steps of its rows,
+        so every row's check holds for the batch."""
         session = row.session
         steps = row.steps_left
         if (session.method.requires_budget() or not self._buffers_allowed(row, session, steps)
@@ -467,7 +472,7 @@ class Engine:
         layers = session.cache.layers
         if any(layer.padded or layer.is_ragged or layer.length != layers[0].length for layer in layers):
             return None
-        return _round_up(layers[0].length, _APPEND_FILL_QUANTUM)
+        return _round_up(layers[0].length, _round_up(max(steps, 1), _APPEND_FILL_QUANTUM))
 
     @staticmethod
     def _hook_fill(row: _Row) -> int | None:
