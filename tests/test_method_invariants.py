@@ -189,6 +189,20 @@ def test_sink_recent_uniform_worked_examples():
     assert ranges(kept) == [(0, 200), (256, 19 * 128), (2488, 3000)]
 
 
+def test_sink_recent_uniform_copies_its_indices_to_the_device_once_per_cache_length(tokenizer):
+    """Every chunk of a chunked prefill evicts at the same cache length in every layer: the hook hands out one index
+    tensor per length (no host-to-device copy per layer), equal to the worked rule."""
+    from evalkv.methods.sink_recent_uniform import _kept_indices
+
+    options = {"budget": 200, "sink": 32, "recent": 64, "block_size": 16, "prefill_chunk": 100}
+    _kept_indices.cache_clear()
+    _run("sink_recent_uniform", options, tokenizer, new_tokens=2)
+    info = _kept_indices.cache_info()
+    assert info.misses <= 3 < info.hits  # the first chunks' lengths, then the steady 200 + 100 in every layer
+    kept = _kept_indices(300, 32, 64, "uniform", 104, 0, 16, torch.device("cpu"))
+    assert kept.tolist() == [[sink_recent_uniform_keep(300, 32, 64, "uniform", 104, 0, 16)]]
+
+
 def test_sink_recent_uniform_evicts_between_chunks_only(tokenizer):
     options = {"budget": 200, "sink": 32, "recent": 64, "block_size": 16, "prefill_chunk": 100}
     ids, generation = _run("sink_recent_uniform", options, tokenizer, new_tokens=5)

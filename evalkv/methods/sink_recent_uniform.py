@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -97,8 +98,16 @@ class SinkRecentUniform(Method):
         target = self.cache_target(view.sample.prompt_length)
         if view.length <= target:
             return None
-        kept = sink_recent_uniform_keep(
-            view.length, self.sink, self.recent, self.middle_strategy, target - self.sink - self.recent,
-            self.uniform_stride, self.block_size,
-        )
-        return None if kept is None else torch.tensor(kept, device=view.keys.device)[None, None, :]
+        middle = target - self.sink - self.recent
+        return _kept_indices(view.length, self.sink, self.recent, self.middle_strategy, middle, self.uniform_stride,
+                             self.block_size, view.keys.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_indices(length: int, sink: int, recent: int, middle_strategy: str, middle_budget: int, stride: int,
+                  block_size: int, device: torch.device) -> Tensor | None:
+    """`sink_recent_uniform_keep` as a `[1, 1, k]` index tensor on `device`, made once per cache length: a chunked
+    prefill evicts at the same lengths chunk after chunk and layer after layer, and a fresh host-to-device copy in
+    every layer's hook would stall the GPU's queue each time (read-only: `LayerCache.keep` only gathers with it)."""
+    kept = sink_recent_uniform_keep(length, sink, recent, middle_strategy, middle_budget, stride, block_size)
+    return None if kept is None else torch.tensor(kept, device=device)[None, None, :]
