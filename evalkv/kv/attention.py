@@ -16,6 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 BACKENDS = ("sdpa", "eager", "flash_attention_2")
 
@@ -79,7 +80,10 @@ def attend(query: Tensor, keys: Tensor, values: Tensor, scaling: float, backend:
     if q_len == kv_len and q_len > 1:
         is_causal = True
     elif q_len > 1:
-        mask = _bottom_right_causal(q_len, kv_len, query.device)
+        # New tokens after a cache (a prefill chunk, a question after the compressed context): a lower-right causal
+        # bias, which SDPA runs in its fused kernels, where a boolean mask with grouped heads would fall back to the
+        # unfused math path on CUDA (materialising every chunk's fp32 attention matrix).
+        mask = causal_lower_right(q_len, kv_len)
     return F.scaled_dot_product_attention(
         query, keys, values, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=groups > 1
     )
