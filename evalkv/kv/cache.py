@@ -155,8 +155,8 @@ class LayerCache:
             self.pruned = PrunedKeys.stack([part.pruned for part in parts])
 
     def row_entries(self, row: int, index: Tensor) -> LayerCache:
-        """Entries `index` `[H_c, n]` of batch row `row` as a layer of their own: with `entry_indices(row)`, what a
-        padded row would hold decoding alone (its entries in order, the padding left out)."""
+        """Entries `index` `[H_c, n]` of batch row `row` as a layer of their own: with the first `n` of `entries_first`,
+        what a padded row would hold decoding alone (its entries in order, the padding left out)."""
         gather = index[..., None].expand(*index.shape, self.keys.shape[-1])
         return LayerCache(
             self.keys[row].gather(1, gather)[None], self.values[row].gather(1, gather)[None],
@@ -164,19 +164,16 @@ class LayerCache:
             {name: value[row].gather(1, index[: value.shape[1]])[None] for name, value in self.extras.items()},
         )
 
-    def entry_indices(self, row: int) -> Tensor:
-        """The indices of batch row `row`'s entries in a padded layer, in order, `[H_c, n]`: every head must hold as
-        many (rows merged with `fill_to` and cut to one count per head; not a per-head budget's padding)."""
-        valid = self.positions[row] >= 0  # [H_c, m]
-        counts = valid.sum(dim=-1)
-        if bool((counts != counts[0]).any()):
-            raise ValueError("this padded row holds different numbers of entries per head")
-        return torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices[:, : int(counts[0])]
-
-    def padding_indices(self, row: int, count: int) -> Tensor:
-        """The first `count` padding entries of batch row `row` of a padded layer, per head: `[H_c, count]`."""
-        valid = (self.positions[row] >= 0).to(torch.uint8)
-        return torch.sort(valid, dim=-1, stable=True).indices[:, :count]
+    def entries_first(self) -> tuple[Tensor, list[int]]:
+        """A padded layer's indices row by row and head by head, its entries in order and then its padding,
+        `[B, H_c, m]`, with each row's count of entries. Every head of a row must hold as many (rows merged with
+        `fill_to` and cut to one count per head; not a per-head budget's padding)."""
+        padding = self.positions < 0
+        counts = (~padding).sum(dim=-1)  # [B, H_c]
+        if bool((counts != counts[:, :1]).any()):
+            raise ValueError("a padded row holds different numbers of entries per head")
+        order = torch.sort(padding.to(torch.uint8), dim=-1, stable=True).indices
+        return order, counts[:, 0].tolist()
 
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep only these batch rows."""

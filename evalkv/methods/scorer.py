@@ -152,25 +152,23 @@ class Scorer(Method):
         best, or all of them when it holds no more; a row keeping fewer fills the common count with its padding,
         which stays at position -1. None when no row holds more than `target`."""
         layer = view.cache
-        kept, cut = [], False
-        for row in range(layer.batch_size):
-            index = layer.entry_indices(row)
-            if index.shape[-1] <= target:
-                kept.append(index)
-                continue
-            cut = True
-            entries = layer.row_entries(row, index)
-            alone = dataclasses.replace(
-                view, cache=entries, query=rows[row : row + 1], query_positions=positions[row : row + 1], state={},
-                output=None if view.output is None else view.output[row : row + 1])
-            chosen = self.select(alone, target)[0]  # [h, target], h = 1 for one set shared by the heads
-            kept.append(index.gather(1, chosen.expand(index.shape[0], -1)))
-        if not cut:
+        order, counts = layer.entries_first()
+        if max(counts) <= target:
             return None
-        count = max(keep.shape[-1] for keep in kept)
-        return torch.stack([
-            torch.cat([keep, layer.padding_indices(row, count - keep.shape[-1])], dim=-1)
-            for row, keep in enumerate(kept)])
+        kept = []
+        for row, count in enumerate(counts):
+            index = order[row, :, :count]
+            if count > target:
+                alone = dataclasses.replace(
+                    view, cache=layer.row_entries(row, index), query=rows[row : row + 1],
+                    query_positions=positions[row : row + 1], state={},
+                    output=None if view.output is None else view.output[row : row + 1])
+                chosen = self.select(alone, target)[0]  # [h, target], h = 1 for one set shared by the heads
+                index = index.gather(1, chosen.expand(index.shape[0], -1))
+            kept.append(index)
+        width = max(index.shape[-1] for index in kept)  # the padding after each row's entries fills the rest
+        return torch.stack([torch.cat([index, order[row, :, count : count + width - index.shape[-1]]], dim=-1)
+                            for row, (index, count) in enumerate(zip(kept, counts))])
 
     def select(self, view: AttentionView, capacity: int) -> Keep:
         """Keep `capacity` entries per head (on average, with adaptive head budgets): the window, then the best."""
