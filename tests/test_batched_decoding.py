@@ -49,15 +49,18 @@ def test_batch_generates_what_each_sample_generates_alone(architecture, case, to
     assert [g.decode_batch for g in together] == [expected] * len(prompts)
 
 
-@pytest.mark.parametrize("method,options", [
-    ("snapkv", {}), ("h2o", {}), ("streaming_llm", {}),
-    ("snapkv", {"window_size": 4, "decode_interval": 3, "decode_buffer": 5}),  # buffered queries leave with their row
-    ("rkv", {"window_size": 4, "decode_interval": 2, "decode_buffer": 4}),
+@pytest.mark.parametrize("method,options,mode", [
+    ("snapkv", {}, "off"), ("h2o", {}, "off"), ("streaming_llm", {}, "off"),
+    # buffered queries leave with their row; in segments between cuts (eager), finished rows step on to the end
+    ("snapkv", {"window_size": 4, "decode_interval": 3, "decode_buffer": 5}, "off"),
+    ("snapkv", {"window_size": 4, "decode_interval": 3, "decode_buffer": 5}, "eager"),
+    ("rkv", {"window_size": 4, "decode_interval": 2, "decode_buffer": 4}, "off"),
+    ("rkv", {"window_size": 4, "decode_interval": 2, "decode_buffer": 4}, "eager"),
 ])
-def test_rows_leave_the_batch_when_they_stop(method, options, tokenizer):
+def test_rows_leave_the_batch_when_they_stop(method, options, mode, tokenizer):
     """Different stop tokens, token limits and min_new_tokens per row: each row still matches its lone run."""
     model = tiny_model("tiny-qwen2")
-    engine = Engine(model, build_method(method, {"budget": 64, **options}))
+    engine = Engine(model, build_method(method, {"budget": 64, **options}), decode_graphs=mode)
     prompts = _prompts(tokenizer)
     free = engine.generate(prompts[0], 8)
     requests = [
@@ -217,19 +220,24 @@ def test_full_cache_rows_wait_for_a_batch_only_where_the_device_has_room(monkeyp
     assert Engine._may_hold(SimpleNamespace(device=torch.device("cpu")), 3200, waiting=10**9)
 
 
+@pytest.mark.parametrize("mode", ["off", "eager"])
 @pytest.mark.parametrize("case", ["snapkv-decoding", "rkv", "expected_attention-decoding"])
-def test_scorers_cutting_while_decoding_batch_rows_shorter_than_the_budget(case, tokenizer):
-    """Prompts shorter than the budget (and one longer) decode as one eager batch padded to the longest row; each cut
-    reads every row over its own entries, so every row keeps, holds and generates what it does alone, the rows reach
-    the budget at different steps, and the padding is gone once every row was cut."""
+def test_scorers_cutting_while_decoding_batch_rows_shorter_than_the_budget(case, mode, tokenizer):
+    """Prompts shorter than the budget (and one longer) decode as one batch padded to the longest row, eagerly (off)
+    or in segments over fixed-size buffers between the cuts (eager: what CUDA graphs replay); each cut reads every
+    row over its own entries, so every row keeps, holds and generates what it does alone on the eager path, the rows
+    reach the budget at different steps, and the padding is gone once every row was cut."""
     from evalkv.kv.session import Session
 
     options = dict(CASES[case], budget=40)
-    engine = Engine(tiny_model("tiny-qwen2"), build_method(method_name(case), options), tokenizer=tokenizer)
+    alone_engine = Engine(tiny_model("tiny-qwen2"), build_method(method_name(case), options), tokenizer=tokenizer,
+                          decode_graphs="off")
+    engine = Engine(tiny_model("tiny-qwen2"), build_method(method_name(case), options), tokenizer=tokenizer,
+                    decode_graphs=mode)
     base = prompt_ids(tokenizer)
     prompts = [base[:12], base[:23], base[:31], base[:60]]  # 12-31 tokens under the budget, 60 above it
     new_tokens = 36
-    alone = [engine.generate(ids, new_tokens, keep_session=True) for ids in prompts]
+    alone = [alone_engine.generate(ids, new_tokens, keep_session=True) for ids in prompts]
     merged = []
     original = Session.merge
 
@@ -245,6 +253,7 @@ def test_scorers_cutting_while_decoding_batch_rows_shorter_than_the_budget(case,
     assert [(g.kept_tokens, g.kv_bytes, g.final_kept_tokens, g.final_kv_bytes) for g in together] == [
         (g.kept_tokens, g.kv_bytes, g.final_kept_tokens, g.final_kv_bytes) for g in alone]
     assert [g.decode_batch for g in together] == [len(prompts)] * len(prompts)
+    assert all(g.decode_static == (mode == "eager") for g in together)
     [(fill, padded, session)] = merged
     assert fill == 40 and all(padded)  # merged padded to the longest row
     assert not any(layer.padded for layer in session.cache.layers)  # every row cut: no padding left

@@ -46,7 +46,18 @@ def _batch_fields(generations, method: str) -> list[tuple]:
 # into the batch of the three compressed ones; the full cache pads rows to their length rounded up to 256 entries
 # (540-582 -> 768, 20 and 45 -> 256); snapkv keeps the short prompts whole, so they decode alone.
 MIXED_BATCHES = {"snapkv": [3, 3, 3, 1, 1], "full": [3, 3, 3, 2, 2], "h2o": [5] * 5, "tova": [5] * 5,
-                 "streaming_llm": [5] * 5}
+                 "streaming_llm": [5] * 5, "snapkv-decoding": [5] * 5}
+# Decoding SnapKV cuts every 8 steps; its steps between cuts replay a `SegmentDecoder`'s graph. 17 new tokens are 16
+# decode steps: two segments of 8, each long enough to capture (every row's record then says `decode_graph`). Its
+# short rows batch padded with the others (`Method.decodes_padded`).
+REPLAYED = {"snapkv-decoding": ("snapkv", {"window_size": 8, "decode_interval": 8, "decode_buffer": 10}, 17)}
+
+
+def _replayed_method(method: str):
+    """(method, new tokens) of a replay test's case: `REPLAYED`'s, or the method with a budget of 64 (the full cache
+    without), 12 new tokens."""
+    name, options, new_tokens = REPLAYED.get(method, (method, {}, 12))
+    return build_method(name, options if method == "full" else {"budget": 64, **options}), new_tokens
 
 
 def _mixed_batch_fields(generations, method: str, graphed: bool) -> list[tuple]:
@@ -368,7 +379,7 @@ def _emulated_capture(runs: int):
     return capture
 
 
-@pytest.mark.parametrize("method", ["snapkv", "full", "h2o", "tova", "streaming_llm"])
+@pytest.mark.parametrize("method", ["snapkv", "full", "h2o", "tova", "streaming_llm", "snapkv-decoding"])
 @pytest.mark.parametrize("warm_up_runs", [1, 2])
 def test_the_capture_protocol_generates_what_ordinary_decoding_generates(method, warm_up_runs, tokenizer, monkeypatch):
     """What capturing does to the decoder's state, on the CPU: the warm-up runs before the capture, then the first
@@ -378,10 +389,10 @@ def test_the_capture_protocol_generates_what_ordinary_decoding_generates(method,
     monkeypatch.setattr(StaticDecoder, "_capture", _emulated_capture(warm_up_runs))
     monkeypatch.setattr(Engine, "_captures", lambda self: True)
     model = tiny_model("tiny-llama")
-    options = {} if method == "full" else {"budget": 64}
-    replayed_engine = Engine(model, build_method(method, options), decode_graphs="auto")
-    ordinary = Engine(model, build_method(method, options), decode_graphs="off")
-    requests = [Request(ids, 12) for ids in _mixed_prompts(tokenizer)]
+    built, new_tokens = _replayed_method(method)
+    replayed_engine = Engine(model, built, decode_graphs="auto")
+    ordinary = Engine(model, _replayed_method(method)[0], decode_graphs="off")
+    requests = [Request(ids, new_tokens) for ids in _mixed_prompts(tokenizer)]
     for _ in range(2):  # the second batch reuses the decoder and its graph
         replayed = replayed_engine.generate_batch(requests)
         assert all(g.decode_graph for g in replayed)
@@ -390,17 +401,17 @@ def test_the_capture_protocol_generates_what_ordinary_decoding_generates(method,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("method", ["snapkv", "full", "h2o", "tova", "streaming_llm"])
+@pytest.mark.parametrize("method", ["snapkv", "full", "h2o", "tova", "streaming_llm", "snapkv-decoding"])
 def test_cuda_graph_replays_generate_what_eager_steps_generate(method, tokenizer):
     """On CUDA in fp32: replayed graphs give the ordinary tokens, batched and alone, across reused graphs (appending
     caches and fixed-capacity slot caches), with rows padded to a batch's common length or capacity."""
     model = tiny_model("tiny-llama").to("cuda")
-    options = {} if method == "full" else {"budget": 64}
-    graphed = Engine(model, build_method(method, options), decode_graphs="auto")
-    ordinary = Engine(model, build_method(method, options), decode_graphs="off")
+    built, new_tokens = _replayed_method(method)
+    graphed = Engine(model, built, decode_graphs="auto")
+    ordinary = Engine(model, _replayed_method(method)[0], decode_graphs="off")
     prompts = _mixed_prompts(tokenizer)
     for _ in range(2):
-        requests = [Request(ids, 12) for ids in prompts]
+        requests = [Request(ids, new_tokens) for ids in prompts]
         replayed = graphed.generate_batch(requests)
         assert _mixed_batch_fields(replayed, method, True) == _mixed_batch_fields(
             ordinary.generate_batch(requests), method, False)

@@ -77,8 +77,9 @@ def _figures(generation) -> tuple:
 
 def test_every_registered_method_gives_the_same_results_on_every_decode_path(third_party, tokenizer):
     """Eager, batched and fixed-size-buffer decoding: identical tokens, kept sets and bytes; the buffers serve
-    exactly the methods without step hooks, or that evict through `evict_slot`, whose caches stay dense, stateless
-    and full-width (a cache whose key channels were pruned, `think`, decodes eagerly)."""
+    exactly the methods without step hooks, that evict through `evict_slot`, or whose hook acts every few steps
+    (`segment_steps`: their state batch-major), whose caches stay dense, stateless and full-width (a cache whose key
+    channels were pruned, `think`, decodes eagerly)."""
     model = tiny_model("tiny-llama")
     prompts = [prompt_ids(tokenizer, repeats) for repeats in (12, 12, 13)]
     for name in method_names():
@@ -90,7 +91,9 @@ def test_every_registered_method_gives_the_same_results_on_every_decode_path(thi
         assert _figures(buffered) == _figures(alone), name
         assert _kept(buffered.session) == _kept(alone.session), name
         session = alone.session
-        expected_static = ((decodes_without_hooks(method) or implements_slots(method)) and not session.has_state()
+        segments = method.segment_steps(session.sample) is not None  # a scorer's steps between its cuts
+        expected_static = ((decodes_without_hooks(method) or implements_slots(method) or segments)
+                           and (not session.has_state() or (segments and session.state_batches()))
                            and not any(layer.is_ragged or layer.channels_pruned for layer in session.cache.layers))
         assert buffered.decode_static == expected_static, name
         assert method.acts_while_decoding == (not decodes_without_hooks(method)), name

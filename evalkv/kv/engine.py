@@ -20,6 +20,9 @@ CUDA graphs (`decode_graphs="auto"`, on CUDA devices): a group whose cache only 
 `StaticDecoder`, whose step is captured once and replayed (evalkv/kv/graphs.py). The captured graph is kept for the
 next group of the same shape when the method holds a budget (its cache size does not depend on the prompt).
 `decode_graphs="compile"` compiles that step with torch.compile before capturing it (on the CPU: runs it compiled).
+A method whose step hook acts only every few steps (`Method.segment_steps`: a scorer cutting every `decode_interval`
+steps) decodes in segments: the steps up to its next cut replay a `SegmentDecoder`'s graph, which also keeps their
+queries, then its hook runs once over them on the session's cache (`Engine._decode_segments`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from torch import Tensor
 
 from evalkv.errors import EvalkvError
 from evalkv.kv import adapter
-from evalkv.kv.graphs import StaticDecoder, can_decode_static, dense_on, may_compile
+from evalkv.kv.graphs import SegmentDecoder, StaticDecoder, can_decode_static, dense_on, may_compile
 from evalkv.kv.quant import Kivi
 from evalkv.kv.sampling import Sampling, sample_token
 from evalkv.kv.session import Session
@@ -94,7 +97,7 @@ class Generation:
     decode_batch: int = 1  # samples decoding together when this one started decoding
     decode_graph: bool = False  # its decode steps replayed a captured CUDA graph
     decode_compiled: bool = False  # its decode steps ran a torch.compile'd step (decode_graphs="compile")
-    decode_static: bool = False  # its decode steps ran over fixed-size buffers (`StaticDecoder`), hooks derived none
+    decode_static: bool = False  # its decode steps ran over fixed-size buffers (`StaticDecoder` and its kinds)
     context_reused: bool = False  # its prompt's compression was reused (several questions about one context)
     trace: list | None = None  # Session.trace when asked for
     forwards: list | None = None  # with trace: (input ids, positions, last logits) of every forward
@@ -396,6 +399,9 @@ class Engine:
         if self._static_allowed(rows, session, steps):
             self._decode_static(rows, session, steps, keep_entries)
             return
+        if self._segments_allowed(rows, session, steps):
+            self._decode_segments(rows, session)
+            return
         if session.needs_slots():
             raise RuntimeError(f"{session.method.name}: rows merged padded with free slots (prompts shorter than the "
                                "budget) reached eager decoding, whose step hooks would read the padding as entries; "
@@ -438,6 +444,69 @@ class Engine:
         if self.decode_graphs == "auto" and not self._captures():
             return False
         return not (self._captures() and steps < _GRAPH_MIN_STEPS)
+
+    def _segments_allowed(self, rows: list[_Row], session: Session, steps: int) -> bool:
+        """Whether the batch decodes in segments over fixed-size buffers (`_decode_segments`): a method whose step hook
+        can catch up on several forwards at once (`Method.segment_steps`), fixed-size buffers allowed, dense layers
+        on the model's device (padded ones too) with no per-entry method state and full-width keys."""
+        if session.method.segment_steps(session.sample) is None or not self._buffers_allowed(rows[0], session, steps):
+            return False
+        return dense_on(session, self.device, in_slots=True) and all(
+            not layer.extras and layer.pruned is None for layer in session.cache.layers)
+
+    def _decode_segments(self, rows: list[_Row], session: Session) -> None:
+        """`_decode` for a method whose step hook acts every few steps (`Method.segment_steps`): the forwards up to its
+        next action run over fixed-size buffers (`SegmentDecoder`, replayed as a CUDA graph where `_captures`), then
+        the entries return to the session and its hook runs once over those forwards' queries
+        (`Session.after_forwards`: a scorer's cut); repeated until the last row stops. Every row steps until then, as
+        in `_decode_static`; a row's record is taken when it stops (after the hook, when it stops at a segment's
+        end)."""
+        layers = session.cache.layers
+        active = list(range(len(rows)))
+        decoder = None
+        adapter.synchronize(self.device)
+        began = time.perf_counter()
+        while active:
+            left = max(rows[index].steps_left for index in active)
+            steps = min(session.method.segment_steps(session.sample), left)
+            key = (SegmentDecoder.shape_key(layers, steps), self._captures() and steps >= _GRAPH_MIN_STEPS)
+            if self._static is not None and self._static[0] == key:
+                decoder = self._static[1]
+            else:
+                self._static = decoder = None  # the previous buffers and graph go before the new ones are allocated
+                decoder = SegmentDecoder(self.model, self.geometry, layers, steps, graph=key[1],
+                                         compiled=key[1] and self._compiles(session, key))
+            decoder.load(layers, release=True)
+            positions = []
+            ended: list[int] = []
+            for taken in range(1, steps + 1):
+                fed = [row.length + len(row.tokens) - 1 for row in rows]
+                positions.append(fed)
+                logits = decoder.step([row.tokens[-1] for row in rows], fed)
+                logits = logits[active] if len(active) < len(rows) else logits
+                for index, choice in zip(active, self._choose(logits, [rows[index] for index in active])):
+                    rows[index].tokens.append(choice)
+                finished = [index for index in active if rows[index].finished()]
+                if finished:
+                    adapter.synchronize(self.device)
+                    elapsed = time.perf_counter() - began
+                    for index in finished:
+                        row = rows[index]
+                        row.decode_s = elapsed
+                        row.decode_graph, row.decode_compiled = decoder.graph is not None, decoder.compiled
+                        row.decode_static = True
+                        if taken < steps:  # the hook acts after the segment's last forward only
+                            row.final_kept_tokens, row.final_kv_bytes = decoder.held(taken, index)
+                            row.done()
+                        else:
+                            ended.append(index)
+                    active = [index for index in active if index not in finished]
+            decoder.unload(layers, steps)
+            session.after_forwards(decoder.queries(steps), torch.tensor(positions, device=self.device).T,
+                                   decoder.scalings)
+            for index in ended:
+                self._finish(rows[index], session, index)
+            self._static = (key, decoder)
 
     def _slots_allowed(self, rows: list[_Row], session: Session) -> bool:
         """Whether the batch decodes through `SlotDecoder`: a method that evicts through `evict_slot`, dense and

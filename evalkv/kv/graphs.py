@@ -265,3 +265,33 @@ def _compile(step):
     """`step` compiled as `decode_graphs="compile"` asks: inductor's default mode, since evalkv captures the CUDA graph
     itself (reduce-overhead would capture its own); static shapes; a graph break runs that part eagerly."""
     return torch.compile(step, backend=COMPILE_BACKEND, fullgraph=False, dynamic=False)
+
+
+class SegmentDecoder(StaticDecoder):
+    """A `StaticDecoder` for the forwards a method lets run without its step hook (`Method.segment_steps`: a scorer's
+    steps between cuts): it also keeps each step's queries (after RoPE), `queries(n)` per layer, so that the hook
+    runs once over all of them afterwards (`Session.after_forwards`). Unwritten and padding slots are masked by
+    position (rows of different prompt lengths merged padded, `Method.decodes_padded`)."""
+
+    def __init__(self, model, geometry: ModelGeometry, layers: list[LayerCache], steps: int, graph: bool,
+                 compiled: bool = False):
+        super().__init__(model, geometry, layers, steps, graph=graph, compiled=compiled)
+        self.padded = [True] * len(layers)
+        first = layers[0].keys
+        self.query_buffers = [first.new_zeros(self.batch, geometry.num_heads, steps, geometry.head_dim)
+                              for _ in layers]
+        self.scalings: list[float | None] = [None] * len(layers)
+
+    @staticmethod
+    def shape_key(layers: list[LayerCache], steps: int) -> tuple:
+        return ("segment", *StaticDecoder.shape_key(layers, steps))
+
+    def attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor:
+        self.query_buffers[layer_idx].index_copy_(2, self.step_index.reshape(1), query)
+        self.scalings[layer_idx] = scaling
+        return super().attention(layer_idx, query, scaling)
+
+    def queries(self, steps: int) -> list[Tensor]:
+        """The queries of the first `steps` steps since `load`, per layer `[B, H, steps, d]`."""
+        return [buffer[:, :, :steps].clone() for buffer in self.query_buffers]
+

@@ -225,6 +225,27 @@ class Session:
                                "keep it from the prompt on (view.state), so that the sample decodes alone")
         return output
 
+    def after_forwards(self, queries: list[Tensor], positions: Tensor, scalings: list[float]) -> None:
+        """Catch up on decode forwards that ran without the step hook (`Method.segment_steps`, over a `SegmentDecoder`'s
+        buffers): their entries are in the layers now; the sample's counters advance by their count, then each
+        layer's `after_step` runs once with all their queries (`queries[layer]` `[B, H, n, d]` at `positions`
+        `[B, n]`, the attention's `scalings[layer]`), as the method's eager steps would have run it after each."""
+        count = positions.shape[-1]
+        self.sample.phase = Phase.DECODE
+        self.sample.decode_step += count
+        self.sample.steps_after_prompt += count
+        self.query_positions = positions
+        for layer_idx, (layer, query, scaling) in enumerate(zip(self.cache.layers, queries, scalings)):
+            view = AttentionView(
+                layer_idx=layer_idx, geometry=self.geometry, sample=self.sample, query=query,
+                query_positions=positions.to(query.device), scaling=scaling, cache=layer,
+                state=self.layer_state[layer_idx], rotary=self.rotary,
+                output_projection=None if self.output_projections is None else self.output_projections[layer_idx],
+            )
+            keep = self.method.after_step(view)
+            if keep is not None:
+                _apply(layer, keep)
+
     def apply(self, layer_idx: int, keep) -> None:
         """Keep these entries of layer `layer_idx` (a method's decision outside a hook: `rescore_prompt`)."""
         _apply(self.cache.layers[layer_idx], keep)

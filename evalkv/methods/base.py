@@ -8,7 +8,9 @@ does by the hooks it implements (docs/methods.md#the-method-api), and the engine
   after a query-agnostic compression, then each decode step).
 
 A method without step hooks only appends while decoding, so its samples may decode through fixed-size buffers
-replayed as CUDA graphs; one with step hooks decodes eagerly. Batching needs no per-sample state: a method keeps
+replayed as CUDA graphs; one with step hooks decodes eagerly, unless its hook acts only every few steps and can
+catch up on the steps in between at once (`segment_steps`: a scorer cutting every `decode_interval` steps).
+Batching needs no per-sample state: a method keeps
 what must travel with the kept entries in `view.cache.extras` (gathered and batched with the entries) and anything
 else about a sample in `view.state` (this layer) or `view.sample.state` (every layer); either keeps that sample out
 of a decode batch, unless the method sets `batched_state`: its `view.state` then holds only tensors whose first
@@ -143,6 +145,14 @@ class Method:
         if self.compression_ratio is not None:
             return max(1, int(prompt_length * (1.0 - self.compression_ratio)))
         return prompt_length
+
+    def segment_steps(self, sample: SampleState) -> Optional[int]:
+        """How many decode forwards from where `sample` stands may run with no step hook, the method's `after_step`
+        then running once over all of them (its view's query holding every forward's query, their entries already in
+        the cache) with the same effect as once after each: such steps only append, so they run over fixed-size
+        buffers replayed as CUDA graphs (evalkv/kv/graphs.py, `SegmentDecoder`). None (the default): the hook must
+        run after every step. A scorer cutting every few steps answers the forwards up to its next cut."""
+        return None
 
     def decodes_padded(self) -> bool:
         """Whether rows of prompts shorter than the capacity may decode eagerly as one batch padded to it (padding

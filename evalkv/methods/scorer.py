@@ -140,6 +140,13 @@ class Scorer(Method):
             return None
         return self.select(dataclasses.replace(view, query=rows, query_positions=positions), target)
 
+    def segment_steps(self, sample) -> Optional[int]:
+        """The forwards up to and including the next cut: between cuts `after_step` only buffers each forward's
+        queries (the newest `decode_buffer`), which one call over all of them does as well, then cuts."""
+        if self.after_step is None or self.decode_interval < 2:
+            return None
+        return self.decode_interval - sample.steps_after_prompt % self.decode_interval
+
     def decodes_padded(self) -> bool:
         """Cuts every few steps read a padded batch row by row (`_cut_rows`); a cut at every step (TOVA) would do so
         at every step, and per-head budgets keep no common count: those rows decode alone (TOVA's batch in the slot
