@@ -480,27 +480,16 @@ class Engine:
             positions = []
             ended: list[int] = []
             for taken in range(1, steps + 1):
-                fed = [row.length + len(row.tokens) - 1 for row in rows]
-                positions.append(fed)
-                logits = decoder.step([row.tokens[-1] for row in rows], fed)
-                logits = logits[active] if len(active) < len(rows) else logits
-                for index, choice in zip(active, self._choose(logits, [rows[index] for index in active])):
-                    rows[index].tokens.append(choice)
-                finished = [index for index in active if rows[index].finished()]
-                if finished:
-                    adapter.synchronize(self.device)
-                    elapsed = time.perf_counter() - began
-                    for index in finished:
+                positions.append([row.length + len(row.tokens) - 1 for row in rows])
+                finished = self._buffer_step(decoder, rows, active, began)
+                for index in finished:
+                    if taken < steps:  # the hook acts after the segment's last forward only
                         row = rows[index]
-                        row.decode_s = elapsed
-                        row.decode_graph, row.decode_compiled = decoder.graph is not None, decoder.compiled
-                        row.decode_static = True
-                        if taken < steps:  # the hook acts after the segment's last forward only
-                            row.final_kept_tokens, row.final_kv_bytes = decoder.held(taken, index)
-                            row.done()
-                        else:
-                            ended.append(index)
-                    active = [index for index in active if index not in finished]
+                        row.final_kept_tokens, row.final_kv_bytes = decoder.held(taken, index)
+                        row.done()
+                    else:
+                        ended.append(index)
+                active = [index for index in active if index not in finished]
             decoder.unload(layers, steps)
             session.after_forwards(decoder.queries(steps), torch.tensor(positions, device=self.device).T,
                                    decoder.scalings)
@@ -625,28 +614,34 @@ class Engine:
         adapter.synchronize(self.device)
         began = time.perf_counter()
         while active:
-            logits = decoder.step([row.tokens[-1] for row in rows], [row.length + len(row.tokens) - 1 for row in rows])
-            if len(active) < len(rows):  # finished rows still step; only the others choose (and draw)
-                logits = logits[active]
-            for index, choice in zip(active, self._choose(logits, [rows[index] for index in active])):
-                rows[index].tokens.append(choice)
-            finished = [index for index in active if rows[index].finished()]
-            if finished:
-                adapter.synchronize(self.device)
-                elapsed = time.perf_counter() - began
-                for index in finished:
-                    row = rows[index]
-                    row.decode_s = elapsed
-                    row.final_kept_tokens, row.final_kv_bytes = decoder.held(len(row.tokens) - 1, index)
-                    row.decode_graph = decoder.graph is not None
-                    row.decode_compiled = decoder.compiled
-                    row.decode_static = True
-                    row.done()
-                active = [index for index in active if index not in finished]
+            finished = self._buffer_step(decoder, rows, active, began)
+            for index in finished:
+                row = rows[index]
+                row.final_kept_tokens, row.final_kv_bytes = decoder.held(len(row.tokens) - 1, index)
+                row.done()
+            active = [index for index in active if index not in finished]
         if keep_entries:
             decoder.unload(layers, len(rows[0].tokens) - 1)
         if session.method.requires_budget():
             self._static = (key, decoder)
+
+    def _buffer_step(self, decoder: StaticDecoder, rows: list[_Row], active: list[int], began: float) -> list[int]:
+        """One step of `decoder` for every row (finished rows still step; only the `active` ones choose, and draw);
+        returns the rows that stopped, their decode time and path recorded (their memory figures are the caller's)."""
+        logits = decoder.step([row.tokens[-1] for row in rows], [row.length + len(row.tokens) - 1 for row in rows])
+        if len(active) < len(rows):
+            logits = logits[active]
+        for index, choice in zip(active, self._choose(logits, [rows[index] for index in active])):
+            rows[index].tokens.append(choice)
+        finished = [index for index in active if rows[index].finished()]
+        if finished:
+            adapter.synchronize(self.device)
+            elapsed = time.perf_counter() - began
+            for index in finished:
+                row = rows[index]
+                row.decode_s, row.decode_static = elapsed, True
+                row.decode_graph, row.decode_compiled = decoder.graph is not None, decoder.compiled
+        return finished
 
     def _compiles(self, session: Session, key: tuple) -> bool:
         """Whether a new decoder compiles its step: with decode_graphs="compile", for methods with a budget (their
