@@ -416,3 +416,42 @@ def test_cuda_graph_replays_generate_what_eager_steps_generate(method, tokenizer
         assert _mixed_batch_fields(replayed, method, True) == _mixed_batch_fields(
             ordinary.generate_batch(requests), method, False)
         assert all(g.decode_graph for g in replayed)
+
+
+@pytest.mark.parametrize("options", [
+    {"window_size": 4, "decode_interval": 7, "decode_buffer": 4},  # 7 steps a segment, the newest 4 queries kept
+    {"window_size": 4, "decode_interval": 5, "decode_buffer": 1},  # the newest query only
+])
+def test_segments_between_cuts_keep_the_queries_the_cut_reads(options, tokenizer):
+    """Segments longer than the query buffer keep only its newest queries (a ring): cuts, tokens, kept sets and bytes
+    equal the eager steps', alone and batched (rows of different prompt lengths, some under the budget)."""
+    from evalkv.kv.graphs import SegmentDecoder
+
+    model = tiny_model("tiny-llama")
+    method = {"budget": 48, **options}
+    eager = Engine(model, build_method("snapkv", method), decode_graphs="off")
+    segments = Engine(model, build_method("snapkv", method), decode_graphs="eager")
+    built = []
+    original = SegmentDecoder.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    prompts = _mixed_prompts(tokenizer)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SegmentDecoder, "__init__", recording_init)
+        alone = segments.generate(prompts[0], 30, keep_session=True)
+        batched = segments.generate_batch([Request(ids, 30) for ids in prompts])
+    reference = eager.generate(prompts[0], 30, keep_session=True)
+    assert (alone.token_ids, alone.final_kept_tokens, alone.final_kv_bytes) == (
+        reference.token_ids, reference.final_kept_tokens, reference.final_kv_bytes)
+    assert [layer.positions.tolist() for layer in alone.session.cache.layers] == [
+        layer.positions.tolist() for layer in reference.session.cache.layers]
+    expected = [eager.generate(ids, 30) for ids in prompts]
+    assert [(g.token_ids, g.final_kept_tokens, g.final_kv_bytes) for g in batched] == [
+        (g.token_ids, g.final_kept_tokens, g.final_kv_bytes) for g in expected]
+    assert all(g.decode_static for g in batched) and {g.decode_batch for g in batched} == {len(prompts)}
+    kept = max(1, options["decode_buffer"])
+    assert built and all(decoder.ring == min(kept, decoder.steps) for decoder in built)
+    assert any(decoder.steps > decoder.ring for decoder in built)  # the ring wrapped

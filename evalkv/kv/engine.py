@@ -469,13 +469,14 @@ class Engine:
         while active:
             left = max(rows[index].steps_left for index in active)
             steps = min(session.method.segment_steps(session.sample), left)
-            key = (SegmentDecoder.shape_key(layers, steps), self._captures() and steps >= _GRAPH_MIN_STEPS)
+            kept = session.method.segment_queries()
+            key = (SegmentDecoder.shape_key(layers, steps, kept), self._captures() and steps >= _GRAPH_MIN_STEPS)
             if self._static is not None and self._static[0] == key:
                 decoder = self._static[1]
             else:
                 self._static = decoder = None  # the previous buffers and graph go before the new ones are allocated
                 decoder = SegmentDecoder(self.model, self.geometry, layers, steps, graph=key[1],
-                                         compiled=key[1] and self._compiles(session, key))
+                                         compiled=key[1] and self._compiles(session, key), kept_queries=kept)
             decoder.load(layers, release=True)
             positions = []
             ended: list[int] = []
@@ -491,8 +492,8 @@ class Engine:
                         ended.append(index)
                 active = [index for index in active if index not in finished]
             decoder.unload(layers, steps)
-            session.after_forwards(decoder.queries(steps), torch.tensor(positions, device=self.device).T,
-                                   decoder.scalings)
+            fed = torch.tensor(positions[-decoder.ring :], device=self.device).T  # the kept queries' positions
+            session.after_forwards(decoder.queries(steps), fed, decoder.scalings, steps)
             for index in ended:
                 self._finish(rows[index], session, index)
             self._static = (key, decoder)

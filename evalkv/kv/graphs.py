@@ -269,29 +269,34 @@ def _compile(step):
 
 class SegmentDecoder(StaticDecoder):
     """A `StaticDecoder` for the forwards a method lets run without its step hook (`Method.segment_steps`: a scorer's
-    steps between cuts): it also keeps each step's queries (after RoPE), `queries(n)` per layer, so that the hook
-    runs once over all of them afterwards (`Session.after_forwards`). Unwritten and padding slots are masked by
-    position (rows of different prompt lengths merged padded, `Method.decodes_padded`)."""
+    steps between cuts): it also keeps the newest `kept_queries` steps' queries (after RoPE) in a ring per layer,
+    `queries(n)`, so that the hook runs once over them afterwards (`Session.after_forwards`). Unwritten and padding
+    slots are masked by position (rows of different prompt lengths merged padded, `Method.decodes_padded`)."""
 
     def __init__(self, model, geometry: ModelGeometry, layers: list[LayerCache], steps: int, graph: bool,
-                 compiled: bool = False):
+                 compiled: bool = False, kept_queries: int | None = None):
         super().__init__(model, geometry, layers, steps, graph=graph, compiled=compiled)
         self.padded = [True] * len(layers)
         first = layers[0].keys
-        self.query_buffers = [first.new_zeros(self.batch, geometry.num_heads, steps, geometry.head_dim)
+        self.ring = min(steps, kept_queries or steps)
+        self.query_buffers = [first.new_zeros(self.batch, geometry.num_heads, self.ring, geometry.head_dim)
                               for _ in layers]
         self.scalings: list[float | None] = [None] * len(layers)
 
     @staticmethod
-    def shape_key(layers: list[LayerCache], steps: int) -> tuple:
-        return ("segment", *StaticDecoder.shape_key(layers, steps))
+    def shape_key(layers: list[LayerCache], steps: int, kept_queries: int | None = None) -> tuple:
+        return ("segment", kept_queries, *StaticDecoder.shape_key(layers, steps))
 
     def attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor:
-        self.query_buffers[layer_idx].index_copy_(2, self.step_index.reshape(1), query)
+        slot = torch.remainder(self.step_index, self.ring).reshape(1)
+        self.query_buffers[layer_idx].index_copy_(2, slot, query)
         self.scalings[layer_idx] = scaling
         return super().attention(layer_idx, query, scaling)
 
     def queries(self, steps: int) -> list[Tensor]:
-        """The queries of the first `steps` steps since `load`, per layer `[B, H, steps, d]`."""
-        return [buffer[:, :, :steps].clone() for buffer in self.query_buffers]
-
+        """The queries of the newest `min(steps, ring)` of the `steps` steps since `load`, oldest first, per layer
+        `[B, H, n, d]`."""
+        if steps <= self.ring:
+            return [buffer[:, :, :steps].clone() for buffer in self.query_buffers]
+        start = steps % self.ring  # the oldest kept query's slot
+        return [torch.cat([buffer[:, :, start:], buffer[:, :, :start]], dim=2) for buffer in self.query_buffers]

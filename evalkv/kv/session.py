@@ -225,12 +225,12 @@ class Session:
                                "keep it from the prompt on (view.state), so that the sample decodes alone")
         return output
 
-    def after_forwards(self, queries: list[Tensor], positions: Tensor, scalings: list[float]) -> None:
-        """Catch up on decode forwards that ran without the step hook (`Method.segment_steps`, over a `SegmentDecoder`'s
-        buffers): their entries are in the layers now; the sample's counters advance by their count, then each
-        layer's `after_step` runs once with all their queries (`queries[layer]` `[B, H, n, d]` at `positions`
-        `[B, n]`, the attention's `scalings[layer]`), as the method's eager steps would have run it after each."""
-        count = positions.shape[-1]
+    def after_forwards(self, queries: list[Tensor], positions: Tensor, scalings: list[float], count: int) -> None:
+        """Catch up on `count` decode forwards that ran without the step hook (`Method.segment_steps`, over a
+        `SegmentDecoder`'s buffers): their entries are in the layers now; the sample's counters advance by `count`,
+        then each layer's `after_step` runs once with their newest queries (`queries[layer]` `[B, H, n, d]` at
+        `positions` `[B, n]`, n <= count, at least `Method.segment_queries`; the attention's `scalings[layer]`), as
+        the method's eager steps would have run it after each."""
         self.sample.phase = Phase.DECODE
         self.sample.decode_step += count
         self.sample.steps_after_prompt += count

@@ -154,6 +154,11 @@ class Method:
         run after every step. A scorer cutting every few steps answers the forwards up to its next cut."""
         return None
 
+    def segment_queries(self) -> Optional[int]:
+        """How many of a segment's newest queries `after_step` reads when it catches up (`segment_steps`); the
+        buffers keep only those (None: all)."""
+        return None
+
     def decodes_padded(self) -> bool:
         """Whether rows of prompts shorter than the capacity may decode eagerly as one batch padded to it (padding
         entries at position -1, which attention masks): the method's step hooks then read a padded batch row by row,

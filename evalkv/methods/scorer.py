@@ -147,6 +147,9 @@ class Scorer(Method):
             return None
         return self.decode_interval - sample.steps_after_prompt % self.decode_interval
 
+    def segment_queries(self) -> Optional[int]:
+        return max(1, self.decode_buffer)  # `_observation_rows` keeps the newest `decode_buffer`
+
     def decodes_padded(self) -> bool:
         """Cuts every few steps read a padded batch row by row (`_cut_rows`); a cut at every step (TOVA) would do so
         at every step, and per-head budgets keep no common count: those rows decode alone (TOVA's batch in the slot
