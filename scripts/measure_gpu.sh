@@ -2,7 +2,8 @@
 # The GPU measurements recorded in docs/results.md, one phase per call; every phase resumes where it stopped.
 # Runs the project's own commands on the embedded model (EVALKV_EMBEDDED_GGUF points at the assembled file).
 #   usage: scripts/measure_gpu.sh PHASE
-#   phases: passkey, prepare, overhead, methods, needle, ruler, longbench, perf, tables
+#   phases: passkey, prepare, overhead, methods, needle, ruler, longbench, perf, tables; issue 21's owed runs:
+#           reasoning, slots, overheads, long, catekv, gpu-tests
 #   env: EVALKV (default: python3 -m evalkv.cli), MODEL (default: the embedded qwen2.5-coder-0.5b-instruct),
 #        RESULTS (runs; default /root/results), OUT (tables; default RESULTS), ESSAYS (RULER's
 #        PaulGrahamEssays.json), RULER_SAMPLES (samples per RULER task and length; default 50), LONGBENCH (folder of
@@ -13,7 +14,10 @@
 #        default "passkey ruler"), SKIP_TABLES=1 (score and tabulate later, with the tables phase),
 #        PRED_OVERRIDES (extra `evalkv pred` overrides for every run, space-separated, e.g. "decode_graphs=off"),
 #        PROCESSES (data-parallel `evalkv pred` processes per run, all on one GPU: torchrun with
-#        EVALKV_PROCESSES_PER_GPU; default 1, a plain process)
+#        EVALKV_PROCESSES_PER_GPU; default 1, a plain process), KVPRESS_SITE (reasoning phase: a folder where
+#        kvpress 0.5.5 and its transformers are installed, e.g. `pip install --target` of .device/kvpress_whl;
+#        unset: the kvpress side is skipped), NEW_TOKENS (reasoning phase; default 2048), LENGTHS (long phase;
+#        default 131072,262144), HEADMASK (long and catekv phases; default $root/headmask-8b-1m.csv)
 set -euo pipefail
 phase=${1:?usage: scripts/measure_gpu.sh PHASE}
 root=${RESULTS:-/root/results}
@@ -130,6 +134,54 @@ perf)  # issue 8: batched decoding vs the HBM bound; a 128K-token prefill, full 
   run $evalkv bench --model "$perf_model" --methods full --lengths 131072 --new-tokens 8 --repeats 1 --warmup 0 \
     -o "$out/perf_128k_full.json" > "$out/perf_128k_full.md" || echo "full-cache 128K prefill failed" >&2
   ;;
+reasoning)  # issue 21 goal 4: 64 prompts of 100-1000 tokens, NEW_TOKENS each, budget 1024, all 64 in one batch:
+  # the full cache, h2o (slot-cache graphs) and decoding snapkv (graphed segments between cuts); then kvpress's
+  # DecodingPress(SnapKVPress) on the first sample of the same workload (it decodes one sample at a time)
+  run $evalkv bench --workload reasoning model=random-llama-3.1-8b method=full,h2o,snapkv snapkv.decode_interval=128 \
+    budget=1024 --samples 64 --new-tokens "${NEW_TOKENS:-2048}" --batch-size 64 --write-workload "$root/reasoning64.json" \
+    -o "$out/reasoning64.json" > "$out/reasoning64.md"
+  if [[ -n ${KVPRESS_SITE:-} ]]; then
+    run env PYTHONPATH="$KVPRESS_SITE" python3 scripts/kvpress_bench.py "$root/reasoning64.json" --press decoding-snapkv \
+      --samples 1 -o "$out/reasoning64-kvpress.json" > "$out/reasoning64-kvpress.log" 2>&1
+  fi
+  ;;
+slots)  # issue 21 goal 2: the slot-cache step compiled (h2o, streaming_llm; snapkv for reference), batch 16, 8K
+  run $evalkv bench model=random-llama-3.1-8b method=h2o,streaming_llm,snapkv budget=1024 --lengths 8192 \
+    --batch-sizes 16 --new-tokens 512 --repeats 1 --decode-graphs auto,compile -o "$out/slots-compile.json" \
+    > "$out/slots-compile.md"
+  ;;
+overheads)  # issue 21 goal 6 and issue 19: 32K prefill overheads after the per-chunk and norm fixes
+  run $evalkv bench model=random-llama-3.1-8b method=full,snapkv,sink_recent_uniform,kmeans snapkv.critical=true \
+    budget=1024 --lengths 32768 --new-tokens 8 --repeats 3 -o "$out/overheads-32k.json" > "$out/overheads-32k.md"
+  run $evalkv bench model=random-llama-3.1-8b method=full full.prefill_chunk=512 --lengths 32768 --new-tokens 8 \
+    --repeats 3 -o "$out/full-chunked-32k.json" > "$out/full-chunked-32k.md"
+  ;;
+long)  # issue 21 goal 5: catekv, snapkv, full at 128K and 256K on Llama-3-8B with Gradient-1048k's RoPE (a cell
+  # that runs out of memory is listed under the table); the headmask from RULER niah_single_1 at 8K (RULER's vt
+  # needs a word tokenizer: its in-context example exceeds 500 tokens with the random models' byte tokenizer)
+  headmask=${HEADMASK:-$root/headmask-8b-1m.csv}
+  if [[ ! -s $headmask ]]; then
+    run $evalkv headmask model=random-llama-3-8b-1m "task.tasks=[niah_single_1]" "task.lengths=[8192]" --samples 4 \
+      -o "$headmask"
+  fi
+  run $evalkv bench model=random-llama-3-8b-1m method=catekv,snapkv,full budget=2048 "catekv.headmask_path=$headmask" \
+    --lengths "${LENGTHS:-131072,262144}" --new-tokens 64 --repeats 1 --warmup 0 --mlp-chunk 16384 \
+    -o "$out/long-context.json" > "$out/long-context.md"
+  ;;
+catekv)  # issue 21 goal 3: catekv in a batch of 16 (8K, budget 1024), then snapkv at catekv's mean kept entries
+  headmask=${HEADMASK:-$root/headmask-8b-1m.csv}
+  run $evalkv bench model=random-llama-3-8b-1m method=catekv budget=1024 "catekv.headmask_path=$headmask" \
+    --lengths 8192 --batch-sizes 16 --new-tokens 256 --repeats 1 -o "$out/catekv-b16.json" > "$out/catekv-b16.md"
+  kept=$(python3 -c "import json, sys; print(round(json.load(open(sys.argv[1]))['rows'][0]['kept_tokens']))" \
+    "$out/catekv-b16.json")
+  run $evalkv bench model=random-llama-3-8b-1m method=snapkv "budget=$kept" --lengths 8192 --batch-sizes 16 \
+    --new-tokens 256 --repeats 1 -o "$out/catekv-b16-snapkv.json" > "$out/catekv-b16-snapkv.md"
+  ;;
+gpu-tests)  # the tests marked for CUDA (graph replays, the segment and slot decoders, the scoring kernels)
+  run python3 -m pytest -q -p no:cacheprovider tests/test_decode_graphs.py tests/test_cuda.py \
+    tests/test_scoring_kernels.py tests/test_sampling.py tests/test_think.py -k "cuda or CUDA or kernel" \
+    > "$out/gpu-tests.log" 2>&1 || echo "GPU tests failed: $out/gpu-tests.log" >&2
+  ;;
 tables)  # scores and tables of every folder the other phases fill (after parallel runs with SKIP_TABLES=1)
   unset SKIP_TABLES
   if [[ -d $root/passkey ]]; then tables "$root/passkey" passkey by_context_length by_depth timing; fi
@@ -139,7 +191,8 @@ tables)  # scores and tables of every folder the other phases fill (after parall
   if [[ -d $root/longbench ]]; then tables "$root/longbench" longbench timing; fi
   ;;
 *)
-  echo "unknown phase $phase; phases: passkey, prepare, overhead, methods, needle, ruler, longbench, perf, tables" >&2
+  echo "unknown phase $phase; phases: passkey, prepare, overhead, methods, needle, ruler, longbench, perf, tables," \
+    "reasoning, slots, overheads, long, catekv, gpu-tests" >&2
   exit 2
   ;;
 esac
