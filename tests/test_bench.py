@@ -209,6 +209,21 @@ def test_reasoning_workload_bench_reports_its_floor(tmp_path, capsys):
     assert "| wall_s | floor_s | of_floor |" in out and "reasoning workload" in out
 
 
+def test_workload_rows_of_several_decode_modes_say_their_mode(tmp_path, capsys):
+    """`--decode-graphs eager,off`: one row per method and mode; the table names the mode, or the rows read alike.
+    Decoding SnapKV's rows of short prompts decode together on both paths (padded under its cuts)."""
+    report_path = tmp_path / "bench.json"
+    assert main(["bench", "model=random-tiny-llama", "model.device=cpu", "method=snapkv", "budget=16",
+                 "snapkv.window_size=4", "snapkv.decode_interval=3", "--workload", "reasoning", "--samples", "3",
+                 "--new-tokens", "12", "--min-length", "8", "--max-length", "14", "--batch-size", "3",
+                 "--decode-graphs", "eager,off", "--warmup", "0", "-o", str(report_path)]) == 0
+    rows = json.loads(report_path.read_text())["rows"]
+    assert [(row["method"], row["decode_graphs"], row["mean_decode_batch"]) for row in rows] == [
+        ("snapkv", "eager", 3), ("snapkv", "off", 3)]
+    out = capsys.readouterr().out
+    assert "| snapkv (eager) | 16 |" in out and "| snapkv (off) | 16 |" in out
+
+
 def test_a_workload_file_of_the_other_workload_is_refused(tmp_path, capsys):
     path = tmp_path / "reasoning.json"
     write_workload(path, build_reasoning_workload(BYTE_VOCAB_SIZE, 1, 2, min_length=8, max_length=8))

@@ -9,8 +9,8 @@ samples whose compressed caches have the same shape and whose method keeps no pe
 (`Session.batch_key`); rows of a method with a slot cache (evalkv/kv/slots.py) whose prompts are shorter than its
 budget batch whatever their lengths, padded with free slots (`Engine._slot_fill`), rows of the full cache batch
 padded to a common length (`Engine._append_fill`) when they decode over fixed-size buffers and the device has room
-for them side by side (`Engine._may_hold`), and rows of a scorer that cuts every few steps batch eagerly padded to
-the longest row, each cut reading every row over its own entries (`Engine._hook_fill`, `Method.decodes_padded`).
+for them side by side (`Engine._may_hold`), and rows of a scorer that cuts every few steps batch padded to the
+longest row, each cut reading every row over its own entries (`Engine._hook_fill`, `Method.decodes_padded`).
 Each row keeps its own true
 positions; a row leaves the batch when it stops. The tokens equal batch-size-1 decoding up to floating-point
 reassociation of the batched matmuls (identical in fp32 on the CPU in the tests). A sampling row draws from its own
@@ -537,8 +537,9 @@ class Engine:
     def _hook_fill(row: _Row) -> int | None:
         """For a method with step hooks that reads a padded batch row by row (`Method.decodes_padded`: a scorer that
         cuts every few steps): its capacity, when the row's layers are dense, full width and hold at most that, so that
-        rows of prompts shorter than the budget decode eagerly in one batch (their layers padded at the end to the
-        longest row, `Session.merge`). No trace, no quantised cache."""
+        rows of prompts shorter than the budget decode in one batch (their layers padded at the end to the longest
+        row, `Session.merge`; eagerly, or in segments between the cuts, `_decode_segments`). No trace, no quantised
+        cache."""
         session = row.session
         method = session.method
         if (not method.acts_while_decoding or not method.decodes_padded() or row.forwards is not None

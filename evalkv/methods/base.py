@@ -160,7 +160,7 @@ class Method:
         return None
 
     def decodes_padded(self) -> bool:
-        """Whether rows of prompts shorter than the capacity may decode eagerly as one batch padded to it (padding
+        """Whether rows of prompts shorter than the capacity may decode as one batch padded to the longest (padding
         entries at position -1, which attention masks): the method's step hooks then read a padded batch row by row,
         each over its own entries, and decide for every row what it would decide alone. No unless a method says so
         (a scorer cutting every few steps, evalkv/methods/scorer.py)."""

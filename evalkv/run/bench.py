@@ -429,11 +429,12 @@ def format_workload_rows(report: dict) -> str:
     header = ["method", "budget", "graphed", "samples", "prompt_tok", "new_tok", "batch", "wall_s", "floor_s",
               "of_floor", "samples/s", "tok/s", "peak_GB"]
     cells = []
+    modes = len(set(report.get("decode_graphs") or [])) > 1  # rows of one method differ only by their mode
     for row in report["rows"]:
         batch = f"{row['batch_size']}" + ("" if row["mean_decode_batch"] == row["batch_size"] else
                                           f" (decoded {row['mean_decode_batch']:g} on average)")
         cells.append([
-            row["method"], f"{row['options'].get('budget', '-')}",
+            row["method"] + (f" ({row['decode_graphs']})" if modes else ""), f"{row['options'].get('budget', '-')}",
             f"{row['graph_samples']}" + (f" ({row['compiled_samples']} compiled)" if row["compiled_samples"] else ""),
             f"{row['samples']}", f"{row['prompt_tokens']}",
             f"{row['generated_tokens']}", batch, f"{row['wall_s']:.2f}",
