@@ -156,11 +156,9 @@ class LaCache(Method):
         if view.layer_idx == 0:  # one plan per forward, shared by the layers
             ladder = state.get("lacache_ladder") or self._ladder(view)
             state["lacache_ladder"] = ladder
-            state["lacache_plan"] = ladder.compact(view.length)
+            state["lacache_plan"] = _on_device(ladder.compact(view.length), view.keys.device)
         plan = state["lacache_plan"]
-        if plan is None:
-            return None
-        return torch.tensor(plan[view.layer_idx], device=view.keys.device)[None, None, :]
+        return None if plan is None else plan[view.layer_idx][None, None, :]
 
     after_step = compress_prompt  # the ladder compacts again whenever the cache outgrows its size
 
@@ -171,3 +169,13 @@ class LaCache(Method):
         if start < 1:
             raise EvalkvError(f"lacache: budget {cache_size} must exceed the layer count + 1 ({layers + 1})")
         return Ladder(layers, self.span, self.overlap, cache_size, start)
+
+
+def _on_device(plan: list[list[int]] | None, device: torch.device) -> list[Tensor] | None:
+    """A forward's plan as one index tensor per layer, copied to the device at once: a host-to-device copy in every
+    layer's hook would stall the GPU's queue once per layer."""
+    if plan is None:
+        return None
+    flat = torch.tensor([index for layer in plan for index in layer], dtype=torch.long, device=device)
+    return list(flat.split([len(layer) for layer in plan]))
+
