@@ -177,14 +177,14 @@ def test_full_cache_rows_of_different_lengths_batch_over_fixed_size_buffers(toke
 
 def test_full_cache_rows_of_long_generations_batch_whatever_their_prompt_lengths(tokenizer):
     """With more steps to come than 256, lengths round up to a multiple of the steps (rounded up to 256): a 40- and a
-    300-token prompt generating 300 tokens share a batch (both round up to 512), as a reasoning workload's prompts of
+    270-token prompt generating 260 tokens share a batch (both round up to 512), as a reasoning workload's prompts of
     100-1,000 tokens generating thousands do, and each generates what it does alone."""
     base = prompt_ids(tokenizer)
-    prompts = [base[:40], base[:300]]
+    prompts = [base[:40], base[:270]]
     alone = Engine(tiny_model(), build_method("full", {}), decode_graphs="off")
     static = Engine(tiny_model(), build_method("full", {}), decode_graphs="eager")
-    expected = [alone.generate(ids, 300) for ids in prompts]
-    batched = static.generate_batch([Request(ids, 300) for ids in prompts])
+    expected = [alone.generate(ids, 260) for ids in prompts]
+    batched = static.generate_batch([Request(ids, 260) for ids in prompts])
     assert [g.decode_batch for g in batched] == [2, 2] and all(g.decode_static for g in batched)
     assert [(g.token_ids, g.final_kept_tokens, g.final_kv_bytes) for g in batched] == [
         (g.token_ids, g.final_kept_tokens, g.final_kv_bytes) for g in expected]
