@@ -62,6 +62,16 @@ def _round_up(value: int, quantum: int) -> int:
     return -(-value // quantum) * quantum
 
 
+def _capacity_fill(session: Session) -> int | None:
+    """The method's capacity, to which rows of shorter prompts may be padded, when every layer of `session` is dense,
+    unpadded, full width and holds at most that many entries; else None."""
+    capacity = session.method.capacity(session.sample.prompt_length)
+    if any(layer.is_ragged or layer.padded or layer.pruned is not None or layer.length > capacity
+           for layer in session.cache.layers):
+        return None
+    return capacity
+
+
 def check_decode_graphs(mode: str) -> None:
     """Refuse an unknown decode_graphs mode, naming the known ones (callers check before loading a model)."""
     if mode not in DECODE_GRAPHS:
@@ -463,7 +473,6 @@ class Engine:
         end)."""
         layers = session.cache.layers
         active = list(range(len(rows)))
-        decoder = None
         adapter.synchronize(self.device)
         began = time.perf_counter()
         while active:
@@ -545,11 +554,7 @@ class Engine:
         if (not method.acts_while_decoding or not method.decodes_padded() or row.forwards is not None
                 or session.quantization is not None):
             return None
-        capacity = method.capacity(session.sample.prompt_length)
-        if any(layer.padded or layer.is_ragged or layer.pruned is not None or layer.length > capacity
-               for layer in session.cache.layers):
-            return None
-        return capacity
+        return _capacity_fill(session)
 
     @staticmethod
     def _buffer_bytes(row: _Row, fill: int | None) -> int:
@@ -585,10 +590,7 @@ class Engine:
         if (not self._buffers_allowed(row, session, steps) or not implements_slots(session.method)
                 or not dense_on(session, self.device)):
             return None
-        capacity = session.method.capacity(session.sample.prompt_length)
-        if any(layer.padded or layer.pruned is not None or layer.length > capacity for layer in session.cache.layers):
-            return None
-        return capacity
+        return _capacity_fill(session)
 
     def _decode_static(self, rows: list[_Row], session: Session, steps: int, keep_entries: bool) -> None:
         """`_decode` over fixed-size buffers: every row stays in the batch until the last one stops (a finished row's

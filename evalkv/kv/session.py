@@ -186,13 +186,7 @@ class Session:
         decode steps) runs `before_step` before it and `after_step` after it. A hook the method does not implement
         is None."""
         layer = self.cache.layers[layer_idx]
-        view = AttentionView(
-            layer_idx=layer_idx, geometry=self.geometry, sample=self.sample, query=query,
-            query_positions=self.query_positions.to(query.device), scaling=scaling, cache=layer,
-            state=self.layer_state[layer_idx],
-            rotary=self.rotary,
-            output_projection=None if self.output_projections is None else self.output_projections[layer_idx],
-        )
+        view = self._view(layer_idx, query, scaling)
         if self.sample.phase is Phase.REPLAY:  # re-read tokens: scored, then dropped; no hook runs
             view.output = self._attend(layer, query, scaling)
             self.replay_scores[layer_idx] = self.replay_score(view)
@@ -236,15 +230,18 @@ class Session:
         self.sample.steps_after_prompt += count
         self.query_positions = positions
         for layer_idx, (layer, query, scaling) in enumerate(zip(self.cache.layers, queries, scalings)):
-            view = AttentionView(
-                layer_idx=layer_idx, geometry=self.geometry, sample=self.sample, query=query,
-                query_positions=positions.to(query.device), scaling=scaling, cache=layer,
-                state=self.layer_state[layer_idx], rotary=self.rotary,
-                output_projection=None if self.output_projections is None else self.output_projections[layer_idx],
-            )
-            keep = self.method.after_step(view)
+            keep = self.method.after_step(self._view(layer_idx, query, scaling))
             if keep is not None:
                 _apply(layer, keep)
+
+    def _view(self, layer_idx: int, query: Tensor, scaling: float) -> AttentionView:
+        """What a hook of layer `layer_idx` sees: `query` at this forward's positions over the layer's cache."""
+        return AttentionView(
+            layer_idx=layer_idx, geometry=self.geometry, sample=self.sample, query=query,
+            query_positions=self.query_positions.to(query.device), scaling=scaling, cache=self.cache.layers[layer_idx],
+            state=self.layer_state[layer_idx], rotary=self.rotary,
+            output_projection=None if self.output_projections is None else self.output_projections[layer_idx],
+        )
 
     def apply(self, layer_idx: int, keep) -> None:
         """Keep these entries of layer `layer_idx` (a method's decision outside a hook: `rescore_prompt`)."""
