@@ -234,19 +234,22 @@ def attention_last_reads(
 def _scoring_kernels(query: Tensor, keys: Tensor):
     """`evalkv.kv.scoring_kernels` where it serves these tensors (CUDA, triton installed, at least KERNEL_MIN_ROWS
     rows, a dtype and head size it takes, not switched off with EVALKV_TRITON=0); None: the PyTorch path."""
-    if not query.is_cuda or query.shape[-2] < KERNEL_MIN_ROWS or os.environ.get(KERNELS_ENV) == "0":
-        return None
-    kernels = _kernels_module()
-    return kernels if kernels is not None and kernels.supports(query, keys) else None
-
-
-@functools.cache
-def _kernels_module():
-    if importlib.util.find_spec("triton") is None:
+    if query.shape[-2] < KERNEL_MIN_ROWS or not kernels_serve(query):
         return None
     from evalkv.kv import scoring_kernels
 
-    return scoring_kernels
+    return scoring_kernels if scoring_kernels.supports(query, keys) else None
+
+
+def kernels_serve(tensor: Tensor) -> bool:
+    """Whether evalkv's Triton kernels may take this tensor: on CUDA, triton installed, not switched off with
+    EVALKV_TRITON=0 (each kernel module then says which dtypes and shapes it takes)."""
+    return tensor.is_cuda and os.environ.get(KERNELS_ENV) != "0" and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def reduce_query_heads(scores: Tensor, num_kv_heads: int, how: str = "mean") -> Tensor:
