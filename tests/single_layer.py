@@ -36,9 +36,9 @@ class Step:
 class _RecordingSession(Session):
     """A session that remembers what each attention read."""
 
-    def _attend(self, layer, query, scaling):
+    def _attend(self, layer, query, scaling, view=None):
         self.attended = (layer.keys.clone(), layer.values.clone(), layer.positions.clone())
-        return super()._attend(layer, query, scaling)
+        return super()._attend(layer, query, scaling, view)
 
 
 class SingleLayer:

@@ -212,3 +212,46 @@ def test_decoding_holds_the_cache_at_its_target_through_a_long_generation(tokeni
     expected = target + steps % interval if steps >= interval else 64 + steps
     assert generation.session.cache.lengths() == [expected, expected]
     assert generation.final_kept_tokens == expected
+
+
+@pytest.mark.parametrize("name, options", [("h2o", {}), ("lru", {}), ("obcache", {"score": "V", "queries": "all"}),
+                                           ("h2o", {"prefill_chunk": 100}), ("snapkv", {})])
+def test_prompt_rows_log_sum_exps_reach_the_methods_that_read_them(tokenizer, monkeypatch, name, options):
+    """Where the model's attention returns each row's log-sum-exp (`attend_with_row_lse`: flash attention on CUDA,
+    stood in for here), the prompt's hooks of a method with `reads_row_lse` get it in `view.row_lse`; decode steps,
+    later prompt chunks (their rows see earlier entries too: the stand-in returns none, as the real one) and other
+    methods get None, and the scoring functions receive what the view holds."""
+    from evalkv.kv import attention, session
+
+    calls, received = [], []
+
+    def stand_in(query, keys, values, scaling, backend="sdpa"):
+        calls.append(query.shape[-2])
+        lse = torch.full(query.shape[:3], 7.0) if query.shape[-2] == keys.shape[-2] else None
+        return attention.attend(query, keys, values, scaling, backend), lse
+
+    def recorded(function):
+        def wrapper(*args, row_lse=None, **kwargs):
+            received.append(None if row_lse is None else float(row_lse.max()))
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(session, "attend_with_row_lse", stand_in)
+    module = {"h2o": "evalkv.methods.h2o", "lru": "evalkv.methods.lru", "obcache": "evalkv.methods.obcache",
+              "snapkv": "evalkv.methods.snapkv"}[name]
+    function = "attention_last_reads" if name == "lru" else "attention_column_sums"
+    monkeypatch.setattr(f"{module}.{function}", recorded(getattr(attention, function)))
+    method = build_method(name, {"budget": BUDGET, **options})
+    prompt = prompt_ids(tokenizer)
+    Engine(tiny_model(), method, decode_graphs="off").generate(prompt, 3)
+    layers = tiny_model().config.num_hidden_layers
+    if name == "snapkv":
+        assert calls == [] and set(received) == {None}
+    elif "prefill_chunk" in options:
+        sizes = [min(100, len(prompt) - start) for start in range(0, len(prompt), 100)]
+        assert len(sizes) > 2 and calls == [size for size in sizes for _ in range(layers)]
+        assert received[:layers] == [7.0] * layers and set(received[layers:]) == {None}
+        assert len(received) == (len(sizes) + 2) * layers  # the chunks, then the decode steps before the last token
+    else:
+        assert calls == [len(prompt)] * layers
+        assert received[:layers] == [7.0] * layers and set(received[layers:]) == {None}

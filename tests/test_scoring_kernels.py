@@ -126,6 +126,34 @@ def test_last_reads_equal_the_pytorch_path(kernels, device, small, monkeypatch, 
     assert (expected == -1).any() and (expected >= 50).any()  # both unread and read keys occur
 
 
+def test_given_row_log_sum_exps_replace_the_first_pass(kernels, device, small):
+    """With the rows' base-2 log-sum-exps given (from the model's attention), both statistics use them instead of
+    pass 1: the kernel's own reproduce its results, and every log-sum-exp one higher halves every probability."""
+    query, query_positions, keys, key_positions = _prompt(device, torch.Generator().manual_seed(5))
+    lse, counts = kernels._row_statistics(query, query_positions, keys, key_positions, 0.35, small, True, None)
+    sums = kernels.column_sums(query, query_positions, keys, key_positions, 0.35, tiles=small)
+    given = kernels.column_sums(query, query_positions, keys, key_positions, 0.35, tiles=small, lse=lse)
+    torch.testing.assert_close(given, sums, atol=0, rtol=0)
+    halved = kernels.column_sums(query, query_positions, keys, key_positions, 0.35, tiles=small, lse=lse + 1)
+    torch.testing.assert_close(halved, sums / 2, atol=1e-7, rtol=1e-6)
+    for query, query_positions, keys, key_positions in (_prompt(device, torch.Generator().manual_seed(6)),
+                                                        _evicted_cache(device, torch.Generator().manual_seed(7))):
+        lse, _ = kernels._row_statistics(query, query_positions, keys, key_positions, 0.35, small, False, None)
+        reads = kernels.last_reads(query, query_positions, keys, key_positions, 0.35, 2, tiles=small)
+        given = kernels.last_reads(query, query_positions, keys, key_positions, 0.35, 2, tiles=small, lse=lse)
+        assert torch.equal(given, reads)  # the visible counts, from positions, equal pass 1's
+        higher = kernels.last_reads(query, query_positions, keys, key_positions, 0.35, 2, tiles=small, lse=lse + 1)
+        assert not torch.equal(higher, reads)
+
+
+def test_row_log_sum_exps_come_from_the_attention_only_where_flash_attention_returns_them():
+    """On the CPU (and for chunks, fp32, other backends) `attend_with_row_lse` is `attend` with no log-sum-exps."""
+    generator = torch.Generator().manual_seed(8)
+    query, keys, values = (torch.randn(1, heads, 9, 8, generator=generator) for heads in (4, 2, 2))
+    output, lse = attention.attend_with_row_lse(query, keys, values, 0.35)
+    assert lse is None and torch.equal(output, attention.attend(query, keys, values, 0.35))
+
+
 # --- On a GPU: realistic shapes and whole generations -----------------------------------------------------------
 
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -162,6 +190,34 @@ def test_kernels_match_the_pytorch_path_at_4k_tokens(kernels, monkeypatch, dtype
     if dtype == torch.float32:
         expected_reads = attention_last_reads(query, query_positions, keys, key_positions, scaling, 1)
         assert (reads != expected_reads).float().mean() < 1e-3  # a probability within rounding of 1/visible may flip
+
+
+@cuda_only
+def test_flash_attention_row_log_sum_exps_match_the_first_pass(kernels, monkeypatch):
+    """A 4K-token bf16 prompt on the Llama-3.1-8B attention geometry: the log-sum-exps that the model's attention
+    returns (`attend_with_row_lse`) equal the kernels' own pass 1 within fp32 rounding, its output is SDPA's, and
+    column sums and last reads from them equal those of the kernels' two passes."""
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    n = 4096
+    query, keys, values = (torch.randn(1, heads, n, 128, device="cuda", generator=generator, dtype=torch.bfloat16)
+                           for heads in (32, 8, 8))
+    positions = torch.arange(n, device="cuda")
+    query_positions, key_positions = positions.expand(1, n), positions.expand(1, 8, n)
+    scaling = 128**-0.5
+    output, lse = attention.attend_with_row_lse(query, keys, values, scaling)
+    assert lse is not None and lse.shape == (1, 32, n) and lse.dtype == torch.float32
+    torch.testing.assert_close(output, attention.attend(query, keys, values, scaling), atol=2e-2, rtol=2e-2)
+    own, _ = kernels._row_statistics(query, query_positions, keys, key_positions, scaling,
+                                     kernels.default_tiles(128, torch.bfloat16), False, None)
+    torch.testing.assert_close(lse, own, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(kernels.column_sums(query, query_positions, keys, key_positions, scaling, lse=lse),
+                               kernels.column_sums(query, query_positions, keys, key_positions, scaling),
+                               atol=1e-3, rtol=1e-3)
+    reads = kernels.last_reads(query, query_positions, keys, key_positions, scaling, 8, lse=lse)
+    expected = kernels.last_reads(query, query_positions, keys, key_positions, scaling, 8)
+    assert (reads != expected).float().mean() < 1e-3  # a probability within rounding of 1/visible may flip
+    monkeypatch.setenv(attention.KERNELS_ENV, "0")
+    assert attention.attend_with_row_lse(query, keys, values, scaling)[1] is None
 
 
 @pytest.mark.parametrize("case", ["h2o-chunked", *(["h2o", "lru", "lru-kv_head", "kvcV_fullhist"] if CUDA else [])])

@@ -27,6 +27,7 @@ _BLOCK_ELEMENTS = 1 << 26
 KERNEL_MIN_ROWS = 2
 # EVALKV_TRITON=0 keeps every call on the PyTorch path (A/B timing: docs/performance.md#fused-scoring-kernels).
 KERNELS_ENV = "EVALKV_TRITON"
+LOG2E = 1.4426950408889634  # log2(e): base-2 log-sum-exps, as flash attention and the scoring kernels use them
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -87,6 +88,23 @@ def attend(query: Tensor, keys: Tensor, values: Tensor, scaling: float, backend:
     return F.scaled_dot_product_attention(
         query, keys, values, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=groups > 1
     )
+
+
+def attend_with_row_lse(query: Tensor, keys: Tensor, values: Tensor, scaling: float,
+                        backend: str = "sdpa") -> tuple[Tensor, Tensor | None]:
+    """`attend` for a forward whose queries are all of the cache's entries (a whole prompt in one forward), with
+    each query row's base-2 log-sum-exp of its scaled logits `[B, H, q]` fp32 where PyTorch's fused flash attention
+    returns it beside the output: on CUDA, fp16 / bf16, head_dim a multiple of 8 up to 256, the sdpa backend, and
+    the scoring kernels in use (not switched off with EVALKV_TRITON=0). Passed on as `row_lse` to
+    `attention_column_sums` / `attention_last_reads`, it spares the kernels their first pass. Else
+    `(attend(...), None)`."""
+    q_len, head_dim = query.shape[-2], query.shape[-1]
+    if (backend == "sdpa" and q_len > 1 and keys.shape[-2] == q_len and query.dtype in (torch.float16, torch.bfloat16)
+            and head_dim % 8 == 0 and head_dim <= 256 and kernels_serve(query)):
+        output, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, keys, values, 0.0, True,
+                                                                        scale=scaling)[:2]
+        return output, lse[..., :q_len] * LOG2E
+    return attend(query, keys, values, scaling, backend), None
 
 
 def _decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float,
@@ -165,17 +183,19 @@ def attention_row_blocks(
 
 
 def attention_column_sums(
-    query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float, power: int = 1
+    query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float, power: int = 1,
+    row_lse: Tensor | None = None,
 ) -> Tensor:
     """Sum over query rows of the causal attention probabilities (to the `power`): `[B, H, m]` fp32.
 
     This is the H2O accumulated score of a forward (docs/methods.md#h2o, class F in #shared-column-sums), and with
     `power` OBCache's V score: one extra pass of attention FLOPs, never the full matrix. On CUDA a fused kernel
-    (`scoring_kernels.column_sums`); else block by block, `O(block x m)` memory.
+    (`scoring_kernels.column_sums`), which with `row_lse` (these rows' base-2 log-sum-exps over these keys, as
+    `attend_with_row_lse` returns them) skips its first pass; else block by block, `O(block x m)` memory.
     """
     kernels = _scoring_kernels(query, keys)
     if kernels is not None:
-        return kernels.column_sums(query, query_positions, keys, key_positions, scaling, power)
+        return kernels.column_sums(query, query_positions, keys, key_positions, scaling, power, lse=row_lse)
     batch, num_heads, q_len, _ = query.shape
     length = keys.shape[-2]
     groups = num_heads // keys.shape[1]
@@ -207,18 +227,19 @@ def attention_column_sums(
 
 
 def attention_last_reads(
-    query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float, heads: int
+    query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float, heads: int,
+    row_lse: Tensor | None = None,
 ) -> Tensor:
     """Per key, the latest query position that *reads* it: `[B, heads, m]` int64, -1 where no row does.
 
     A row reads a key when its attention to it, averaged over each of `heads` groups of consecutive query heads (1:
     all heads; the KV-head count: each GQA group), exceeds the uniform level `1 / (number of keys the row sees)`,
     counted on KV head 0's keys (LRU's access rule, docs/methods.md#lru). On CUDA a fused kernel
-    (`scoring_kernels.last_reads`); else `attention_row_blocks`.
+    (`scoring_kernels.last_reads`; `row_lse` as in `attention_column_sums`); else `attention_row_blocks`.
     """
     kernels = _scoring_kernels(query, keys)
     if kernels is not None:
-        return kernels.last_reads(query, query_positions, keys, key_positions, scaling, heads)
+        return kernels.last_reads(query, query_positions, keys, key_positions, scaling, heads, lse=row_lse)
     batch, length = keys.shape[0], keys.shape[-2]
     latest = torch.full((batch, heads, length), -1, dtype=torch.long, device=query.device)
     first_head_positions = key_positions[:, :1]

@@ -43,9 +43,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from evalkv.kv.attention import LOG2E
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
@@ -224,12 +225,13 @@ def _last_reads_kernel(
 
 def column_sums(
     query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float, power: int = 1,
-    tiles: Tiles | None = None, key_splits: int | None = None,
+    tiles: Tiles | None = None, key_splits: int | None = None, lse: Tensor | None = None,
 ) -> Tensor:
     """`sum_i A_ij^power` over the query rows, per query head: `[B, H, m]` fp32 (attention.attention_column_sums).
 
     query `[B, H, q, d]`, query_positions `[B, q]`, keys `[B, H_kv, m, d]`, key_positions `[B, H_kv, m]`.
-    `tiles` and `key_splits` (programs per row tile in pass 1) override the defaults, for tests.
+    `lse` `[B, H, q]`: the rows' base-2 log-sum-exps over these keys (from the model's attention), which replace
+    pass 1. `tiles` and `key_splits` (programs per row tile in pass 1) override the defaults, for tests.
     """
     batch, num_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = keys.shape[1], keys.shape[2]
@@ -237,13 +239,14 @@ def column_sums(
     query, keys = _interpretable(query, keys)
     out = torch.empty(batch, num_heads, kv_len, dtype=torch.float32, device=query.device)
     with _on_device(query):
-        lse, _ = _row_statistics(query, query_positions, keys, key_positions, scaling, tiles, False, key_splits)
+        if lse is None:
+            lse, _ = _row_statistics(query, query_positions, keys, key_positions, scaling, tiles, False, key_splits)
         first = _first_row_tiles(query_positions, key_positions, tiles.row_block, tiles.key_block)
         grid = (triton.cdiv(kv_len, tiles.key_block), batch * num_heads)
         _column_sums_kernel[grid](
             query, keys, query_positions, key_positions, lse, out, first,
             *query.stride(), *keys.stride(), *query_positions.stride(), *key_positions.stride(),
-            num_heads, kv_heads, num_heads // kv_heads, q_len, kv_len, head_dim, grid[0], scaling * _LOG2E,
+            num_heads, kv_heads, num_heads // kv_heads, q_len, kv_len, head_dim, grid[0], scaling * LOG2E,
             float(power), BLOCK_M=tiles.row_block, BLOCK_N=tiles.key_block, **_launch_options(query, tiles),
         )
     return out
@@ -252,11 +255,12 @@ def column_sums(
 def last_reads(
     query: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor, scaling: float, heads: int,
     tiles: Tiles | None = None, key_splits: int | None = None, row_splits: int | None = None,
+    lse: Tensor | None = None,
 ) -> Tensor:
     """Per key, the latest query position whose attention, averaged over each of `heads` groups of consecutive query
     heads, exceeds `1 / (keys of KV head 0 the row sees)`; -1 where no row reads it: `[B, heads, m]` int64
     (attention.attention_last_reads, LRU's access rule). `row_splits`: programs per key tile (default: enough to
-    fill the device)."""
+    fill the device); `lse` as in `column_sums`."""
     batch, num_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = keys.shape[1], keys.shape[2]
     tiles = tiles or default_tiles(head_dim, query.dtype)
@@ -265,8 +269,13 @@ def last_reads(
     key_tiles = triton.cdiv(kv_len, tiles.key_block)
     row_tiles = triton.cdiv(q_len, tiles.row_block)
     with _on_device(query):
-        lse, counts = _row_statistics(query, query_positions, keys, key_positions, scaling, tiles, True, key_splits)
-        visible = counts[:, 0].contiguous()  # [B, q]: the uniform level is judged on KV head 0's keys, as lru.py
+        if lse is None:
+            lse, counts = _row_statistics(query, query_positions, keys, key_positions, scaling, tiles, True,
+                                          key_splits)
+            visible = counts[:, 0].contiguous()  # [B, q]: the uniform level is judged on KV head 0's keys, as lru.py
+        else:  # the keys of KV head 0 not after each row's position (the cache keeps them in position order)
+            visible = torch.searchsorted(key_positions[:, 0].contiguous(), query_positions.contiguous(),
+                                         right=True).to(torch.int32)
         first = _first_row_tiles(query_positions, key_positions, tiles.row_block, tiles.key_block)
         kv_of_head = torch.arange(num_heads, device=query.device) // (num_heads // kv_heads)
         first = first[:, kv_of_head].reshape(batch, heads, group_heads, key_tiles).amin(dim=2).contiguous()
@@ -279,7 +288,7 @@ def last_reads(
             query, keys, query_positions, key_positions, lse, visible, out, first,
             *query.stride(), *keys.stride(), *query_positions.stride(), *key_positions.stride(),
             num_heads, num_heads // kv_heads, group_heads, heads, q_len, kv_len, head_dim, key_tiles, row_tiles,
-            per_split, scaling * _LOG2E, BLOCK_M=tiles.row_block, BLOCK_N=tiles.key_block,
+            per_split, scaling * LOG2E, BLOCK_M=tiles.row_block, BLOCK_N=tiles.key_block,
             **_launch_options(query, tiles),
         )
     return out.amax(dim=0).reshape(batch, heads, kv_len)
@@ -314,7 +323,7 @@ def _row_statistics(
         query, keys, query_positions, key_positions, maxima, sums, counts, visible_tiles,
         *query.stride(), *keys.stride(), *query_positions.stride(), *key_positions.stride(),
         num_heads, kv_heads, num_heads // kv_heads, q_len, kv_len, head_dim, row_tiles, per_split,
-        scaling * _LOG2E, BLOCK_M=tiles.rows, BLOCK_N=tiles.keys, COUNT=count, **_launch_options(query, tiles),
+        scaling * LOG2E, BLOCK_M=tiles.rows, BLOCK_N=tiles.keys, COUNT=count, **_launch_options(query, tiles),
     )
     maximum = maxima.amax(dim=0)
     shift = torch.where(maximum == float("-inf"), 0.0, maximum)

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from evalkv.kv.attention import attend
+from evalkv.kv.attention import attend, attend_with_row_lse
 from evalkv.kv.cache import KVCache, LayerCache
 from evalkv.kv.channels import attend_pruned
 from evalkv.kv.quant import Kivi, QuantizedLayer
@@ -199,7 +199,7 @@ class Session:
             if keep is not None:
                 _apply(layer, keep)
                 self._check_new_tokens_kept(layer_idx, query.shape[-2])
-        output = self._attend(layer, query, scaling)
+        output = self._attend(layer, query, scaling, view if prompt and self.method.reads_row_lse else None)
         if self.trace is not None:
             self.trace[-1][layer_idx] = (
                 [head.positions.clone() for head in layer.heads] if layer.is_ragged else layer.positions.clone()
@@ -258,7 +258,12 @@ class Session:
         if choice is not None:
             layer.prune_key_channels(choice.kept, choice.recent)
 
-    def _attend(self, layer: LayerCache, query: Tensor, scaling: float) -> Tensor:
+    def _attend(self, layer: LayerCache, query: Tensor, scaling: float, view: AttentionView | None = None) -> Tensor:
+        """The attention of `query` over the layer; with `view` (a prompt forward of a method with `reads_row_lse`),
+        where the attention returns each row's log-sum-exp too, it is kept in `view.row_lse`."""
+        if view is not None and _plain(layer):
+            output, view.row_lse = attend_with_row_lse(query, layer.keys, layer.values, scaling, self.backend)
+            return output
         if layer.padded:
             return attend(query, layer.keys, layer.values, scaling, self.backend, valid=layer.positions >= 0)
         if not layer.is_ragged:
@@ -283,6 +288,12 @@ class Session:
                     f"{self.method.name}: an eviction before attention in layer {layer_idx} dropped the tokens "
                     "being fed"
                 )
+
+
+def _plain(layer: LayerCache) -> bool:
+    """A layer of dense entries that `attend` reads as they are (no per-head padding or lists, pruned key channels
+    or quantised storage)."""
+    return not (layer.padded or layer.is_ragged or layer.pruned is not None or isinstance(layer, QuantizedLayer))
 
 
 def _layer_shape(layer: LayerCache, fill_to: int | None = None) -> tuple:

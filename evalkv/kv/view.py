@@ -59,6 +59,9 @@ class AttentionView:
     output: Tensor | None = None  # [B, H, q, d] attention output before o_proj (hooks after the attention only)
     rotary: RotaryTable | None = None  # the model's RoPE table (Engine runs), for keys_before_rope
     output_projection: Tensor | None = None  # the layer's o_proj weight `[hidden, H * d]` (Engine runs), CriticalKV
+    # [B, H, q] each new row's base-2 log-sum-exp over the layer's entries, where the model's attention returned it
+    # (a whole prompt in one forward on CUDA, for methods with `reads_row_lse`; attention.attend_with_row_lse)
+    row_lse: Tensor | None = None
 
     def keys_before_rope(self, start: int = 0) -> Tensor:
         """Cache entries `start:` with RoPE undone (position-free keys), fp32 `[B, H_c, m - start, d]`."""

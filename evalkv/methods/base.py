@@ -90,6 +90,10 @@ class Method:
     # Whether `view.state` holds only batch-major tensors (dim 0: the batch row), the same for every row that has
     # decoded as many steps: samples then decode as one batch, their state rows stacked (`Session.merge`).
     batched_state: ClassVar[bool] = False
+    # Whether `compress_prompt` passes `view.row_lse` to the scoring functions (`attention_column_sums(row_lse=)`):
+    # the prompt's attention then runs where it returns each row's log-sum-exp too, which the fused scoring kernels
+    # would otherwise compute in a first pass of their own.
+    reads_row_lse: ClassVar[bool] = False
     # The hooks; None = not implemented (see the module docstring).
     compress_prompt: ClassVar[Optional[Hook]] = None
     before_step: ClassVar[Optional[Hook]] = None

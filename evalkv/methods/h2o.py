@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 from torch import Tensor
 
@@ -45,6 +45,8 @@ class H2O(Method):
     granularity: str = "kv_head"
     gqa_reduce: str = "mean"
 
+    reads_row_lse: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require_choice(self.name, "granularity", self.granularity, ("kv_head", "query_head"))
@@ -55,7 +57,8 @@ class H2O(Method):
             raise EvalkvError(f"h2o: recent_size {self.recent_size} exceeds the budget {self.budget}")
 
     def compress_prompt(self, view: AttentionView) -> Tensor | None:
-        received = attention_column_sums(view.query, view.query_positions, view.keys, view.positions, view.scaling)
+        received = attention_column_sums(view.query, view.query_positions, view.keys, view.positions, view.scaling,
+                                         row_lse=view.row_lse)
         if self.granularity == "kv_head" and view.cache.num_heads != received.shape[1]:
             received = reduce_query_heads(received, view.cache.num_heads, self.gqa_reduce)
         previous = view.cache.extras.get(SCORE)

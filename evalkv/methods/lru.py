@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -47,6 +48,8 @@ class LRU(Method):
     refresh: str = "attention"
     granularity: str = "layer"
 
+    reads_row_lse: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require_choice(self.name, "refresh", self.refresh, ("attention", "insert"))
@@ -71,7 +74,8 @@ class LRU(Method):
         previous = view.cache.extras.get(ACCESS)
         if previous is not None:
             access[..., : previous.shape[-1]] = previous
-        reads = attention_last_reads(view.query, view.query_positions, view.keys, view.positions, view.scaling, heads)
+        reads = attention_last_reads(view.query, view.query_positions, view.keys, view.positions, view.scaling, heads,
+                                     row_lse=view.row_lse)
         access = torch.maximum(access, reads)
         view.cache.extras[ACCESS] = access
         return access

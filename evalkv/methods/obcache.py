@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -35,12 +35,13 @@ def _per_query_head(x: Tensor, y: Tensor) -> Tensor:
 
 def obcache_scores(
     query: Tensor, query_positions: Tensor, output: Tensor, cache: LayerCache, scaling: float, *,
-    score: str, p: int = 2, use_vnorm: bool = True, cross: bool = True,
+    score: str, p: int = 2, use_vnorm: bool = True, cross: bool = True, row_lse: Tensor | None = None,
 ) -> Tensor:
     """OBCache saliency of every cached token for the given query rows, summed over the rows: `[B, H, m]` fp32.
 
     query `[B, H, r, d]` at `query_positions` `[B, r]`, output `[B, H, r, d]` (the attention output of those rows,
-    before o_proj). With `A_ij` the attention, `z_ij = q_i . k_j * scaling` the logit, `o_i` the output
+    before o_proj), `row_lse` `[B, H, r]` (optional) those rows' base-2 log-sum-exps (`view.row_lse`) for the fused
+    kernels of the V score. With `A_ij` the attention, `z_ij = q_i . k_j * scaling` the logit, `o_i` the output
     (docs/methods.md#obcache):
       V:  sum_i A_ij^p * |v_j|_p^p (the last factor only with use_vnorm)     = |delta o|^2 when v_j is zeroed (p=2)
       K:  sum_i (A_ij z_ij)^2 |v_j - o_i|^2                                     first order when k_j is zeroed
@@ -51,7 +52,8 @@ def obcache_scores(
     squared_norms = values.square().sum(dim=-1).repeat_interleave(groups, dim=1)  # [B, H, m]
     value_norms = squared_norms if p == 2 else values.abs().sum(dim=-1).repeat_interleave(groups, dim=1)
     if score == "V":  # attention alone: column sums of A^p (a fused kernel on CUDA)
-        attended = attention_column_sums(query, query_positions, cache.keys, cache.positions, scaling, p)
+        attended = attention_column_sums(query, query_positions, cache.keys, cache.positions, scaling, p,
+                                         row_lse=row_lse)
         return attended * value_norms if use_vnorm else attended
     total = torch.zeros(*query.shape[:2], cache.length, dtype=torch.float32, device=query.device)
     for rows, probs in attention_row_blocks(query, query_positions, cache.keys, cache.positions, scaling,
@@ -131,6 +133,8 @@ class OBCache(Method):
     decode_evict: bool = True
     granularity: str = "query_head"
 
+    reads_row_lse: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         require_choice(self.name, "score", self.score, ("V", "K", "VK"))
         require_choice(self.name, "queries", self.queries, ("recent", "all", "latest"))
@@ -204,6 +208,7 @@ class OBCache(Method):
         scores = obcache_scores(
             view.query[:, :, -rows:], view.query_positions[:, -rows:], view.output[:, :, -rows:], view.cache,
             view.scaling, score=self.score, p=self.p, use_vnorm=self.use_vnorm, cross=self.cross,
+            row_lse=None if view.row_lse is None else view.row_lse[..., -rows:],
         )
         if self.granularity == "kv_head":
             scores = reduce_query_heads(scores, view.cache.num_heads)
