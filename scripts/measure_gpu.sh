@@ -150,9 +150,12 @@ slots)  # issue 21 goal 2: the slot-cache step compiled (h2o, streaming_llm; sna
     --batch-sizes 16 --new-tokens 512 --repeats 1 --decode-graphs auto,compile -o "$out/slots-compile.json" \
     > "$out/slots-compile.md"
   ;;
-overheads)  # issue 21 goal 6 and issue 19: 32K prefill overheads after the per-chunk and norm fixes
-  run $evalkv bench model=random-llama-3.1-8b method=full,snapkv,sink_recent_uniform,kmeans snapkv.critical=true \
+overheads)  # issue 21 goals 1 and 6, issue 19: 32K prefill overheads after the per-chunk and norm fixes, kmeans'
+  # fused assignment and the scoring methods' first pass from flash attention
+  run $evalkv bench model=random-llama-3.1-8b method=full,h2o,lru,kvcV_fullhist,kmeans,sink_recent_uniform \
     budget=1024 --lengths 32768 --new-tokens 8 --repeats 3 -o "$out/overheads-32k.json" > "$out/overheads-32k.md"
+  run $evalkv bench model=random-llama-3.1-8b method=full,snapkv snapkv.critical=true budget=1024 --lengths 32768 \
+    --new-tokens 8 --repeats 3 -o "$out/criticalkv-32k.json" > "$out/criticalkv-32k.md"
   run $evalkv bench model=random-llama-3.1-8b method=full full.prefill_chunk=512 --lengths 32768 --new-tokens 8 \
     --repeats 3 -o "$out/full-chunked-32k.json" > "$out/full-chunked-32k.md"
   ;;
