@@ -29,6 +29,12 @@ SHARED_DATA = Path(os.environ.get("EVALKV_SHARED_DATA", Path(__file__).resolve()
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
+def pytest_collection_modifyitems(items):
+    """The slow and heavy tests first: pytest-xdist's workers then end together on short tests, not one of them
+    alone on a test of half a minute collected last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None and item.get_closest_marker("heavy") is None)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return byte_tokenizer()

@@ -108,6 +108,7 @@ def test_batched_run_writes_the_records_of_an_unbatched_run(tmp_path):
     assert [r["decode_batch"] for r in batched] == [4] * 4
 
 
+@pytest.mark.heavy
 def test_compiled_decoding_resumes_an_ordinary_run_with_the_same_records(tmp_path, traced_compile):
     """decode_graphs may change when a run resumes: samples decoded by a compiled step join those decoded ordinarily,
     with the same predictions; each record says how it decoded."""
@@ -123,6 +124,7 @@ def test_compiled_decoding_resumes_an_ordinary_run_with_the_same_records(tmp_pat
     assert [r["decode_compiled"] for r in mixed] == [False, False, True, True, True]
 
 
+@pytest.mark.heavy
 def test_run_killed_with_sigkill_resumes_to_identical_records(tmp_path):
     overrides = [*TINY, "method=h2o", "budget=48", "task.lengths=[512]", "task.depths=[0,10,20,30,40,50,60,70,80,90]"]
     reference = tmp_path / "reference"

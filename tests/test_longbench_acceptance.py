@@ -152,6 +152,7 @@ def independent_scores(records: list[dict]) -> dict[str, float]:
     return scores
 
 
+@pytest.mark.heavy
 def test_minilongbench_scores_equal_the_official_eval(tmp_path, capsys):
     predictions = tmp_path / "predictions.jsonl"
     assert main(["data", "minilongbench-to-jsonl", str(MINI), str(predictions)]) == 0

@@ -143,6 +143,7 @@ def test_the_reference_comparison_quirks_are_kept():
     assert same_answer(2, "The answer is 4.50", "#### 4.5") is False  # strings, not numbers, are compared
 
 
+@pytest.mark.heavy
 def test_a_tiny_model_run_scores_every_prompt(tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(["pred", "model=random-tiny-llama", "model.device=cpu", "progress=false", f"output_dir={out}",

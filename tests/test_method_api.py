@@ -75,6 +75,7 @@ def _figures(generation) -> tuple:
             generation.final_kv_bytes)
 
 
+@pytest.mark.heavy
 def test_every_registered_method_gives_the_same_results_on_every_decode_path(third_party, tokenizer):
     """Eager, batched and fixed-size-buffer decoding: identical tokens, kept sets and bytes; the buffers serve
     exactly the methods without step hooks, that evict through `evict_slot`, or whose hook acts every few steps

@@ -58,6 +58,7 @@ def reference(tmp_path_factory) -> list[dict]:
     return records
 
 
+@pytest.mark.heavy
 def test_two_processes_write_the_records_of_one_process(tmp_path, reference):
     result = _torchrun(f"output_dir={tmp_path}")
     run = _run_dir(tmp_path)
@@ -73,6 +74,7 @@ def _write_lines(path: Path, records: list[dict], torn: dict | None = None) -> N
     path.write_text(text + (record_line(torn)[:20] if torn else ""), encoding="utf-8")
 
 
+@pytest.mark.heavy
 def test_killed_parallel_run_resumes_to_identical_records(tmp_path, reference):
     """What a kill leaves: merged records, shards out of order, a shard's last line cut short. The resumed run
     (with more processes than samples left to do) merges them first and redoes only the missing sample."""

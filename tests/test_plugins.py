@@ -142,6 +142,7 @@ def test_the_plugin_tasks_misspelt_option_is_refused_with_its_options(plugin, ca
            "depths, lengths, max_new_tokens, n_samples, samples_per_cell, seed" in err
 
 
+@pytest.mark.heavy
 def test_a_fresh_process_finds_the_plugin_and_refuses_its_misspelt_option_with_only_the_message(site, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parents[1])])}
     done = subprocess.run([sys.executable, "-m", "evalkv.cli", "bench", *TINY[:2], f"--methods=full,{METHOD}",

@@ -150,6 +150,7 @@ def test_version(capsys):
         assert capsys.readouterr().out == f"evalkv {version('evalkv')}\n"
 
 
+@pytest.mark.heavy
 def test_ctrl_c_in_a_real_process_is_one_line_not_a_traceback(tmp_path):
     """SIGINT, as Ctrl-C sends it, to a real `evalkv pred` process after its first record (tests/signal_after.py)."""
     done = run_signalled(1, "SIGINT", ["pred", *TINY, "task.depths=[0,10,20,30,40,50,60,70,80,90,100]",

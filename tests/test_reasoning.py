@@ -207,6 +207,7 @@ def test_decode_time_eviction_holds_the_cache_while_sampling(method, options, tm
     assert generation.final_kept_tokens <= 48 + options.get("decode_interval", 0)
 
 
+@pytest.mark.heavy
 def test_two_thousand_sampled_tokens_with_h2o_keep_the_cache_at_its_budget(tmp_path):
     """A long chain of thought on the tiny model: the cache holds the budget, not the 2,000 generated tokens."""
     sample = next(_task("gsm8k", data_path=_jsonl(tmp_path / "g.jsonl", GSM8K_ROWS)).samples(tiny_loaded()))

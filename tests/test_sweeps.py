@@ -150,6 +150,7 @@ def test_leaderboard_script_needs_the_essays_for_the_essay_tasks(tmp_path, fake_
     assert chosen.returncode == 0 and "task.tasks=[niah_single_1,vt]" in log.read_text()
 
 
+@pytest.mark.heavy
 def test_acceptance_leaderboard_protocol_on_the_tiny_model(tmp_path, capsys):
     """The leaderboard script for real: full and SnapKV at two compression ratios on two RULER tasks, then its
     leaderboard.csv / .md and plot. Random weights score 0, so the test then plants the answers of one record and
@@ -192,6 +193,7 @@ def _rows(capsys, *args: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
 
 
+@pytest.mark.heavy
 def test_acceptance_budget_sweep_then_table_curves_and_report(tmp_path, capsys):
     """Three methods x two budgets (+ the full cache) on passkey with a tiny random model, run by the script.
     Random weights score 0 everywhere, so the test plants correct answers in some records (a different number per
