@@ -88,6 +88,22 @@ def test_column_sums_over_an_evicted_cache_mask_by_true_position(kernels, device
     assert not torch.allclose(attention_column_sums(query, query_positions, keys, key_positions, 0.35), expected)
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_a_row_out_of_order_is_masked_by_its_own_position(kernels, device, small, monkeypatch, heads):
+    """The kernels skip the position mask for row tiles that see every key of a key tile, judged by each later
+    tile's earliest query: a row at position 3 in the last row tile keeps that tile masked for the later keys."""
+    _pytorch_path(monkeypatch)
+    query, query_positions, keys, key_positions = _prompt(device, torch.Generator().manual_seed(9))
+    query_positions = query_positions.clone()
+    query_positions[0, -1] = 3
+    expected = attention_column_sums(query, query_positions, keys, key_positions, 0.35)
+    sums = kernels.column_sums(query, query_positions, keys, key_positions, 0.35, tiles=small)
+    torch.testing.assert_close(sums, expected, atol=2e-6, rtol=1e-5)
+    lse, _ = kernels._row_statistics(query, query_positions, keys, key_positions, 0.35, small, False, None)
+    reads = kernels.last_reads(query, query_positions, keys, key_positions, 0.35, heads, tiles=small, lse=lse)
+    assert torch.equal(reads, attention_last_reads(query, query_positions, keys, key_positions, 0.35, heads))
+
+
 def test_squared_column_sums_are_obcache_v_scores(kernels, device, small, monkeypatch):
     _pytorch_path(monkeypatch)
     query, query_positions, keys, key_positions = _prompt(device, torch.Generator().manual_seed(2), length=21)

@@ -17,7 +17,9 @@ Two passes, each recomputing `q . k` tile by tile as flash attention does:
 Masking is by true position (a key later than a row's query is invisible), so caches with holes after eviction are
 exact; no order is assumed for correctness. Tiles that no key/row pair of can see are skipped: the loop bounds come
 from per-tile minima and maxima of the positions (with keys in position order, as the cache keeps them, and queries
-in order, the causal upper triangle is never computed). The product `q . k` accumulates in fp32 (`ieee` for fp32
+in order, the causal upper triangle is never computed), and pass 2 applies no mask to row tiles whose every query
+is at or after every key of the key tile (below the causal edge, as flash attention's causal kernels leave the
+off-diagonal blocks unmasked). The product `q . k` accumulates in fp32 (`ieee` for fp32
 inputs, never TF32); the PyTorch path rounds the product to the model's dtype before its fp32 softmax, so on bf16
 the two differ by that rounding. Under the interpreter, bf16 inputs are converted to fp32 first (exactly), since it
 multiplies bf16 tiles as raw integers. A row that sees no key at all contributes nothing here (it never happens in
@@ -137,13 +139,15 @@ def _row_statistics_kernel(
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "num_key_tiles"])
 def _column_sums_kernel(
-    Q, K, QPOS, KPOS, LSE, OUT, FIRST_ROW_TILE,
+    Q, K, QPOS, KPOS, LSE, OUT, FIRST_ROW_TILE, FULL_ROW_TILE,
     sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sqp_b, sqp_m, skp_b, skp_h, skp_n,
     num_heads, kv_heads, groups, q_len, kv_len, head_dim, num_key_tiles, scale_log2, power,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (key tile, batch x head): `sum_i A_ij^power` over the rows that may see the tile, into OUT
-    `[B * H, m]`; `A_ij = exp2(s_ij - lse_i)` with LSE `[B * H, q]` from pass 1 (+inf for a row that sees nothing)."""
+    `[B * H, m]`; `A_ij = exp2(s_ij - lse_i)` with LSE `[B * H, q]` from pass 1 (+inf for a row that sees nothing).
+    Row tiles from FULL_ROW_TILE on see every key of the tile: no mask (as the causal flash-attention kernels skip it
+    off the diagonal); rows past the end have lse = +inf and add 0, keys past the end are not stored."""
     key_tile = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
@@ -157,26 +161,69 @@ def _column_sums_kernel(
                             mask=col_ok, other=0)
     q_base = Q + batch.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h
     lse_base = LSE + batch_head.to(tl.int64) * q_len
-    first = tl.load(FIRST_ROW_TILE + (batch * kv_heads + kv_head) * num_key_tiles + key_tile)
+    tile_index = (batch * kv_heads + kv_head) * num_key_tiles + key_tile
+    first = tl.load(FIRST_ROW_TILE + tile_index)
+    full = tl.maximum(tl.load(FULL_ROW_TILE + tile_index), first)
     key_t = tl.trans(key)
+    # A^power = 2^(power (s - lse)) = 2^(q.k * scale_log2 * power - lse * power)
+    scale_power = scale_log2 * power
     # Summed element-wise across steps and over the rows once at the end: no cross-warp reduction per step.
     total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for start in range(first * BLOCK_M, q_len, BLOCK_M):
+    for start in range(first * BLOCK_M, full * BLOCK_M, BLOCK_M):  # tiles across the causal edge: masked
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < q_len
         query = _load_vectors(q_base, rows, sq_m, q_len, sq_d, head_dim, BLOCK_D)
         query_positions = tl.load(QPOS + batch.to(tl.int64) * sqp_b + rows * sqp_m, mask=row_ok, other=-1)
-        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-        logits = tl.dot(query, key_t, input_precision=DOT_PRECISION) * scale_log2
+        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * power
+        exponent = tl.dot(query, key_t, input_precision=DOT_PRECISION) * scale_power - lse[:, None]
         visible = col_ok[None, :] & (key_positions[None, :] <= query_positions[:, None])
-        # A^power = 2^(power (s - lse)); masked before exp2 (no overflow), and lse = +inf gives 0
-        total += tl.exp2(tl.where(visible, (logits - lse[:, None]) * power, float("-inf")))
+        total += tl.exp2(tl.where(visible, exponent, float("-inf")))  # masked before exp2: no overflow
+    for start in range(full * BLOCK_M, q_len, BLOCK_M):  # tiles that see every key of this one
+        rows = start + tl.arange(0, BLOCK_M)
+        query = _load_vectors(q_base, rows, sq_m, q_len, sq_d, head_dim, BLOCK_D)
+        lse = tl.load(lse_base + rows, mask=rows < q_len, other=float("inf")) * power
+        total += tl.exp2(tl.dot(query, key_t, input_precision=DOT_PRECISION) * scale_power - lse[:, None])
     tl.store(OUT + batch_head.to(tl.int64) * kv_len + cols, tl.sum(total, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _read_by_group(
+    Q, K, QPOS, KPOS, LSE, VISIBLE, tile, cols, col_ok, batch, group, latest,
+    sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sqp_b, sqp_m, skp_b, skp_h, skp_n,
+    num_heads, groups, group_heads, q_len, kv_len, head_dim, scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One row tile of `_last_reads_kernel`: `latest` updated with the rows that read each key; MASKED: the tile
+    may hold rows before some of the keys (else every row sees every key: no position mask)."""
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    query_positions = tl.load(QPOS + batch.to(tl.int64) * sqp_b + rows * sqp_m, mask=row_ok, other=-1)
+    visible_count = tl.load(VISIBLE + batch.to(tl.int64) * q_len + rows, mask=row_ok, other=1)
+    summed = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for member in range(0, group_heads):
+        head = group * group_heads + member
+        kv_head = head // groups
+        key = _load_vectors(K + batch.to(tl.int64) * sk_b + kv_head.to(tl.int64) * sk_h, cols, sk_n, kv_len,
+                            sk_d, head_dim, BLOCK_D)
+        query = _load_vectors(Q + batch.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h, rows, sq_m, q_len, sq_d,
+                              head_dim, BLOCK_D)
+        lse = tl.load(LSE + (batch * num_heads + head).to(tl.int64) * q_len + rows, mask=row_ok,
+                      other=float("inf"))
+        exponent = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale_log2 - lse[:, None]
+        if MASKED:
+            key_positions = tl.load(KPOS + batch.to(tl.int64) * skp_b + kv_head.to(tl.int64) * skp_h
+                                    + cols * skp_n, mask=col_ok, other=0)
+            exponent = tl.where(key_positions[None, :] <= query_positions[:, None], exponent, float("-inf"))
+        summed += tl.exp2(exponent)
+    uniform = 1.0 / visible_count.to(tl.float32)
+    read = (summed / group_heads > uniform[:, None]) & row_ok[:, None] & col_ok[None, :]
+    return tl.maximum(latest, tl.max(tl.where(read, query_positions[:, None], -1), axis=0))
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "num_key_tiles", "num_row_tiles", "tiles_per_split"])
 def _last_reads_kernel(
-    Q, K, QPOS, KPOS, LSE, VISIBLE, OUT, FIRST_ROW_TILE,
+    Q, K, QPOS, KPOS, LSE, VISIBLE, OUT, FIRST_ROW_TILE, FULL_ROW_TILE,
     sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sqp_b, sqp_m, skp_b, skp_h, skp_n,
     num_heads, groups, group_heads, num_groups, q_len, kv_len, head_dim, num_key_tiles, num_row_tiles,
     tiles_per_split, scale_log2,
@@ -184,7 +231,8 @@ def _last_reads_kernel(
 ):
     """Program (key tile, row split, batch x head group): per key, the latest query position among its share of the
     rows whose probability, averaged over the group's `group_heads` query heads, exceeds `1 / VISIBLE[row]`; -1 when
-    none. OUT is `[splits, B * num_groups, m]` int64."""
+    none. OUT is `[splits, B * num_groups, m]` int64. Row tiles from FULL_ROW_TILE on see every key of the tile
+    (for every head of the group): no position mask."""
     key_tile = tl.program_id(0)
     split = tl.program_id(1)
     batch_group = tl.program_id(2)
@@ -192,33 +240,24 @@ def _last_reads_kernel(
     group = batch_group % num_groups
     cols = key_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < kv_len
-    first = tl.load(FIRST_ROW_TILE + (batch * num_groups + group) * num_key_tiles + key_tile)
+    tile_index = (batch * num_groups + group) * num_key_tiles + key_tile
+    first = tl.load(FIRST_ROW_TILE + tile_index)
     start_tile = first + split * tiles_per_split
     end_tile = tl.minimum(start_tile + tiles_per_split, num_row_tiles)
+    full = tl.minimum(tl.maximum(tl.load(FULL_ROW_TILE + tile_index), start_tile), end_tile)
     latest = tl.full([BLOCK_N], -1, tl.int64)
-    for tile in range(start_tile, end_tile):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < q_len
-        query_positions = tl.load(QPOS + batch.to(tl.int64) * sqp_b + rows * sqp_m, mask=row_ok, other=-1)
-        visible_count = tl.load(VISIBLE + batch.to(tl.int64) * q_len + rows, mask=row_ok, other=1)
-        summed = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for member in range(0, group_heads):
-            head = group * group_heads + member
-            kv_head = head // groups
-            key = _load_vectors(K + batch.to(tl.int64) * sk_b + kv_head.to(tl.int64) * sk_h, cols, sk_n, kv_len,
-                                sk_d, head_dim, BLOCK_D)
-            key_positions = tl.load(KPOS + batch.to(tl.int64) * skp_b + kv_head.to(tl.int64) * skp_h
-                                    + cols * skp_n, mask=col_ok, other=0)
-            query = _load_vectors(Q + batch.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h, rows, sq_m, q_len, sq_d,
-                                  head_dim, BLOCK_D)
-            lse = tl.load(LSE + (batch * num_heads + head).to(tl.int64) * q_len + rows, mask=row_ok,
-                          other=float("inf"))
-            logits = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale_log2
-            visible = key_positions[None, :] <= query_positions[:, None]
-            summed += tl.exp2(tl.where(visible, logits - lse[:, None], float("-inf")))
-        uniform = 1.0 / visible_count.to(tl.float32)
-        read = (summed / group_heads > uniform[:, None]) & row_ok[:, None] & col_ok[None, :]
-        latest = tl.maximum(latest, tl.max(tl.where(read, query_positions[:, None], -1), axis=0))
+    for tile in range(start_tile, full):
+        latest = _read_by_group(
+            Q, K, QPOS, KPOS, LSE, VISIBLE, tile, cols, col_ok, batch, group, latest,
+            sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sqp_b, sqp_m, skp_b, skp_h, skp_n,
+            num_heads, groups, group_heads, q_len, kv_len, head_dim, scale_log2,
+            BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, True)
+    for tile in range(full, end_tile):
+        latest = _read_by_group(
+            Q, K, QPOS, KPOS, LSE, VISIBLE, tile, cols, col_ok, batch, group, latest,
+            sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sqp_b, sqp_m, skp_b, skp_h, skp_n,
+            num_heads, groups, group_heads, q_len, kv_len, head_dim, scale_log2,
+            BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, False)
     out = (split * tl.num_programs(2) + batch_group).to(tl.int64) * kv_len
     tl.store(OUT + out + cols, latest, mask=col_ok)
 
@@ -241,10 +280,10 @@ def column_sums(
     with _on_device(query):
         if lse is None:
             lse, _ = _row_statistics(query, query_positions, keys, key_positions, scaling, tiles, False, key_splits)
-        first = _first_row_tiles(query_positions, key_positions, tiles.row_block, tiles.key_block)
+        first, full = _row_tile_bounds(query_positions, key_positions, tiles.row_block, tiles.key_block)
         grid = (triton.cdiv(kv_len, tiles.key_block), batch * num_heads)
         _column_sums_kernel[grid](
-            query, keys, query_positions, key_positions, lse, out, first,
+            query, keys, query_positions, key_positions, lse, out, first, full,
             *query.stride(), *keys.stride(), *query_positions.stride(), *key_positions.stride(),
             num_heads, kv_heads, num_heads // kv_heads, q_len, kv_len, head_dim, grid[0], scaling * LOG2E,
             float(power), BLOCK_M=tiles.row_block, BLOCK_N=tiles.key_block, **_launch_options(query, tiles),
@@ -276,16 +315,17 @@ def last_reads(
         else:  # the keys of KV head 0 not after each row's position (the cache keeps them in position order)
             visible = torch.searchsorted(key_positions[:, 0].contiguous(), query_positions.contiguous(),
                                          right=True).to(torch.int32)
-        first = _first_row_tiles(query_positions, key_positions, tiles.row_block, tiles.key_block)
+        first, full = _row_tile_bounds(query_positions, key_positions, tiles.row_block, tiles.key_block)
         kv_of_head = torch.arange(num_heads, device=query.device) // (num_heads // kv_heads)
         first = first[:, kv_of_head].reshape(batch, heads, group_heads, key_tiles).amin(dim=2).contiguous()
+        full = full[:, kv_of_head].reshape(batch, heads, group_heads, key_tiles).amax(dim=2).contiguous()
         wanted = row_splits or math.ceil(_target_programs(query.device) / (key_tiles * batch * heads))
         per_split = triton.cdiv(row_tiles, max(1, min(wanted, row_tiles)))
         splits = triton.cdiv(row_tiles, per_split)
         out = torch.empty(splits, batch * heads, kv_len, dtype=torch.int64, device=query.device)
         grid = (key_tiles, splits, batch * heads)
         _last_reads_kernel[grid](
-            query, keys, query_positions, key_positions, lse, visible, out, first,
+            query, keys, query_positions, key_positions, lse, visible, out, first, full,
             *query.stride(), *keys.stride(), *query_positions.stride(), *key_positions.stride(),
             num_heads, num_heads // kv_heads, group_heads, heads, q_len, kv_len, head_dim, key_tiles, row_tiles,
             per_split, scaling * LOG2E, BLOCK_M=tiles.row_block, BLOCK_N=tiles.key_block,
@@ -333,15 +373,20 @@ def _row_statistics(
     return lse.reshape(batch, num_heads, q_len), visible
 
 
-def _first_row_tiles(query_positions: Tensor, key_positions: Tensor, row_block: int, key_block: int) -> Tensor:
-    """Pass 2's first row tile per (batch, KV head, key tile): every earlier row tile's queries all precede the key
-    tile's earliest key. `[B, H_kv, key tiles]` int32."""
+def _row_tile_bounds(query_positions: Tensor, key_positions: Tensor, row_block: int,
+                     key_block: int) -> tuple[Tensor, Tensor]:
+    """Pass 2's row tiles per (batch, KV head, key tile), `[B, H_kv, key tiles]` int32 each: the first one that may
+    see the key tile (every earlier row tile's queries all precede its earliest key), and the first from which
+    every row tile sees all of its keys (each later tile's earliest query is not before its latest key)."""
     batch, kv_heads = key_positions.shape[:2]
     latest_so_far = _tile_extreme(query_positions, row_block, largest=True).cummax(dim=-1).values
-    earliest_key = _tile_extreme(key_positions, key_block, largest=False)
-    return torch.searchsorted(
-        latest_so_far[:, None].expand(batch, kv_heads, latest_so_far.shape[-1]).contiguous(), earliest_key
-    ).to(torch.int32)
+    earliest_after = _tile_extreme(query_positions, row_block, largest=False).flip(-1).cummin(dim=-1).values.flip(-1)
+    tiles = latest_so_far.shape[-1]
+    first = torch.searchsorted(latest_so_far[:, None].expand(batch, kv_heads, tiles).contiguous(),
+                               _tile_extreme(key_positions, key_block, largest=False))
+    full = torch.searchsorted(earliest_after[:, None].expand(batch, kv_heads, tiles).contiguous(),
+                              _tile_extreme(key_positions, key_block, largest=True))
+    return first.to(torch.int32), full.to(torch.int32)
 
 
 def _tile_extreme(positions: Tensor, block: int, largest: bool) -> Tensor:
