@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -133,7 +133,10 @@ class OBCache(Method):
     decode_evict: bool = True
     granularity: str = "query_head"
 
-    reads_row_lse: ClassVar[bool] = True
+    @property
+    def reads_row_lse(self) -> bool:
+        """The V score's column sums take the rows' log-sum-exps; K and VK score row blocks of their own."""
+        return self.score == "V"
 
     def __post_init__(self) -> None:
         require_choice(self.name, "score", self.score, ("V", "K", "VK"))
