@@ -83,10 +83,3 @@ def test_kmeans_through_the_kernel_finds_the_clusters_of_the_fp32_path(kernels, 
     assert torch.equal(labels, expected)
     torch.testing.assert_close(centroids, expected_centroids)
 
-
-def test_cluster_sums_add_each_cluster_in_position_order():
-    labels = torch.tensor([[2, 0, 2, 2], [1, 1, 0, 1]])
-    values = torch.tensor([[[1.0], [2.0], [3.0], [4.0]], [[5.0], [6.0], [7.0], [8.0]]])
-    sums = cluster.cluster_sums(labels, values, 3)
-    assert sums.dtype == torch.float32
-    assert sums[..., 0].tolist() == [[2.0, 0.0, 8.0], [7.0, 19.0, 0.0]]

@@ -11,7 +11,7 @@ from conftest import prompt_ids, tiny_model
 from single_layer import SingleLayer, window_scores
 
 from evalkv.errors import EvalkvError
-from evalkv.kv.cluster import spherical_kmeans
+from evalkv.kv.cluster import cluster_sums, spherical_kmeans
 from evalkv.kv.engine import Engine
 from evalkv.kv.view import Phase
 from evalkv.methods import build_method
@@ -54,6 +54,14 @@ def test_spherical_kmeans_is_deterministic_and_recovers_planted_clusters():
             torch.testing.assert_close(centroids[head, cluster], mean)
     unit = F.normalize(points, dim=-1)
     assert torch.equal(labels, (unit @ centroids.transpose(1, 2)).argmax(-1))  # each point at its nearest centroid
+
+
+def test_cluster_sums_add_each_cluster_in_position_order():
+    labels = torch.tensor([[2, 0, 2, 2], [1, 1, 0, 1]])
+    values = torch.tensor([[[1.0], [2.0], [3.0], [4.0]], [[5.0], [6.0], [7.0], [8.0]]])
+    sums = cluster_sums(labels, values, 3)
+    assert sums.dtype == torch.float32
+    assert sums[..., 0].tolist() == [[2.0, 0.0, 8.0], [7.0, 19.0, 0.0]]
 
 
 def test_spherical_kmeans_starts_at_evenly_spaced_points():
