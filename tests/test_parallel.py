@@ -44,8 +44,8 @@ def _run_dir(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[dict]:
-    """The one-process run's records (one thread, as each torchrun process has)."""
+def reference_run(tmp_path_factory) -> tuple[Path, Path]:
+    """The one-process run (one thread, as each torchrun process has): its output_dir and its run folder."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -53,20 +53,15 @@ def reference(tmp_path_factory) -> list[dict]:
         assert main(["pred", *RUN, f"output_dir={root}"]) == 0
     finally:
         torch.set_num_threads(threads)
-    records = read_records(_run_dir(root) / "predictions.jsonl")
+    return root, _run_dir(root)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> list[dict]:
+    """The one-process run's records."""
+    records = read_records(reference_run[1] / "predictions.jsonl")
     assert len(records) == 6
     return records
-
-
-@pytest.mark.heavy
-def test_two_processes_write_the_records_of_one_process(tmp_path, reference):
-    result = _torchrun(f"output_dir={tmp_path}")
-    run = _run_dir(tmp_path)
-    assert result.stdout.strip().splitlines() == [str(run)]  # printed once, by rank 0
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "predictions.jsonl", "run.json"}
-    assert _without_timing(read_records(run / "predictions.jsonl")) == _without_timing(reference)
-    [invocation] = json.loads((run / "run.json").read_text())["invocations"]
-    assert invocation["processes"] == 2 and invocation["new_samples"] == 6
 
 
 def _write_lines(path: Path, records: list[dict], torn: dict | None = None) -> None:
@@ -75,19 +70,23 @@ def _write_lines(path: Path, records: list[dict], torn: dict | None = None) -> N
 
 
 @pytest.mark.heavy
-def test_killed_parallel_run_resumes_to_identical_records(tmp_path, reference):
-    """What a kill leaves: merged records, shards out of order, a shard's last line cut short. The resumed run
-    (with more processes than samples left to do) merges them first and redoes only the missing sample."""
-    run = tmp_path / "run"
-    run.mkdir()
+def test_two_processes_resume_a_killed_parallel_run_to_the_records_of_one_process(tmp_path, reference_run, reference):
+    """What a kill leaves under output_dir's run folder: merged records, shards out of order, a shard's last line
+    cut short. The two processes (one torchrun, the slowest test of the module) merge them first, then share the
+    three samples left: the records equal the one-process run's, printed once, the shards merged away."""
+    root, reference_folder = reference_run
+    run = tmp_path / reference_folder.relative_to(root)  # where output_dir= puts the run
+    run.mkdir(parents=True)
     r0, r1, r2, r3, r4, r5 = reference
-    _write_lines(run / "predictions.jsonl", [r0, r1])
+    _write_lines(run / "predictions.jsonl", [r0])
     _write_lines(shard_path(run, 0), [r4, r2])
-    _write_lines(shard_path(run, 1), [r3, r0], torn=r5)
-    _torchrun(f"run_dir={run}")
+    _write_lines(shard_path(run, 1), [r0], torn=r5)
+    result = _torchrun(f"output_dir={tmp_path}")
+    assert result.stdout.strip().splitlines() == [str(run)]  # printed once, by rank 0
     assert {p.name for p in run.iterdir()} == {"config.yaml", "predictions.jsonl", "run.json"}
     assert _without_timing(read_records(run / "predictions.jsonl")) == _without_timing(reference)
-    assert json.loads((run / "run.json").read_text())["invocations"][0]["new_samples"] == 1
+    [invocation] = json.loads((run / "run.json").read_text())["invocations"]
+    assert invocation["processes"] == 2 and invocation["new_samples"] == 3
 
 
 def test_one_process_resumes_a_killed_parallel_run(tmp_path, reference, capsys):
