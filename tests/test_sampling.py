@@ -109,10 +109,11 @@ def test_bad_sampling_options_are_refused(options, message):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("method", ["snapkv", "h2o"])
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "kvcV"])
 def test_cuda_graphs_and_batches_draw_what_one_eager_sample_draws(method, tokenizer):
-    """On the GPU (fp32): CUDA-graph decoding (snapkv) or batched eager decoding (h2o) of sampling rows with CUDA
-    generators gives each row the tokens it draws alone with graphs off."""
+    """On the GPU (fp32): CUDA-graph decoding (snapkv's static buffers, h2o's slot cache) or batched eager decoding
+    (obcache's kvcV, which has no slot form) of sampling rows with CUDA generators gives each row the tokens it draws
+    alone with graphs off."""
     from evalkv.models.presets import build_random_model
 
     model = build_random_model("tiny-llama", torch.float32, torch.device("cuda"), seed=0)
@@ -122,4 +123,4 @@ def test_cuda_graphs_and_batches_draw_what_one_eager_sample_draws(method, tokeni
     eager = Engine(model, build_method(method, {"budget": 64}), decode_graphs="off")
     alone = [eager.generate(r.prompt_ids, r.max_new_tokens, sampling=r.sampling) for r in requests]
     assert [g.token_ids for g in graphs] == [g.token_ids for g in alone]
-    assert all(g.decode_graph for g in graphs) == (method == "snapkv")
+    assert all(g.decode_graph for g in graphs) == (method != "kvcV")
