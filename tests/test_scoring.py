@@ -86,6 +86,55 @@ def test_attend_backends_agree_with_bottom_right_causality(qkv, q_len):
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
+def _fused_stand_in(query, keys, values, scaling):
+    """What a fused kernel with log-sum-exps returns, from the math: the causal output and natural log-sum-exps."""
+    groups = query.shape[1] // keys.shape[1]
+    logits = (query.float() @ keys.repeat_interleave(groups, dim=1).float().transpose(-1, -2)) * scaling
+    n = query.shape[-2]
+    logits = logits.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    output = torch.softmax(logits, dim=-1) @ values.repeat_interleave(groups, dim=1).float()
+    return output.to(query.dtype), torch.logsumexp(logits, dim=-1)
+
+
+def test_cudnn_gives_the_prompts_log_sum_exps_only_where_it_agrees_with_flash_attention(monkeypatch):
+    """The choice between cuDNN's and flash attention's kernels for a prompt's log-sum-exps (`_cudnn_serves`), on
+    the CPU with stand-ins for both kernels: cuDNN is taken where its probe agrees with flash attention's output and
+    log-sum-exps, and refused where it raises, returns base-2 log-sum-exps, statistics of another shape or another
+    output, or where SDPA's cuDNN backend is switched off; the verdict is kept per device, dtype and head geometry."""
+    monkeypatch.setattr(attention, "_flash_with_lse", _fused_stand_in)
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    query, keys = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 3, 8)
+
+    def raises(*args):
+        raise RuntimeError("cuDNN Frontend error: no valid execution plans")
+
+    def base_2(*args):
+        output, lse = _fused_stand_in(*args)
+        return output, lse * attention.LOG2E
+
+    def transposed(*args):
+        output, lse = _fused_stand_in(*args)
+        return output, lse.transpose(1, 2)
+
+    def other_output(*args):
+        output, lse = _fused_stand_in(*args)
+        return output + 0.1, lse
+
+    for cudnn, serves in ((_fused_stand_in, True), (raises, False), (base_2, False), (transposed, False),
+                          (other_output, False)):
+        monkeypatch.setattr(attention, "_cudnn_verdicts", {})
+        monkeypatch.setattr(attention, "_cudnn_with_lse", cudnn)
+        assert attention._cudnn_serves(query, keys) is serves, cudnn.__name__
+    monkeypatch.setattr(attention, "_cudnn_verdicts", {})
+    monkeypatch.setattr(attention, "_cudnn_with_lse", _fused_stand_in)
+    assert attention._cudnn_serves(query, keys)
+    monkeypatch.setattr(attention, "_cudnn_with_lse", raises)
+    assert attention._cudnn_serves(query, keys)  # kept for this geometry, no second probe
+    assert not attention._cudnn_serves(torch.zeros(1, 8, 3, 8), keys)  # another geometry is probed anew
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)
+    assert not attention._cudnn_serves(query, keys)
+
+
 def test_max_pooling_spreads_a_spike_to_its_neighbours():
     scores = torch.zeros(1, 1, 20)
     scores[..., 10] = 1.0

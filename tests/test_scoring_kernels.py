@@ -162,7 +162,7 @@ def test_given_row_log_sum_exps_replace_the_first_pass(kernels, device, small):
         assert not torch.equal(higher, reads)
 
 
-def test_row_log_sum_exps_come_from_the_attention_only_where_flash_attention_returns_them():
+def test_row_log_sum_exps_come_from_the_attention_only_where_a_fused_kernel_returns_them():
     """On the CPU (and for chunks, fp32, other backends) `attend_with_row_lse` is `attend` with no log-sum-exps."""
     generator = torch.Generator().manual_seed(8)
     query, keys, values = (torch.randn(1, heads, 9, 8, generator=generator) for heads in (4, 2, 2))
@@ -209,10 +209,11 @@ def test_kernels_match_the_pytorch_path_at_4k_tokens(kernels, monkeypatch, dtype
 
 
 @cuda_only
-def test_flash_attention_row_log_sum_exps_match_the_first_pass(kernels, monkeypatch):
+def test_fused_attention_row_log_sum_exps_match_the_first_pass(kernels, monkeypatch):
     """A 4K-token bf16 prompt on the Llama-3.1-8B attention geometry: the log-sum-exps that the model's attention
-    returns (`attend_with_row_lse`) equal the kernels' own pass 1 within fp32 rounding, its output is SDPA's, and
-    column sums and last reads from them equal those of the kernels' two passes."""
+    returns (`attend_with_row_lse`: cuDNN's kernel where its probe agrees, flash attention's, and each of the two on
+    its own) equal the kernels' own pass 1 within fp32 rounding, the output is SDPA's, and column sums and last
+    reads from them equal those of the kernels' two passes."""
     generator = torch.Generator(device="cuda").manual_seed(1)
     n = 4096
     query, keys, values = (torch.randn(1, heads, n, 128, device="cuda", generator=generator, dtype=torch.bfloat16)
@@ -220,11 +221,17 @@ def test_flash_attention_row_log_sum_exps_match_the_first_pass(kernels, monkeypa
     positions = torch.arange(n, device="cuda")
     query_positions, key_positions = positions.expand(1, n), positions.expand(1, 8, n)
     scaling = 128**-0.5
+    own, _ = kernels._row_statistics(query, query_positions, keys, key_positions, scaling,
+                                     kernels.default_tiles(128, torch.bfloat16), False, None)
+    fused = [attention._flash_with_lse] + ([attention._cudnn_with_lse] if attention._cudnn_serves(query, keys) else [])
+    for kernel in fused:
+        output, lse = kernel(query, keys, values, scaling)
+        assert lse.shape == (1, 32, n) and lse.dtype == torch.float32, kernel.__name__
+        torch.testing.assert_close(lse * attention.LOG2E, own, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(output, attention.attend(query, keys, values, scaling), atol=2e-2, rtol=2e-2)
     output, lse = attention.attend_with_row_lse(query, keys, values, scaling)
     assert lse is not None and lse.shape == (1, 32, n) and lse.dtype == torch.float32
     torch.testing.assert_close(output, attention.attend(query, keys, values, scaling), atol=2e-2, rtol=2e-2)
-    own, _ = kernels._row_statistics(query, query_positions, keys, key_positions, scaling,
-                                     kernels.default_tiles(128, torch.bfloat16), False, None)
     torch.testing.assert_close(lse, own, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(kernels.column_sums(query, query_positions, keys, key_positions, scaling, lse=lse),
                                kernels.column_sums(query, query_positions, keys, key_positions, scaling),

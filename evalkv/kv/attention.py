@@ -93,18 +93,72 @@ def attend(query: Tensor, keys: Tensor, values: Tensor, scaling: float, backend:
 def attend_with_row_lse(query: Tensor, keys: Tensor, values: Tensor, scaling: float,
                         backend: str = "sdpa") -> tuple[Tensor, Tensor | None]:
     """`attend` for a forward whose queries are all of the cache's entries (a whole prompt in one forward), with
-    each query row's base-2 log-sum-exp of its scaled logits `[B, H, q]` fp32 where PyTorch's fused flash attention
-    returns it beside the output: on CUDA, fp16 / bf16, head_dim a multiple of 8 up to 256, the sdpa backend, and
-    the scoring kernels in use (not switched off with EVALKV_TRITON=0). Passed on as `row_lse` to
-    `attention_column_sums` / `attention_last_reads`, it spares the kernels their first pass. Else
-    `(attend(...), None)`."""
+    each query row's base-2 log-sum-exp of its scaled logits `[B, H, q]` fp32 where a fused attention kernel of
+    PyTorch returns it beside the output: on CUDA, fp16 / bf16, head_dim a multiple of 8 up to 256, the sdpa backend,
+    and the scoring kernels in use (not switched off with EVALKV_TRITON=0). Passed on as `row_lse` to
+    `attention_column_sums` / `attention_last_reads`, it spares the kernels their first pass. The kernel is cuDNN's
+    where it serves this geometry (`_cudnn_serves`: what SDPA itself runs on Hopper, so the prompt's attention is the
+    full cache's), else flash attention's. Else `(attend(...), None)`."""
     q_len, head_dim = query.shape[-2], query.shape[-1]
     if (backend == "sdpa" and q_len > 1 and keys.shape[-2] == q_len and query.dtype in (torch.float16, torch.bfloat16)
             and head_dim % 8 == 0 and head_dim <= 256 and kernels_serve(query)):
-        output, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, keys, values, 0.0, True,
-                                                                        scale=scaling)[:2]
-        return output, lse[..., :q_len] * LOG2E
+        fused = _cudnn_with_lse if _cudnn_serves(query, keys) else _flash_with_lse
+        output, lse = fused(query, keys, values, scaling)
+        return output, lse * LOG2E
     return attend(query, keys, values, scaling, backend), None
+
+
+def _flash_with_lse(query: Tensor, keys: Tensor, values: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """Causal attention of a whole prompt and each row's natural log-sum-exp `[B, H, q]` from PyTorch's flash
+    kernel (grouped heads taken as they are)."""
+    output, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, keys, values, 0.0, True,
+                                                                    scale=scaling)[:2]
+    return output, lse[..., : query.shape[-2]]
+
+
+def _cudnn_with_lse(query: Tensor, keys: Tensor, values: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """The same from cuDNN's fused attention (`compute_log_sumexp=True`; its statistics may carry a trailing unit
+    dimension)."""
+    output, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(query, keys, values, None, True, 0.0, True,
+                                                                    False, scale=scaling)[:2]
+    if lse.dim() == 4:
+        lse = lse[..., 0]
+    return output, lse[..., : query.shape[-2]]
+
+
+# (device, dtype, query heads, KV heads, head_dim) -> whether cuDNN's kernel agreed with flash attention's there
+_cudnn_verdicts: dict[tuple, bool] = {}
+CUDNN_PROBE_LENGTH = 200  # rows of the probe: not a multiple of any tile, so padding would show
+
+
+def _cudnn_serves(query: Tensor, keys: Tensor) -> bool:
+    """Whether cuDNN's fused attention serves this geometry: SDPA's cuDNN backend is enabled and, once per device,
+    dtype and head geometry, a probe prompt gives the output and log-sum-exps of the flash kernel (within the dtype's
+    rounding). Any error or disagreement (an older cuDNN, grouped heads it does not take, statistics of another
+    base or shape) keeps the flash kernel: the choice changes speed, never what is computed."""
+    if not (torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cudnn.enabled):
+        return False
+    key = (str(query.device), query.dtype, query.shape[1], keys.shape[1], query.shape[-1])
+    if key not in _cudnn_verdicts:
+        _cudnn_verdicts[key] = _cudnn_agrees(query, keys)
+    return _cudnn_verdicts[key]
+
+
+def _cudnn_agrees(query: Tensor, keys: Tensor) -> bool:
+    generator = torch.Generator(device=query.device).manual_seed(0)
+    shape = (1, CUDNN_PROBE_LENGTH, query.shape[-1])
+    probe_query, probe_keys, probe_values = (
+        torch.randn(shape[0], heads, *shape[1:], generator=generator, device=query.device, dtype=query.dtype)
+        for heads in (query.shape[1], keys.shape[1], keys.shape[1]))
+    scaling = query.shape[-1] ** -0.5
+    try:  # whatever a kernel raises here (a missing operator, a shape cuDNN refuses) only means "not cuDNN"
+        output, lse = _cudnn_with_lse(probe_query, probe_keys, probe_values, scaling)
+        expected_output, expected_lse = _flash_with_lse(probe_query, probe_keys, probe_values, scaling)
+        return (output.shape == expected_output.shape and lse.shape == expected_lse.shape
+                and torch.allclose(lse.float(), expected_lse.float(), atol=1e-3, rtol=1e-4)
+                and torch.allclose(output.float(), expected_output.float(), atol=2e-2, rtol=2e-2))
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float,
