@@ -97,8 +97,8 @@ def attend_with_row_lse(query: Tensor, keys: Tensor, values: Tensor, scaling: fl
     PyTorch returns it beside the output: on CUDA, fp16 / bf16, head_dim a multiple of 8 up to 256, the sdpa backend,
     and the scoring kernels in use (not switched off with EVALKV_TRITON=0). Passed on as `row_lse` to
     `attention_column_sums` / `attention_last_reads`, it spares the kernels their first pass. The kernel is cuDNN's
-    where it serves this geometry (`_cudnn_serves`: what SDPA itself runs on Hopper, so the prompt's attention is the
-    full cache's), else flash attention's. Else `(attend(...), None)`."""
+    where it serves this geometry (`_cudnn_serves`: what SDPA itself runs on Hopper, so the prompt's attention runs the
+    full cache's kernel), else flash attention's. Else `(attend(...), None)`."""
     q_len, head_dim = query.shape[-2], query.shape[-1]
     if (backend == "sdpa" and q_len > 1 and keys.shape[-2] == q_len and query.dtype in (torch.float16, torch.bfloat16)
             and head_dim % 8 == 0 and head_dim <= 256 and kernels_serve(query)):
