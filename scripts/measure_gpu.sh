@@ -182,7 +182,8 @@ catekv)  # issue 21 goal 3: catekv in a batch of 16 (8K, budget 1024), then snap
   ;;
 gpu-tests)  # the tests marked for CUDA (graph replays, the segment and slot decoders, the scoring kernels)
   run python3 -m pytest -q -p no:cacheprovider tests/test_decode_graphs.py tests/test_cuda.py \
-    tests/test_scoring_kernels.py tests/test_cluster_kernels.py tests/test_sampling.py tests/test_think.py \
+    tests/test_scoring_kernels.py tests/test_cluster_kernels.py tests/test_decode_kernels.py tests/test_sampling.py \
+    tests/test_think.py \
     -k "cuda or CUDA or kernel" \
     > "$out/gpu-tests.log" 2>&1 || echo "GPU tests failed: $out/gpu-tests.log" >&2
   ;;

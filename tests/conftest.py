@@ -43,6 +43,23 @@ def tokenizer():
 _models: dict[str, torch.nn.Module] = {}
 
 
+def triton_kernels(name: str):
+    """The Triton kernel module `evalkv.kv.<name>` (compiled on a GPU, else in Triton's interpreter, which is turned
+    on above before triton is imported); the calling test skips where triton is missing or neither runs."""
+    import importlib
+
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it before triton is imported)")
+    return importlib.import_module(f"evalkv.kv.{name}")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where a kernel test runs its tensors: the GPU if there is one, else the CPU (Triton's interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def tiny_model(architecture: str = "tiny-llama", seed: int = 0):
     key = f"{architecture}-{seed}"
     if key not in _models:

@@ -6,11 +6,10 @@ imported); with one, compiled on CUDA. Skipped where triton is not installed (`p
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import triton_kernels
 
 from evalkv.kv import attention, cluster
 
@@ -20,16 +19,7 @@ CUDA = torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def kernels():
-    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it before triton is imported)")
-    from evalkv.kv import cluster_kernels
-
-    return cluster_kernels
-
-
-@pytest.fixture
-def device():
-    return torch.device("cuda" if CUDA else "cpu")
+    return triton_kernels("cluster_kernels")
 
 
 def _reference(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

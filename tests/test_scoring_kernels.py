@@ -7,11 +7,9 @@ installed (`pip install evalkv[triton]`; PyTorch's CUDA wheels ship it).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import prompt_ids
+from conftest import prompt_ids, triton_kernels
 from method_cases import CASES, method_name
 
 from evalkv.kv import attention
@@ -23,24 +21,13 @@ CUDA = torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def kernels():
-    """The kernels module: compiled on a GPU, else in Triton's interpreter (tests/conftest.py turns it on before
-    triton is imported)."""
-    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it before triton is imported)")
-    from evalkv.kv import scoring_kernels
-
-    return scoring_kernels
+    return triton_kernels("scoring_kernels")
 
 
 @pytest.fixture
 def small(kernels):
     """Tiles of 16 (triton's smallest dot), so that the small shapes below span several tiles with ragged ends."""
     return kernels.Tiles(rows=16, keys=16, key_block=16, row_block=16, num_warps=4, num_stages=1)
-
-
-@pytest.fixture
-def device():
-    return torch.device("cuda" if CUDA else "cpu")
 
 
 def _pytorch_path(monkeypatch):

@@ -166,8 +166,15 @@ def _decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: floa
     """One query token per sequence: grouped matmuls that read each KV head once (no GQA copy).
 
     Decode is memory-bound and its KV length changes every step; this path avoids both the GQA expansion and the
-    per-shape planning cost of fused SDPA kernels (about 1 ms of CPU per call for cuDNN on an H100).
+    per-shape planning cost of fused SDPA kernels (about 1 ms of CPU per call for cuDNN on an H100). A padded cache
+    (`valid` given) on CUDA goes to the fused kernel of `evalkv/kv/decode_kernels.py`, which skips blocks of padding
+    instead of reading and masking them; this block-wise code is its reference.
     """
+    if valid is not None and kernels_serve(query):
+        from evalkv.kv import decode_kernels
+
+        if decode_kernels.supports(query, keys):
+            return decode_kernels.padded_decode_attention(query, keys, values, scaling, valid)
     batch, num_heads, _, dim = query.shape
     kv_heads = keys.shape[1]
     grouped = query.reshape(batch, kv_heads, num_heads // kv_heads, dim)

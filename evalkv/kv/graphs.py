@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from evalkv.kv import adapter
-from evalkv.kv.attention import repeat_kv
+from evalkv.kv.attention import attend, repeat_kv
 from evalkv.kv.cache import LayerCache
 from evalkv.kv.view import ModelGeometry
 
@@ -241,14 +241,13 @@ class StaticDecoder:
     def attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor:
         """One query per row over the buffer; slots after this step's are masked. Returns `[B, H, 1, d]`."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.padded[layer_idx]:  # padding and unwritten slots alike sit at position -1
+            return attend(query, keys, values, scaling, valid=self.entry_positions[layer_idx] >= 0)
         batch, num_heads, _, dim = query.shape
         kv_heads = keys.shape[1]
         grouped = query.reshape(batch, kv_heads, num_heads // kv_heads, dim)
         logits = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G, slots]
-        if self.padded[layer_idx]:  # padding and unwritten slots alike sit at position -1
-            written = self.entry_positions[layer_idx][:, :, None, :] >= 0
-        else:
-            written = self.slots[layer_idx] <= self.base_tensors[layer_idx] + self.step_index
+        written = self.slots[layer_idx] <= self.base_tensors[layer_idx] + self.step_index
         logits = logits.masked_fill(~written, float("-inf"))
         probs = torch.softmax(logits, dim=-1).to(values.dtype)
         return torch.matmul(probs, values).reshape(batch, num_heads, 1, dim)
