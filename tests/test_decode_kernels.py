@@ -82,26 +82,36 @@ def test_ranges_without_entries_and_padding_that_is_not_a_number_leave_the_outpu
     assert ((output.double() - exact).abs() <= 2.0**-8 * (exact.abs() + 1)).all()
 
 
-def test_padded_caches_decode_through_the_kernel_where_kernels_serve(kernels, device, monkeypatch):
+def test_padded_caches_decode_through_the_kernel_where_kernels_serve_and_its_probe_agrees(kernels, device,
+                                                                                          monkeypatch):
     """`attend` with `valid` (eager padded layers and the static buffers' padded layers alike) takes the kernel for
-    16-bit caches where the kernels serve, and keeps the block-wise path for fp32 and with the kernels off."""
+    16-bit caches where the kernels serve and its probe (once per geometry) agrees with the block-wise path; fp32,
+    the kernels switched off, and a kernel whose probe disagrees keep the block-wise path."""
     query, keys, values, valid = _padded_layer(2, 8, 2, 200, 32, torch.bfloat16, device, 5)
     monkeypatch.setenv(attention.KERNELS_ENV, "0")
     blockwise = attention.attend(query, keys, values, 0.2, valid=valid)
     monkeypatch.delenv(attention.KERNELS_ENV)
-    calls = []
-    padded = kernels.padded_decode_attention
-    monkeypatch.setattr(kernels, "padded_decode_attention", lambda *args: calls.append(1) or padded(*args))
     serve = attention.kernels_serve
     monkeypatch.setattr(attention, "kernels_serve", lambda tensor: serve(tensor) or (  # on the CPU: as on a GPU
         not tensor.is_cuda and os.environ.get(attention.KERNELS_ENV) != "0"))
+    monkeypatch.setattr(attention, "_kernel_verdicts", {})
+    calls = []
+    padded = kernels.padded_decode_attention
+    monkeypatch.setattr(kernels, "padded_decode_attention", lambda *args: calls.append(1) or padded(*args))
     output = attention.attend(query, keys, values, 0.2, valid=valid)
+    assert len(calls) == 2  # the probe, then the step
+    torch.testing.assert_close(output, blockwise, atol=0.02, rtol=0.02)
+    attention.attend(query, keys, values, 0.2, valid=valid)
     attention.attend(query.float(), keys.float(), values.float(), 0.2, valid=valid)
     monkeypatch.setenv(attention.KERNELS_ENV, "0")
     attention.attend(query, keys, values, 0.2, valid=valid)
-    monkeypatch.undo()
-    assert calls == [1]
-    torch.testing.assert_close(output, blockwise, atol=0.02, rtol=0.02)
+    assert len(calls) == 3  # one more step; no second probe, no fp32, nothing with the kernels off
+    monkeypatch.delenv(attention.KERNELS_ENV)
+
+    monkeypatch.setattr(attention, "_kernel_verdicts", {})
+    monkeypatch.setattr(kernels, "padded_decode_attention", lambda *args: calls.append(1) or 2 * padded(*args))
+    assert torch.equal(attention.attend(query, keys, values, 0.2, valid=valid), blockwise)
+    assert len(calls) == 4  # its probe only
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

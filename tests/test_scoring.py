@@ -122,10 +122,10 @@ def test_cudnn_gives_the_prompts_log_sum_exps_only_where_it_agrees_with_flash_at
 
     for cudnn, serves in ((_fused_stand_in, True), (raises, False), (base_2, False), (transposed, False),
                           (other_output, False)):
-        monkeypatch.setattr(attention, "_cudnn_verdicts", {})
+        monkeypatch.setattr(attention, "_kernel_verdicts", {})
         monkeypatch.setattr(attention, "_cudnn_with_lse", cudnn)
         assert attention._cudnn_serves(query, keys) is serves, cudnn.__name__
-    monkeypatch.setattr(attention, "_cudnn_verdicts", {})
+    monkeypatch.setattr(attention, "_kernel_verdicts", {})
     monkeypatch.setattr(attention, "_cudnn_with_lse", _fused_stand_in)
     assert attention._cudnn_serves(query, keys)
     monkeypatch.setattr(attention, "_cudnn_with_lse", raises)

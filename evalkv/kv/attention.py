@@ -126,39 +126,53 @@ def _cudnn_with_lse(query: Tensor, keys: Tensor, values: Tensor, scaling: float)
     return output, lse[..., : query.shape[-2]]
 
 
-# (device, dtype, query heads, KV heads, head_dim) -> whether cuDNN's kernel agreed with flash attention's there
-_cudnn_verdicts: dict[tuple, bool] = {}
-CUDNN_PROBE_LENGTH = 200  # rows of the probe: not a multiple of any tile, so padding would show
+# (kernel, device, dtype, query heads, KV heads, head_dim) -> whether the kernel's probe agreed with the reference
+_kernel_verdicts: dict[tuple, bool] = {}
+PROBE_LENGTH = 200  # keys of a probe: not a multiple of any tile, so padding would show
+
+
+def _probe_inputs(query: Tensor, keys: Tensor, query_length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Random query (`query_length` tokens), keys and values (`PROBE_LENGTH`) of one row with the head geometry and
+    dtype of this call (seed 0)."""
+    generator = torch.Generator(device=query.device).manual_seed(0)
+    return tuple(torch.randn(1, heads, length, query.shape[-1], generator=generator, device=query.device,
+                             dtype=query.dtype)
+                 for heads, length in ((query.shape[1], query_length), (keys.shape[1], PROBE_LENGTH),
+                                       (keys.shape[1], PROBE_LENGTH)))
+
+
+def _kernel_agrees(name: str, query: Tensor, keys: Tensor, probe) -> bool:
+    """Whether a faster kernel may serve this geometry: once per kernel, device, dtype and head geometry, `probe()`
+    runs it and its reference on small inputs and says whether they agree (within the dtype's rounding). An error
+    or a disagreement keeps the reference path for that geometry: the choice changes speed, never what is
+    computed."""
+    key = (name, str(query.device), query.dtype, query.shape[1], keys.shape[1], query.shape[-1])
+    if key not in _kernel_verdicts:
+        try:  # whatever a kernel raises here (a missing operator, a shape it refuses) only means "not this kernel"
+            _kernel_verdicts[key] = bool(probe())
+        except Exception:  # noqa: BLE001
+            _kernel_verdicts[key] = False
+    return _kernel_verdicts[key]
+
+
+def _close(got: tuple[Tensor, ...], expected: tuple[Tensor, ...], tolerances: tuple[float, ...]) -> bool:
+    return all(a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+               for a, b, tol in zip(got, expected, tolerances))
 
 
 def _cudnn_serves(query: Tensor, keys: Tensor) -> bool:
-    """Whether cuDNN's fused attention serves this geometry: SDPA's cuDNN backend is enabled and, once per device,
-    dtype and head geometry, a probe prompt gives the output and log-sum-exps of the flash kernel (within the dtype's
-    rounding). Any error or disagreement (an older cuDNN, grouped heads it does not take, statistics of another
-    base or shape) keeps the flash kernel: the choice changes speed, never what is computed."""
+    """Whether cuDNN's fused attention serves this geometry: SDPA's cuDNN backend is enabled and its probe prompt
+    gives the output and log-sum-exps of the flash kernel (an older cuDNN, grouped heads it does not take, or
+    statistics of another base or shape keep the flash kernel)."""
     if not (torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cudnn.enabled):
         return False
-    key = (str(query.device), query.dtype, query.shape[1], keys.shape[1], query.shape[-1])
-    if key not in _cudnn_verdicts:
-        _cudnn_verdicts[key] = _cudnn_agrees(query, keys)
-    return _cudnn_verdicts[key]
 
+    def probe() -> bool:
+        inputs = _probe_inputs(query, keys, PROBE_LENGTH)
+        scaling = query.shape[-1] ** -0.5
+        return _close(_cudnn_with_lse(*inputs, scaling), _flash_with_lse(*inputs, scaling), (2e-2, 1e-3))
 
-def _cudnn_agrees(query: Tensor, keys: Tensor) -> bool:
-    generator = torch.Generator(device=query.device).manual_seed(0)
-    shape = (1, CUDNN_PROBE_LENGTH, query.shape[-1])
-    probe_query, probe_keys, probe_values = (
-        torch.randn(shape[0], heads, *shape[1:], generator=generator, device=query.device, dtype=query.dtype)
-        for heads in (query.shape[1], keys.shape[1], keys.shape[1]))
-    scaling = query.shape[-1] ** -0.5
-    try:  # whatever a kernel raises here (a missing operator, a shape cuDNN refuses) only means "not cuDNN"
-        output, lse = _cudnn_with_lse(probe_query, probe_keys, probe_values, scaling)
-        expected_output, expected_lse = _flash_with_lse(probe_query, probe_keys, probe_values, scaling)
-        return (output.shape == expected_output.shape and lse.shape == expected_lse.shape
-                and torch.allclose(lse.float(), expected_lse.float(), atol=1e-3, rtol=1e-4)
-                and torch.allclose(output.float(), expected_output.float(), atol=2e-2, rtol=2e-2))
-    except Exception:  # noqa: BLE001
-        return False
+    return _kernel_agrees("cudnn", query, keys, probe)
 
 
 def _decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float,
@@ -168,13 +182,19 @@ def _decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: floa
     Decode is memory-bound and its KV length changes every step; this path avoids both the GQA expansion and the
     per-shape planning cost of fused SDPA kernels (about 1 ms of CPU per call for cuDNN on an H100). A padded cache
     (`valid` given) on CUDA goes to the fused kernel of `evalkv/kv/decode_kernels.py`, which skips blocks of padding
-    instead of reading and masking them; this block-wise code is its reference.
+    instead of reading and masking them, where its probe agrees with `_blockwise_decode_attention` (its reference);
+    a step being compiled (`decode_graphs=compile`) keeps the block-wise code, which the compiler fuses itself.
     """
-    if valid is not None and kernels_serve(query):
+    if (valid is not None and kernels_serve(query) and not torch.compiler.is_compiling()
+            and _padded_kernel_serves(query, keys)):
         from evalkv.kv import decode_kernels
 
-        if decode_kernels.supports(query, keys):
-            return decode_kernels.padded_decode_attention(query, keys, values, scaling, valid)
+        return decode_kernels.padded_decode_attention(query, keys, values, scaling, valid)
+    return _blockwise_decode_attention(query, keys, values, scaling, valid)
+
+
+def _blockwise_decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float,
+                                valid: Tensor | None = None) -> Tensor:
     batch, num_heads, _, dim = query.shape
     kv_heads = keys.shape[1]
     grouped = query.reshape(batch, kv_heads, num_heads // kv_heads, dim)
@@ -183,6 +203,26 @@ def _decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: floa
         logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).to(values.dtype)
     return torch.matmul(probs, values).reshape(batch, num_heads, 1, dim)
+
+
+def _padded_kernel_serves(query: Tensor, keys: Tensor) -> bool:
+    """Whether the padded decode kernel takes this step: 16-bit, head_dim a power of two, and its probe (one query
+    over a padded cache: a prefix, padding across whole blocks, appended entries) gives the block-wise output."""
+    from evalkv.kv import decode_kernels
+
+    if not decode_kernels.supports(query, keys):
+        return False
+
+    def probe() -> bool:
+        probe_query, probe_keys, probe_values = _probe_inputs(query, keys, 1)
+        slots = torch.arange(PROBE_LENGTH, device=query.device)
+        valid = ((slots < 37) | (slots >= PROBE_LENGTH - 5)).expand(1, keys.shape[1], PROBE_LENGTH)
+        scaling = query.shape[-1] ** -0.5
+        got = decode_kernels.padded_decode_attention(probe_query, probe_keys, probe_values, scaling, valid)
+        return _close((got,), (_blockwise_decode_attention(probe_query, probe_keys, probe_values, scaling, valid),),
+                      (2e-2,))
+
+    return _kernel_agrees("padded_decode", query, keys, probe)
 
 
 def _masked_probs(
