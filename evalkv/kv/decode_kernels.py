@@ -3,11 +3,11 @@ entries (docs/performance.md#catekv-batched-goal-3-and-long-contexts-goal-5).
 
 A ragged layer (heads keeping different numbers of entries: adakv, catekv, duo_attention, kvzip) decodes in batches
 and CUDA graphs through dense buffers in which every head is laid out to the layer's longest head, the rest padding
-at position -1 (`LayerCache.pad_heads`; `valid` marks the entries). The PyTorch path (`attention._decode_attention`,
-the CPU path and this kernel's reference in `tests/test_decode_kernels.py`) multiplies the query with every slot
-and masks the padding, so a layer with one head keeping a whole 128K prompt reads 128K slots of every head. Here a
-block of `KEYS_BLOCK` slots with no entry is skipped before its keys and values are read: the step reads the
-entries (and one byte of `valid` per slot).
+at position -1 (`LayerCache.pad_heads`; `valid` marks the entries). The PyTorch path
+(`attention._blockwise_decode_attention`, the CPU path and this kernel's reference in
+`tests/test_decode_kernels.py`) multiplies the query with every slot and masks the padding, so a layer with one head
+keeping a whole 128K prompt reads 128K slots of every head. Here a block of `KEYS_BLOCK` slots with no entry is
+skipped before its keys and values are read: the step reads the entries (and one byte of `valid` per slot).
 
 Flash decoding: the slots of each (row, KV head) are split into ranges that run in parallel (enough programs to fill
 the GPU at batch 1); each program keeps the running maximum, sum and weighted values of its query heads in fp32 over
@@ -82,7 +82,7 @@ def _padded_decode_kernel(
 def padded_decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float, valid: Tensor) -> Tensor:
     """One query token per row over a padded cache: query `[B, H, 1, d]`, keys / values `[B, H_kv, m, d]`, valid
     `[B, H_kv, m]` (bool: the slots holding entries; every row and head holds at least one). Returns `[B, H, 1, d]`
-    in the query's dtype: softmax attention over the valid slots, as `attention._decode_attention` computes it."""
+    in the query's dtype: softmax attention over the valid slots, as `attention._blockwise_decode_attention` does."""
     batch, num_heads, _, head_dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = num_heads // kv_heads
