@@ -48,7 +48,8 @@ def _padded_decode_kernel(
     GROUP: tl.constexpr, GROUP_BLOCK: tl.constexpr, DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row_head, split = tl.program_id(0), tl.program_id(1)
-    row, head = row_head // kv_heads, row_head % kv_heads
+    row, head = (row_head // kv_heads).to(tl.int64), (row_head % kv_heads).to(tl.int64)  # 32 rows x 128K slots
+    # x 8 heads x 128 dims is past 2^31 elements: offsets in 64 bits
     groups, dims = tl.arange(0, GROUP_BLOCK), tl.arange(0, DIM)
     q = tl.load(query + row * stride_qb + head * stride_qh + groups[:, None] * stride_qg + dims[None, :] * stride_qd,
                 mask=groups[:, None] < GROUP, other=0.0)
