@@ -185,7 +185,7 @@ def _decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: floa
     instead of reading and masking them, where its probe agrees with `_blockwise_decode_attention` (its reference);
     a step being compiled (`decode_graphs=compile`) keeps the block-wise code, which the compiler fuses itself.
     """
-    if (valid is not None and kernels_serve(query) and not torch.compiler.is_compiling()
+    if (valid is not None and not torch.compiler.is_compiling() and kernels_serve(query)
             and _padded_kernel_serves(query, keys)):
         from evalkv.kv import decode_kernels
 
