@@ -185,11 +185,10 @@ def _decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: floa
     instead of reading and masking them, where its probe agrees with `_blockwise_decode_attention` (its reference);
     a step being compiled (`decode_graphs=compile`) keeps the block-wise code, which the compiler fuses itself.
     """
-    if (valid is not None and not torch.compiler.is_compiling() and kernels_serve(query)
-            and _padded_kernel_serves(query, keys)):
-        from evalkv.kv import decode_kernels
-
-        return decode_kernels.padded_decode_attention(query, keys, values, scaling, valid)
+    kernel = (_padded_kernel(query, keys) if valid is not None and not torch.compiler.is_compiling()
+              and kernels_serve(query) else None)
+    if kernel is not None:
+        return kernel(query, keys, values, scaling, valid)
     return _blockwise_decode_attention(query, keys, values, scaling, valid)
 
 
@@ -205,13 +204,14 @@ def _blockwise_decode_attention(query: Tensor, keys: Tensor, values: Tensor, sca
     return torch.matmul(probs, values).reshape(batch, num_heads, 1, dim)
 
 
-def _padded_kernel_serves(query: Tensor, keys: Tensor) -> bool:
-    """Whether the padded decode kernel takes this step: 16-bit, head_dim a power of two, and its probe (one query
-    over a padded cache: a prefix, padding across whole blocks, appended entries) gives the block-wise output."""
+def _padded_kernel(query: Tensor, keys: Tensor):
+    """The padded decode kernel where it takes this step (16-bit, head_dim a power of two, and its probe, one query
+    over a padded cache: a prefix, padding across whole blocks, appended entries, gives the block-wise output), else
+    None."""
     from evalkv.kv import decode_kernels
 
     if not decode_kernels.supports(query, keys):
-        return False
+        return None
 
     def probe() -> bool:
         probe_query, probe_keys, probe_values = _probe_inputs(query, keys, 1)
@@ -222,7 +222,7 @@ def _padded_kernel_serves(query: Tensor, keys: Tensor) -> bool:
         return _close((got,), (_blockwise_decode_attention(probe_query, probe_keys, probe_values, scaling, valid),),
                       (2e-2,))
 
-    return _kernel_agrees("padded_decode", query, keys, probe)
+    return decode_kernels.padded_decode_attention if _kernel_agrees("padded_decode", query, keys, probe) else None
 
 
 def _masked_probs(

@@ -100,7 +100,7 @@ def padded_decode_attention(query: Tensor, keys: Tensor, values: Tensor, scaling
     maxima = torch.empty(shape, dtype=torch.float32, device=query.device)
     sums = torch.empty(shape, dtype=torch.float32, device=query.device)
     accumulated = torch.empty(*shape, head_dim, dtype=torch.float32, device=query.device)
-    mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+    mask = valid.view(torch.uint8)  # Triton reads bytes
     with _on_device(query):
         _padded_decode_kernel[(batch * kv_heads, splits)](
             grouped, keys, values, mask, accumulated, maxima, sums,
